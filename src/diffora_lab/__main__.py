@@ -1,0 +1,39 @@
+"""Command line: ``python -m diffora_lab [overrides]`` (a Hydra app; ``-m`` for multirun)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+def config_dir() -> str:
+    """The packaged configs (wheel install) or the repository's ``conf/`` (editable install)."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return str(packaged)
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Runs one job and returns its primary dev metric (what Hydra sweepers optimise)."""
+    from diffora_lab.train import ConfigError, run
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    try:
+        results = run(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as error:
+        print(f"diffora_lab: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return float(results["metrics"][results["primary_metric"]])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

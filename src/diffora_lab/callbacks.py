@@ -1,0 +1,183 @@
+"""Callbacks: the discretization of the DAM (METHOD.md, Phase 2) and the DAM monitor.
+
+:class:`Discretization` is where the search ends: at step ``search.steps`` it scores the dev set,
+keeps the top-k gates, freezes the mask into the model, scores the dev set again (the
+discretization gap) and writes ``dam/mask.json``. :class:`DAMMonitor` records the gates while they
+move: heatmaps at intervals, the raw gates as JSON lines, and W&B images and tables.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from diffora_lab import plotting
+from diffora_lab.dam import Mask
+
+log = logging.getLogger(__name__)
+
+
+def _wandb_run(trainer: pl.Trainer):
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return logger.experiment
+    return None
+
+
+class Discretization(pl.Callback):
+    """Turns the relaxed gates into a binary top-k mask when the search ends.
+
+    Args:
+        output_dir: The run folder; the mask goes to ``dam/mask.json``.
+        backbone: Backbone name recorded in the mask.
+    """
+
+    def __init__(self, output_dir: str | Path, backbone: str) -> None:
+        self.output_dir = Path(output_dir)
+        self.backbone = backbone
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if module.searching and module.step >= module.search.steps:
+            self.discretize(trainer, module)
+
+    def discretize(self, trainer: pl.Trainer, module) -> Mask:
+        val_before = module.evaluate()
+        gates = module.current_gates().detach()
+        mask = Mask.from_scores(
+            gates,
+            [c.name for c in module.candidates],
+            module.dam.module_types,
+            module.search.budget,
+            module.step,
+            backbone=self.backbone,
+        )
+        # Ranks hold identical gates, but the mask must be identical bit for bit: rank 0 decides.
+        mask = trainer.strategy.broadcast(mask, src=0)
+        module.discretize(mask, gates)
+        val_after = module.evaluate()
+        primary = f"val/{module.spec.primary_metric}"
+        module.discretization = {
+            "step": module.step,
+            "val_before": val_before.get(primary),
+            "val_after": val_after.get(primary),
+            "before": val_before,
+            "after": val_after,
+        }
+        params = module.trainable_parameters()
+        module.log_dict(
+            {
+                "dam/val_before": val_before[primary],
+                "dam/val_after": val_after[primary],
+                "dam/gap": val_before[primary] - val_after[primary],
+                "dam/kept": float(mask.k),
+                "params/trainable": float(params["total"]),
+            },
+            on_step=True,
+            on_epoch=False,
+        )
+        if trainer.is_global_zero:
+            mask.save(self.output_dir / "dam" / "mask.json")
+        log.info(
+            "discretized at step %d: kept %d/%d modules, %s %.4f -> %.4f",
+            module.step,
+            mask.k,
+            len(mask.modules),
+            primary,
+            val_before[primary],
+            val_after[primary],
+        )
+        return mask
+
+
+class DAMMonitor(pl.Callback):
+    """Records the DAM during the search: heatmaps, raw gates, summary statistics.
+
+    Args:
+        output_dir: The run folder (``dam/heatmaps/*.png``, ``dam/gates.jsonl``).
+        every: Steps between two records.
+    """
+
+    def __init__(self, output_dir: str | Path, every: int) -> None:
+        self.output_dir = Path(output_dir)
+        self.every = max(1, int(every))
+        self.history: dict[int, list[float]] = {}
+
+    @property
+    def gates_file(self) -> Path:
+        return self.output_dir / "dam" / "gates.jsonl"
+
+    def on_fit_start(self, trainer, module) -> None:
+        if self.gates_file.is_file():  # resumed run: keep what was recorded before the stop
+            for line in self.gates_file.read_text().splitlines():
+                row = json.loads(line)
+                self.history[row["step"]] = row["gates"]
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        # The gates as they were before this step; step 0 records the initial DAM.
+        if module.searching and module.step % self.every == 0:
+            self.record(trainer, module, module.current_gates().detach(), kept=None)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        mask = module.mask
+        if mask is not None and mask.source == "search" and mask.step == module.step:
+            self.record(trainer, module, torch.tensor(mask.gates).view(mask.shape), mask)
+
+    def record(self, trainer, module, gates: torch.Tensor, kept: Mask | None) -> None:
+        step = module.step
+        values = gates.float().cpu()
+        if kept is None:
+            self.history[step] = values.flatten().tolist()
+        if not trainer.is_global_zero:
+            return
+        self.gates_file.parent.mkdir(parents=True, exist_ok=True)
+        if kept is None:
+            with self.gates_file.open("a") as handle:
+                handle.write(json.dumps({"step": step, "gates": self.history[step]}) + "\n")
+        title = f"DAM step {step}" + (f" (kept {kept.k}, budget {kept.budget})" if kept else "")
+        name = f"step_{step:06d}" + ("_mask" if kept else "")
+        figure = plotting.dam_heatmap(
+            values.numpy(),
+            module.dam.module_types,
+            title,
+            kept=None if kept is None else kept.as_tensor().numpy(),
+        )
+        path = plotting.save(figure, self.output_dir / "dam" / "heatmaps" / f"{name}.png")
+        run = _wandb_run(trainer)
+        if run is not None:
+            import wandb
+
+            key = "dam/mask" if kept else "dam/heatmap"
+            run.log({key: wandb.Image(str(path)), "trainer/global_step": step})
+
+    def on_train_end(self, trainer, module) -> None:
+        if not trainer.is_global_zero or len(self.history) < 2 or module.dam is None:
+            return
+        steps = sorted(self.history)
+        history = np.array([self.history[s] for s in steps])
+        labels = [c.name.split("layer.")[-1] for c in module.candidates]
+        figure = plotting.gate_trajectories(steps, history, labels)
+        path = plotting.save(figure, self.output_dir / "dam" / "trajectories.png")
+        run = _wandb_run(trainer)
+        if run is not None:
+            import wandb
+
+            rows = []
+            for s in steps:
+                for index, value in enumerate(self.history[s]):
+                    cand = module.candidates[index]
+                    rows.append([s, cand.layer, cand.module_type, value])
+            run.log(
+                {
+                    "dam/trajectories": wandb.Image(str(path)),
+                    "dam/gates_table": wandb.Table(
+                        columns=["step", "layer", "module_type", "gate"], data=rows
+                    ),
+                }
+            )

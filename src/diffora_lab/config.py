@@ -1,0 +1,154 @@
+"""Typed settings read from the Hydra config, checked before anything expensive starts.
+
+Every user-facing mistake (a budget outside (0, 1], a rank below 1, an unknown name, a missing data
+folder) becomes a ``ValueError`` that names the setting and the fix, raised by :func:`validate`
+before a model or a dataset loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+METHODS = ("diffora", "lora", "random_mask", "full", "bitfit", "adalora")
+ADAPTER_METHODS = ("diffora", "lora", "random_mask")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Weight optimizer (AdamW) and step budget."""
+
+    max_steps: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float
+    accumulate: int
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup then linear decay to zero: a pure function of the step."""
+        warmup = max(1, round(self.warmup_ratio * self.max_steps))
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        remaining = max(1, self.max_steps - warmup)
+        return self.lr * max(0.0, (self.max_steps - step) / remaining)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The DAM search (METHOD.md, Phases 1-2)."""
+
+    enabled: bool
+    steps: int
+    warmup_steps: int
+    arch_lr: float
+    arch_betas: tuple[float, float]
+    arch_weight_decay: float
+    tau_start: float
+    tau_end: float
+    relaxation: str
+    budget: float
+    fold_gates: bool
+    weight_sharing: bool
+    merge_search_split: bool
+
+    def tau_at(self, step: int) -> float:
+        """Temperature annealed linearly from ``tau_start`` to ``tau_end`` over the search."""
+        if self.steps <= 1:
+            return self.tau_end
+        frac = min(1.0, step / (self.steps - 1))
+        return self.tau_start + frac * (self.tau_end - self.tau_start)
+
+
+def _fail(setting: str, value: Any, fix: str) -> None:
+    raise ValueError(f"{setting}={value!r}: {fix}")
+
+
+def _number(cfg: DictConfig, key: str, kind: type) -> Any:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(key, value, f"must be a number ({kind.__name__}).")
+    if kind is int and float(value) != int(value):
+        _fail(key, value, "must be a whole number.")
+    return kind(value)
+
+
+def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
+    """Checks the composed config; raises ``ValueError`` naming the setting and the fix."""
+    from diffora_lab.tasks import TASKS, check_data_dir
+
+    budget = _number(cfg, "budget", float)
+    if not 0.0 < budget <= 1.0:
+        _fail("budget", cfg.budget, "must be in (0, 1]: the fraction of candidate modules kept.")
+    rank = _number(cfg, "rank", int)
+    if rank < 1:
+        _fail("rank", cfg.rank, "the LoRA rank must be an integer >= 1.")
+    if cfg.method.name not in METHODS:
+        _fail("method", cfg.method.name, f"unknown method; choose one of {list(METHODS)}.")
+    if cfg.task.name not in TASKS:
+        _fail("task", cfg.task.name, f"unknown task; choose one of {sorted(TASKS)}.")
+    max_steps = _number(cfg, "train.max_steps", int)
+    if max_steps < 1:
+        _fail("train.max_steps", max_steps, "must be >= 1.")
+    if _number(cfg, "train.accumulate", int) < 1:
+        _fail("train.accumulate", cfg.train.accumulate, "must be >= 1.")
+    if cfg.method.get("search", False):
+        ratio = _number(cfg, "dam.search_ratio", float)
+        if not 0.0 < ratio < 1.0:
+            _fail("dam.search_ratio", ratio, "the share of steps spent searching: (0, 1).")
+        frac = _number(cfg, "dam.search_split", float)
+        if not 0.0 < frac < 1.0:
+            _fail("dam.search_split", frac, "the fraction of train held out for search: (0, 1).")
+        if _number(cfg, "dam.tau", float) <= 0 or _number(cfg, "dam.tau_end", float) <= 0:
+            _fail("dam.tau", cfg.dam.tau, "temperatures must be > 0.")
+        if cfg.dam.relaxation not in ("sigmoid", "softmax_row"):
+            _fail("dam.relaxation", cfg.dam.relaxation, "choose sigmoid or softmax_row.")
+        if cfg.dam.order not in ("first", "second"):
+            _fail("dam.order", cfg.dam.order, "choose first (DARTS-1st) or second.")
+    data_dir = cfg.task.get("data_dir")
+    if data_dir:
+        check_data_dir(TASKS[cfg.task.name], Path(str(data_dir)).expanduser())
+    mask_path = cfg.dam.get("mask_path")
+    if mask_path and not Path(str(mask_path)).is_file():
+        _fail("dam.mask_path", mask_path, "no such file; point it at a run's dam/mask.json.")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and ckpt != "last" and not Path(str(ckpt)).is_file():
+        _fail("ckpt_path", ckpt, "no such checkpoint file; use a path or ckpt_path=last.")
+
+
+def optim_settings(cfg: DictConfig) -> OptimSettings:
+    return OptimSettings(
+        max_steps=int(cfg.train.max_steps),
+        lr=float(cfg.train.lr),
+        weight_decay=float(cfg.train.weight_decay),
+        warmup_ratio=float(cfg.train.warmup_ratio),
+        grad_clip=float(cfg.train.grad_clip or 0.0),
+        accumulate=int(cfg.train.accumulate),
+    )
+
+
+def search_settings(cfg: DictConfig) -> SearchSettings:
+    enabled = bool(cfg.method.get("search", False)) and not cfg.dam.get("mask_path")
+    steps = (
+        int(cfg.dam.search_steps)
+        if cfg.dam.get("search_steps") is not None
+        else max(1, round(float(cfg.dam.search_ratio) * int(cfg.train.max_steps)))
+    )
+    return SearchSettings(
+        enabled=enabled,
+        steps=steps if enabled else 0,
+        warmup_steps=int(cfg.dam.warmup_steps),
+        arch_lr=float(cfg.dam.arch_lr),
+        arch_betas=tuple(float(b) for b in cfg.dam.arch_betas),
+        arch_weight_decay=float(cfg.dam.arch_weight_decay),
+        tau_start=float(cfg.dam.tau),
+        tau_end=float(cfg.dam.tau_end),
+        relaxation=str(cfg.dam.relaxation),
+        budget=float(cfg.budget),
+        fold_gates=bool(cfg.dam.fold_gates),
+        weight_sharing=bool(cfg.dam.weight_sharing),
+        merge_search_split=bool(cfg.dam.merge_search_split),
+    )

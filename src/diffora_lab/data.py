@@ -1,0 +1,260 @@
+"""Batches: tokenization (cached), the search split carved from train, resumable loaders.
+
+METHOD.md, "Phase 1": the search split comes from the task's TRAIN set (seeded, fraction
+configurable, indices saved with the run); the dev set is only for reporting.
+
+Every loader draws its order from its own seeded generator and can start at any batch, so a run
+resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from diffora_lab.tasks import Examples, RawSplits, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+class TokenizedSplit(Dataset):
+    """Token ids of one split, held as Python lists (fast indexing, small)."""
+
+    def __init__(self, columns: dict[str, list]) -> None:
+        self.columns = columns
+        self._length = len(columns["input_ids"])
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {key: values[index] for key, values in self.columns.items()}
+
+    def subset(self, indices: list[int]) -> TokenizedSplit:
+        return TokenizedSplit({k: [v[i] for i in indices] for k, v in self.columns.items()})
+
+
+class PadCollator:
+    """Dynamic padding: each batch is padded to its own longest sequence."""
+
+    def __init__(self, pad_token_id: int, regression: bool) -> None:
+        self.pad_token_id = pad_token_id
+        self.label_dtype = torch.float32 if regression else torch.long
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        has_types = "token_type_ids" in rows[0]
+        types = torch.zeros((len(rows), width), dtype=torch.long) if has_types else None
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            attention[i, :n] = 1
+            if types is not None:
+                types[i, :n] = torch.tensor(row["token_type_ids"])
+        batch = {"input_ids": input_ids, "attention_mask": attention}
+        if types is not None:
+            batch["token_type_ids"] = types
+        batch["labels"] = torch.tensor([row["labels"] for row in rows], dtype=self.label_dtype)
+        return batch
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """An endless stream of shuffled batches, reproducible from ``(seed, start)``.
+
+    Epoch e is a permutation drawn from ``seed`` and e; each epoch yields ``n // batch_size``
+    full batches (the remainder is dropped, so every step has the same batch size). ``start``
+    skips that many batches, which is how a resumed run continues where it stopped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0) -> None:
+        if n == 0:
+            raise ValueError("cannot sample batches from an empty split")
+        self.n = n
+        self.batch_size = min(batch_size, n)
+        self.seed = seed
+        self.start = start
+        self.per_epoch = n // self.batch_size
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=generator)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, offset = divmod(self.start, self.per_epoch)
+        while True:
+            order = self._permutation(epoch)
+            for b in range(offset, self.per_epoch):
+                yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+def carve_search_split(n_train: int, fraction: float, seed: int) -> list[int]:
+    """Seeded indices of the train examples that form the search split (sorted)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"dam.search_split={fraction} must be in (0, 1): a fraction of train.")
+    n_search = max(1, round(fraction * n_train))
+    if n_search >= n_train:
+        raise ValueError(f"dam.search_split={fraction} leaves no training examples.")
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_train, generator=generator)[:n_search].tolist())
+
+
+def _fingerprint(examples: Examples) -> str:
+    digest = hashlib.sha1()
+    for i in range(len(examples)):
+        digest.update(examples.text_a[i].encode())
+        if examples.text_b is not None:
+            digest.update(b"\x00" + examples.text_b[i].encode())
+        digest.update(f"\x01{examples.labels[i]}\x02".encode())
+    return digest.hexdigest()
+
+
+def tokenize(
+    examples: Examples,
+    tokenizer,
+    max_length: int,
+    cache_dir: str | Path | None,
+) -> TokenizedSplit:
+    """Tokenizes a split (truncating to ``max_length``), reusing a disk cache when present.
+
+    The cache key covers the texts and labels, the tokenizer (name, vocabulary size, class) and
+    ``max_length``, so a changed file or setting never reads a stale cache.
+    """
+    key = hashlib.sha1(
+        json.dumps(
+            [
+                _fingerprint(examples),
+                getattr(tokenizer, "name_or_path", ""),
+                len(tokenizer),
+                type(tokenizer).__name__,
+                max_length,
+            ]
+        ).encode()
+    ).hexdigest()
+    path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        return TokenizedSplit(torch.load(path, weights_only=True))
+    args = (examples.text_a,) if examples.text_b is None else (examples.text_a, examples.text_b)
+    encoded = tokenizer(*args, truncation=True, max_length=max_length)
+    columns = {"input_ids": encoded["input_ids"], "labels": list(examples.labels)}
+    if "token_type_ids" in encoded:
+        columns["token_type_ids"] = encoded["token_type_ids"]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(columns, tmp)
+        os.replace(tmp, path)
+    return TokenizedSplit(columns)
+
+
+class GlueDataModule(pl.LightningDataModule):
+    """Train, search and dev loaders for one task.
+
+    Args:
+        spec: The task.
+        raw: The task's raw splits (already loaded and checked).
+        tokenizer: The backbone's tokenizer.
+        max_length: Truncation length in tokens.
+        batch_size: Train and search batch size.
+        eval_batch_size: Dev batch size.
+        seed: Seed of the search split and of the batch order.
+        search_split: Fraction of train carved out for architecture steps; 0 for no search.
+        cache_dir: Folder of the tokenization cache (None disables it).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        raw: RawSplits,
+        tokenizer,
+        max_length: int,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        search_split: float = 0.0,
+        cache_dir: str | Path | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.collate = PadCollator(tokenizer.pad_token_id or 0, spec.is_regression)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_start = 0
+        train = tokenize(raw.train, tokenizer, max_length, cache_dir)
+        self.dev = {
+            name: tokenize(examples, tokenizer, max_length, cache_dir)
+            for name, examples in raw.dev.items()
+        }
+        if search_split > 0:
+            self.search_indices = carve_search_split(len(train), search_split, seed)
+            chosen = set(self.search_indices)
+            self.train = train.subset([i for i in range(len(train)) if i not in chosen])
+            self.search = train.subset(self.search_indices)
+        else:
+            self.search_indices = []
+            self.train, self.search = train, None
+        self.full_train = train
+
+    @property
+    def dev_names(self) -> list[str]:
+        return list(self.dev)
+
+    def merge_search_split(self) -> None:
+        """Trains on the whole train set from now on (METHOD.md, Phase 3 option)."""
+        self.train = self.full_train
+        self.search = None
+
+    def _loader(self, split: TokenizedSplit, seed: int, start: int) -> DataLoader:
+        return DataLoader(
+            split,
+            batch_sampler=ResumableBatchSampler(len(split), self.batch_size, seed, start),
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, self.seed, self.train_start)
+
+    def search_dataloader(self, start: int = 0) -> DataLoader:
+        if self.search is None:
+            raise RuntimeError("this run has no search split (dam.search_split=0 or merged)")
+        return self._loader(self.search, self.seed + 1, start)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            DataLoader(
+                split,
+                batch_size=self.eval_batch_size,
+                shuffle=False,
+                collate_fn=self.collate,
+                num_workers=self.num_workers,
+            )
+            for split in self.dev.values()
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"search_indices": self.search_indices}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("search_indices", [])
+        if saved != self.search_indices:
+            raise ValueError(
+                "the checkpoint was made with another search split (different seed, data or "
+                "dam.search_split); resume with the settings it was made with."
+            )

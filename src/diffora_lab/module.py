@@ -1,0 +1,324 @@
+"""The training loop: alternating weight and architecture steps, then fine-tuning (Lightning).
+
+METHOD.md, "Phase 1": every step is a weight step on a train batch (AdamW on LoRA A/B and the
+head) followed, after ``warmup_steps``, by an architecture step on a search batch (Adam on the gate
+logits only, first order). After the discretization callback flips :attr:`phase` to
+``"finetune"``, only weight steps remain, on the kept adapters.
+
+Manual optimization: Lightning owns the weight optimizer (so ``trainer.global_step`` counts weight
+steps and matches :attr:`step`); the architecture optimizer is ours and is checkpointed by
+:meth:`on_save_checkpoint`. Learning rates and the temperature are pure functions of the step, so
+a resumed run needs no scheduler state.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+
+from diffora_lab.adapters import GateHooks, apply_mask, count_parameters
+from diffora_lab.backbones import Candidate
+from diffora_lab.config import OptimSettings, SearchSettings
+from diffora_lab.dam import DAM, Mask, gate_entropy
+from diffora_lab.metrics import build_metrics, predictions_from_logits
+from diffora_lab.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+SEARCH, FINETUNE = "search", "finetune"
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    return param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
+
+
+class DiffoRAModule(pl.LightningModule):
+    """LightningModule for DiffoRA and the baselines that share its harness.
+
+    Args:
+        model: The backbone, wrapped by peft for LoRA-type methods.
+        spec: The task (label count, metrics, dev splits).
+        candidates: The DAM's candidate modules (empty for methods without adapters).
+        optim: Weight optimizer settings and step budget.
+        search: Search settings; ``search.enabled`` False starts directly in fine-tuning.
+        dam: The gate logits (None without a search).
+        mask: A mask already applied to ``model`` (methods without a search), or None.
+        hparams: The resolved run config, stored in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: TaskSpec,
+        candidates: list[Candidate],
+        optim: OptimSettings,
+        search: SearchSettings,
+        dam: DAM | None = None,
+        mask: Mask | None = None,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.spec = spec
+        self.candidates = candidates
+        self.optim = optim
+        self.search = search
+        self.dam = dam
+        self.mask = mask
+        self.phase = SEARCH if search.enabled else FINETUNE
+        self.gate_hooks = GateHooks(model, candidates) if self.phase == SEARCH else None
+        self.step = 0  # weight-optimizer steps taken
+        self.batches_seen = 0  # train batches consumed (differs from step with accumulation)
+        self.search_batches_seen = 0
+        self.discretization: dict[str, Any] = {}
+        self.val_metrics = nn.ModuleList(build_metrics(spec) for _ in spec.dev_splits)
+        self.arch_optimizer: torch.optim.Optimizer | None = None
+        self._arch_state: dict | None = None
+        self._search_iter = None
+        self.last_val: dict[str, float] = {}
+        if hparams is not None:
+            self.save_hyperparameters({"config": hparams})
+
+    # ----------------------------------------------------------------- forward
+
+    @property
+    def searching(self) -> bool:
+        return self.phase == SEARCH
+
+    def current_gates(self) -> torch.Tensor:
+        return self.dam.gates(self.search.tau_at(self.step))
+
+    def forward(self, batch: dict[str, torch.Tensor], gate_grad: bool = False):
+        """Runs the model; while searching, the gates enter the LoRA branches first."""
+        if self.searching:
+            gates = self.current_gates()
+            self.gate_hooks.set(gates if gate_grad else gates.detach())
+        return self.model(**batch)
+
+    # ------------------------------------------------------------- optimizers
+
+    def weight_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        named = self.weight_parameters()
+        decay = [p for n, p in named if not _no_decay(n, p)]
+        no_decay = [p for n, p in named if _no_decay(n, p)]
+        log.info(
+            "weight optimizer: %d tensors (%d params) with decay, %d (%d) without",
+            len(decay),
+            sum(p.numel() for p in decay),
+            len(no_decay),
+            sum(p.numel() for p in no_decay),
+        )
+        weights = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.optim.lr,
+        )
+        if self.searching:
+            arch = [self.dam.logits]
+            shared = {id(p) for p in arch} & {id(p) for _, p in named}
+            if shared:
+                raise RuntimeError("weight and architecture parameter sets overlap")
+            self.arch_optimizer = torch.optim.Adam(
+                arch,
+                lr=self.search.arch_lr,
+                betas=self.search.arch_betas,
+                weight_decay=self.search.arch_weight_decay,
+            )
+            if self._arch_state is not None:
+                self.arch_optimizer.load_state_dict(self._arch_state)
+                self._arch_state = None
+        return weights
+
+    def _set_lr(self, optimizer, lr: float) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+    # ------------------------------------------------------------------ steps
+
+    def on_fit_start(self) -> None:
+        # from_pretrained leaves models in eval mode; the search and fine-tuning need dropout.
+        self.model.train()
+
+    def _next_search_batch(self) -> dict[str, torch.Tensor]:
+        if self._search_iter is None:
+            loader = self.trainer.datamodule.search_dataloader(start=self.search_batches_seen)
+            self._search_iter = iter(loader)
+        batch = next(self._search_iter)
+        self.search_batches_seen += 1
+        return self.trainer.strategy.batch_to_device(batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        accumulate = self.optim.accumulate
+        self.batches_seen += 1
+        loss = self(batch).loss
+        self._check_finite(loss, "weight")
+        self.manual_backward(loss / accumulate)
+        if self.batches_seen % accumulate:
+            return loss.detach()
+        self._set_lr(optimizer, self.optim.lr_at(self.step))
+        if self.optim.grad_clip > 0:
+            self.clip_gradients(optimizer, self.optim.grad_clip, "norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        logs = {"train/loss": loss.detach(), "train/lr": self.optim.lr_at(self.step)}
+        if self.searching and self.step >= self.search.warmup_steps:
+            logs.update(self._architecture_step())
+        self.step += 1
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
+        return loss.detach()
+
+    def _architecture_step(self) -> dict[str, Any]:
+        """One first-order architecture step on a search batch: only the gate logits move."""
+        batch = self._next_search_batch()
+        loss = self(batch, gate_grad=True).loss
+        self._check_finite(loss, "architecture")
+        self.manual_backward(loss, inputs=[self.dam.logits])
+        self.arch_optimizer.step()
+        self.arch_optimizer.zero_grad(set_to_none=True)
+        gates = self.current_gates().detach()
+        return {
+            "search/loss": loss.detach(),
+            "search/tau": self.search.tau_at(self.step),
+            "dam/entropy": gate_entropy(gates),
+            "dam/mean": float(gates.mean()),
+        }
+
+    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite {which} loss ({float(loss)}) at step {self.step} in phase "
+                f"{self.phase!r}; the last good checkpoint is in the run's checkpoints/ folder. "
+                "Lower train.lr or dam.arch_lr, or enable train.grad_clip."
+            )
+
+    # ------------------------------------------------------------- validation
+
+    def _metric_key(self, split_index: int, metric: str) -> str:
+        if split_index == 0:
+            return f"val/{metric}"
+        return f"val/{metric}_{self.spec.dev_splits[split_index]}"
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        labels = batch.pop("labels")
+        logits = self(batch).logits
+        self.val_metrics[dataloader_idx].update(predictions_from_logits(self.spec, logits), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        results = {}
+        for index, metrics in enumerate(self.val_metrics):
+            for name, value in metrics.compute().items():
+                results[self._metric_key(index, name)] = float(value)
+            metrics.reset()
+        self.last_val = results
+        if not self.trainer.sanity_checking:
+            self.log_dict(results, prog_bar=True, sync_dist=False)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Dev metrics of the model as it is now (used around discretization)."""
+        was_training = self.model.training
+        self.model.eval()
+        loaders = self.trainer.datamodule.val_dataloader()
+        results = {}
+        for index, loader in enumerate(loaders):
+            metrics = build_metrics(self.spec).to(self.device)
+            for batch in loader:
+                batch = self.trainer.strategy.batch_to_device(batch)
+                labels = batch.pop("labels")
+                metrics.update(predictions_from_logits(self.spec, self(batch).logits), labels)
+            for name, value in metrics.compute().items():
+                results[self._metric_key(index, name)] = float(value)
+        self.model.train(was_training)
+        return results
+
+    # --------------------------------------------------------- discretization
+
+    def discretize(self, mask: Mask, gates: torch.Tensor) -> None:
+        """Freezes ``mask`` into the model (METHOD.md, Phase 2) and switches to fine-tuning.
+
+        Dropped adapters are removed; kept ones continue from their search weights with the gate
+        folded into B (or re-initialised when ``dam.weight_sharing`` is off). The architecture
+        optimizer and the search loader stop; the weight optimizer is rebuilt over what remains.
+        """
+        self.gate_hooks.remove()
+        self.gate_hooks = None
+        apply_mask(
+            self.model,
+            self.candidates,
+            mask.kept,
+            gates,
+            fold_gates=self.search.fold_gates,
+            reinit=not self.search.weight_sharing,
+        )
+        self.dam.logits.requires_grad_(False)
+        self.mask = mask
+        self.phase = FINETUNE
+        self.arch_optimizer = None
+        self._search_iter = None
+        if self.search.merge_search_split:
+            self.trainer.datamodule.merge_search_split()
+        self.trainer.strategy.optimizers = [self.configure_optimizers()]
+
+    # ------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diffora"] = {
+            "phase": self.phase,
+            "step": self.step,
+            "batches_seen": self.batches_seen,
+            "search_batches_seen": self.search_batches_seen,
+            "arch_optimizer": self.arch_optimizer.state_dict() if self.arch_optimizer else None,
+            "mask": None if self.mask is None else vars(self.mask).copy(),
+            "discretization": dict(self.discretization),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("diffora")
+        if state is None:
+            raise ValueError("ckpt_path: this checkpoint was not written by diffora_lab")
+        self.step = state["step"]
+        self.batches_seen = state["batches_seen"]
+        self.search_batches_seen = state["search_batches_seen"]
+        self.discretization = dict(state["discretization"])
+        self._arch_state = state["arch_optimizer"]
+        if state["phase"] == FINETUNE and self.phase == SEARCH:
+            mask = Mask(**state["mask"])
+            # Restore the structure only: the state dict that follows holds the folded weights.
+            self.gate_hooks.remove()
+            self.gate_hooks = None
+            apply_mask(self.model, self.candidates, mask.kept, None, fold_gates=False)
+            self.dam.logits.requires_grad_(False)
+            self.mask = mask
+            self.phase = FINETUNE
+            if self.search.merge_search_split:
+                self.trainer.datamodule.merge_search_split()
+        datamodule = self.trainer.datamodule
+        datamodule.train_start = self.batches_seen
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+
+    def trainable_parameters(self) -> dict[str, int]:
+        return count_parameters(self.model)

@@ -1,0 +1,114 @@
+"""Experiment tracking: the W&B (or CSV) logger of a run, its name, group, mode and summary.
+
+Without an API key W&B runs offline (the run files are written under the run folder and can be
+uploaded later with ``wandb sync``); an unreachable server never stops training.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def run_name(cfg: DictConfig) -> str:
+    """``method-task-b<budget>-r<rank>-s<seed>``: the fields a budget/method sweep varies."""
+    return (
+        f"{cfg.method.name}-{cfg.task.name}-b{float(cfg.budget):g}-r{int(cfg.rank)}"
+        f"-s{int(cfg.seed)}"
+    )
+
+
+def has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(requested: str | None) -> str:
+    """online / offline / disabled; ``None`` means online with an API key, else offline."""
+    if requested:
+        if requested not in ("online", "offline", "disabled"):
+            raise ValueError(f"logger.mode={requested!r}: choose online, offline or disabled.")
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if has_wandb_key():
+        return "online"
+    log.warning(
+        "W&B: no API key found, logging offline to the run folder "
+        "(upload later with `wandb sync <run>/wandb/offline-run-*`)."
+    )
+    return "offline"
+
+
+def build_logger(cfg: DictConfig, output_dir: Path, resume_id: str | None = None):
+    """The Lightning logger chosen by ``logger.name`` (wandb, csv or none)."""
+    name = cfg.logger.name
+    if name == "none":
+        return False
+    if name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(output_dir), name="csv", version="")
+    if name != "wandb":
+        raise ValueError(f"logger={name!r}: choose wandb, csv or none.")
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = wandb_mode(cfg.logger.get("mode"))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(
+        project=cfg.logger.project,
+        entity=cfg.logger.get("entity"),
+        group=cfg.logger.get("group"),
+        name=run_name(cfg),
+        tags=list(cfg.logger.get("tags") or []),
+        save_dir=str(output_dir),
+        mode=mode,
+        id=resume_id,
+        resume="allow" if resume_id else None,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        settings=_wandb_settings(),
+    )
+
+
+def _wandb_settings():
+    import wandb
+
+    # Never let a slow or unreachable server stall training.
+    return wandb.Settings(init_timeout=120, x_disable_stats=True)
+
+
+def wandb_run_id(logger: Any) -> str | None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        return logger.experiment.id
+    return None
+
+
+def write_summary(logger: Any, summary: dict[str, Any]) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.experiment.summary.update(summary)
+
+
+def finish(logger: Any, failed: bool) -> None:
+    """Closes the W&B run with the job's exit code, so the next multirun job starts clean."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1 if failed else 0)

@@ -1,0 +1,342 @@
+"""One run, from a composed config to ``results.json``: the pipeline every method goes through.
+
+Order matters: everything a user can get wrong is checked first (:func:`prepare`), cheaply, before
+a model's weights or a dataset load; then the model, data, module, callbacks and trainer are built,
+fitted, scored, exported and summarised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from diffora_lab import backbones, methods, tracking
+from diffora_lab.adapters import export_adapter
+from diffora_lab.backbones import Candidate
+from diffora_lab.callbacks import DAMMonitor, Discretization
+from diffora_lab.config import ADAPTER_METHODS, optim_settings, search_settings, validate
+from diffora_lab.data import GlueDataModule
+from diffora_lab.module import DiffoRAModule
+from diffora_lab.tasks import TaskSpec, get_task, load_raw
+
+log = logging.getLogger(__name__)
+
+REFUSED_TRAINER_ARGS = {
+    "gradient_clip_val": "train.grad_clip",
+    "gradient_clip_algorithm": "train.grad_clip",
+    "accumulate_grad_batches": "train.accumulate",
+    "max_steps": "train.max_steps",
+    "max_epochs": "train.max_steps",
+}
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix; the CLI prints it without a traceback and exits with 2."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file, then renames it: a kill never truncates one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+@dataclass
+class Prepared:
+    """What the cheap checks produced: the task, tokenizer and candidate modules."""
+
+    spec: TaskSpec
+    tokenizer: Any
+    candidates: list[Candidate]
+
+
+def _check_trainer_args(cfg: DictConfig) -> None:
+    for key, ours in REFUSED_TRAINER_ARGS.items():
+        if cfg.trainer.get(key) is not None:
+            raise ValueError(
+                f"trainer.{key}: manual optimization cannot honour it; use {ours} instead."
+            )
+    if str(cfg.trainer.get("precision")) in ("16", "16-mixed"):
+        raise ValueError(
+            "trainer.precision=16-mixed: fp16 loss scaling is not supported with DiffoRA's two "
+            "optimizers; use bf16-mixed (GPU) or 32-true."
+        )
+
+
+def _meta_candidates(cfg: DictConfig, spec: TaskSpec, vocab_size: int) -> list[Candidate]:
+    """Candidate modules found on a weightless (meta-device) copy of the backbone."""
+    import transformers
+
+    bcfg = cfg.backbone
+    if bcfg.get("config") is not None:
+        model = backbones.load_backbone(bcfg, spec.num_labels, vocab_size=vocab_size)
+    else:
+        config = transformers.AutoConfig.from_pretrained(
+            backbones.resolve_source(bcfg), num_labels=max(spec.num_labels, 1)
+        )
+        with torch.device("meta"):
+            model = transformers.AutoModelForSequenceClassification.from_config(config)
+    return backbones.find_candidates(model, str(bcfg.layer_pattern), dict(bcfg.module_types))
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """All user-input checks, before any weights or data load.
+
+    Raises:
+        ConfigError: With the setting and the fix.
+    """
+    try:
+        validate(cfg)
+        _check_trainer_args(cfg)
+        if cfg.backbone.get("name") is None:
+            raise ValueError("backbone: no backbone selected; pass backbone=<name>.")
+        spec = get_task(cfg.task.name)
+        tokenizer = backbones.load_tokenizer(cfg.backbone)
+        candidates = _meta_candidates(cfg, spec, len(tokenizer))
+        if cfg.method.name in ("random_mask", "diffora"):
+            from diffora_lab.dam import num_kept
+
+            num_kept(float(cfg.budget), len(candidates))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    return Prepared(spec, tokenizer, candidates)
+
+
+def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt:
+        return None
+    if ckpt == "last":
+        last = ckpt_dir / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.info("ckpt_path=last: no checkpoint in %s yet, starting fresh", ckpt_dir)
+        return None
+    return str(ckpt)
+
+
+def _check_ckpt_matches(path: str, cfg: DictConfig) -> None:
+    saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    saved_cfg = saved.get("config") or {}
+    for key in ("method.name", "backbone.name", "task.name", "rank"):
+        mine = OmegaConf.select(cfg, key)
+        theirs = OmegaConf.select(OmegaConf.create(saved_cfg), key) if saved_cfg else None
+        if theirs is not None and theirs != mine:
+            raise ConfigError(
+                f"ckpt_path={path!r} was written with {key}={theirs!r}, this run has "
+                f"{key}={mine!r}; resume with the same settings or start a new run."
+            )
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Trainer:
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_args.get("precision") in (None, "auto"):
+        trainer_args["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    return pl.Trainer(
+        max_steps=int(cfg.train.max_steps),
+        val_check_interval=int(cfg.train.val_every),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=int(cfg.train.log_every),
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()],
+        **trainer_args,
+    )
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Runs one job end to end and returns its results (also written to ``results.json``)."""
+    started = time.time()
+    output_dir = Path(output_dir)
+    prepared = prepare(cfg)
+    spec = prepared.spec
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ckpt_dir = output_dir / "checkpoints"
+    ckpt_path = _resolve_ckpt(cfg, ckpt_dir)
+    if ckpt_path:
+        _check_ckpt_matches(ckpt_path, cfg)
+
+    raw = load_raw(
+        spec,
+        cfg.task.get("data_dir") or None,
+        seed=int(cfg.seed),
+        synthetic=OmegaConf.to_container(cfg.task.get("synthetic") or {}),
+    )
+    backbone = backbones.load_backbone(
+        cfg.backbone, spec.num_labels, vocab_size=len(prepared.tokenizer)
+    )
+    candidates = backbones.find_candidates(
+        backbone, str(cfg.backbone.layer_pattern), dict(cfg.backbone.module_types)
+    )
+    built = methods.build(cfg, backbone, candidates)
+    search = search_settings(cfg)
+    optim = optim_settings(cfg)
+    datamodule = GlueDataModule(
+        spec,
+        raw,
+        prepared.tokenizer,
+        max_length=int(cfg.task.max_length),
+        batch_size=int(cfg.train.batch_size),
+        eval_batch_size=int(cfg.train.eval_batch_size),
+        seed=int(cfg.seed),
+        search_split=float(cfg.dam.search_split) if search.enabled else 0.0,
+        cache_dir=cfg.data.cache_dir,
+        num_workers=int(cfg.data.num_workers),
+    )
+    if search.enabled:
+        split_file = output_dir / "dam" / "search_split.json"
+        split_file.parent.mkdir(parents=True, exist_ok=True)
+        split_file.write_text(json.dumps({"indices": datamodule.search_indices}))
+    module = DiffoRAModule(
+        built.model,
+        spec,
+        candidates if cfg.method.name in ADAPTER_METHODS else [],
+        optim,
+        search,
+        dam=built.dam,
+        mask=built.mask,
+        hparams=OmegaConf.to_container(cfg, resolve=True),
+    )
+    if built.mask is not None:
+        built.mask.save(output_dir / "dam" / "mask.json")
+
+    run_id_file = ckpt_dir / "wandb_run_id"
+    resume_id = run_id_file.read_text().strip() if ckpt_path and run_id_file.is_file() else None
+    logger = tracking.build_logger(cfg, output_dir, resume_id)
+    failed = True
+    try:
+        run_id = tracking.wandb_run_id(logger)
+        if run_id:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            run_id_file.write_text(run_id)
+        callbacks: list[pl.Callback] = [
+            ModelCheckpoint(
+                dirpath=str(ckpt_dir),
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=int(cfg.train.ckpt_every),
+            )
+        ]
+        if search.enabled:
+            callbacks += [
+                Discretization(output_dir, cfg.backbone.name),
+                DAMMonitor(output_dir, int(cfg.dam.log_every)),
+            ]
+        trainer = build_trainer(cfg, output_dir, logger, callbacks)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        results = _results(cfg, module, candidates, started, output_dir)
+        if trainer.is_global_zero:
+            if cfg.method.name in ADAPTER_METHODS:
+                export_adapter(module.model, output_dir / "adapter")
+                results["adapter"] = str(output_dir / "adapter")
+            (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+            tracking.write_summary(logger, _summary_for_logger(results))
+            print(summary_text(results, output_dir))
+        failed = False
+        return results
+    finally:
+        tracking.finish(logger, failed)
+
+
+def _results(
+    cfg: DictConfig,
+    module: DiffoRAModule,
+    candidates: list[Candidate],
+    started: float,
+    output_dir: Path,
+) -> dict[str, Any]:
+    params = module.trainable_parameters()
+    mask = module.mask
+    spec = module.spec
+    return {
+        "task": spec.name,
+        "method": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "budget": float(cfg.budget),
+        "rank": int(cfg.rank),
+        "seed": int(cfg.seed),
+        "params_trainable": params["total"],
+        "params": params,
+        "candidate_modules": len(candidates),
+        "kept_modules": mask.kept_modules if mask is not None else [],
+        "kept_by_type": mask.counts_by_type() if mask is not None else {},
+        "k": mask.k if mask is not None else 0,
+        "primary_metric": f"val/{spec.primary_metric}",
+        "metrics": dict(module.last_val),
+        "discretization": {
+            "val_before": module.discretization.get("val_before"),
+            "val_after": module.discretization.get("val_after"),
+            "step": module.discretization.get("step"),
+        },
+        "steps": module.step,
+        "wall_seconds": round(time.time() - started, 2),
+        "output_dir": str(output_dir),
+    }
+
+
+def _summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
+    flat = {f"final/{k.split('/', 1)[-1]}": v for k, v in results["metrics"].items()}
+    flat.update(
+        {
+            "params/trainable": results["params_trainable"],
+            "dam/k": results["k"],
+            "dam/kept_by_type": results["kept_by_type"],
+            "dam/val_before": results["discretization"]["val_before"],
+            "dam/val_after": results["discretization"]["val_after"],
+        }
+    )
+    return flat
+
+
+def summary_text(results: dict[str, Any], output_dir: Path) -> str:
+    """The one-screen summary printed at the end of a run."""
+    primary = results["primary_metric"]
+    disc = results["discretization"]
+    lines = [
+        "",
+        "=" * 72,
+        f"diffora_lab: {results['method']} on {results['task']} "
+        f"({results['backbone']}, budget {results['budget']}, rank {results['rank']}, "
+        f"seed {results['seed']})",
+        f"  steps               {results['steps']}  ({results['wall_seconds']:.0f} s)",
+        f"  trainable params    {results['params_trainable']:,} "
+        f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,})",
+    ]
+    if results["kept_modules"]:
+        lines.append(
+            f"  kept modules        {results['k']}/{results['candidate_modules']}  "
+            + " ".join(f"{t}:{n}" for t, n in results["kept_by_type"].items())
+        )
+    if disc["val_before"] is not None:
+        lines.append(
+            f"  discretization      {primary} {disc['val_before']:.4f} -> "
+            f"{disc['val_after']:.4f} (step {disc['step']})"
+        )
+    for key, value in results["metrics"].items():
+        lines.append(f"  final {key:<14}{value:.4f}")
+    lines += [
+        f"  outputs             {output_dir}",
+        "                      results.json, dam/mask.json, dam/heatmaps/, checkpoints/last.ckpt"
+        + (", adapter/" if "adapter" in results else ""),
+        "=" * 72,
+    ]
+    return "\n".join(lines)
