@@ -5,11 +5,28 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet_libraries() -> None:
+    """Silences library chatter that says nothing about the run (kept: real warnings)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for pattern in (
+        ".*pre-optimization state.*",  # Lightning: we checkpoint after the step on purpose
+        ".*LeafSpec.*",
+        ".*is_gradient_checkpointing.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 
 def config_dir() -> str:
@@ -25,7 +42,7 @@ def main(cfg: DictConfig) -> float:
     """Runs one job and returns its primary dev metric (what Hydra sweepers optimise)."""
     from diffora_lab.train import ConfigError, run
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    quiet_libraries()
     try:
         results = run(cfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as error:
@@ -35,5 +52,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -1,4 +1,4 @@
-"""Backbones: where a pretrained model and its tokenizer come from, and which modules are candidates.
+"""Backbones: where a model and its tokenizer come from, and which modules are candidates.
 
 A backbone config (``conf/backbone/*.yaml``) names one of three sources:
 
@@ -58,6 +58,12 @@ class Candidate:
     def lora_params(self, rank: int) -> int:
         """Adapter parameters of a rank-``rank`` LoRA on this module: r (d_in + d_out)."""
         return rank * (self.d_in + self.d_out)
+
+
+def _plain(node: Any) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
 
 def package_folder(spec: str) -> Path:
@@ -160,7 +166,7 @@ def load_backbone(cfg: Any, num_labels: int, vocab_size: int | None = None) -> n
 
     problem = "regression" if num_labels == 1 else "single_label_classification"
     if cfg.get("config") is not None:
-        arch = dict(cfg.config)
+        arch = _plain(cfg.config)
         model_type = arch.pop("model_type")
         if model_type not in _CONFIG_BUILDERS:
             raise ValueError(
