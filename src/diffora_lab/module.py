@@ -172,6 +172,7 @@ class DiffoRAModule(pl.LightningModule):
         if self.optim.grad_clip > 0:
             self.clip_gradients(optimizer, self.optim.grad_clip, "norm")
         optimizer.step()
+        self._after_weight_step()
         optimizer.zero_grad(set_to_none=True)
         logs = {"train/loss": loss.detach(), "train/lr": self.optim.lr_at(self.step)}
         if self.searching and self.step >= self.search.warmup_steps:
@@ -179,6 +180,12 @@ class DiffoRAModule(pl.LightningModule):
         self.step += 1
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
         return loss.detach()
+
+    def _after_weight_step(self) -> None:
+        """AdaLoRA's rank allocation needs the gradients of the step just taken."""
+        allocate = getattr(getattr(self.model, "base_model", None), "update_and_allocate", None)
+        if allocate is not None:
+            allocate(self.step)
 
     def _architecture_step(self) -> dict[str, Any]:
         """One first-order architecture step on a search batch: only the gate logits move."""
