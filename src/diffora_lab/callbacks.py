@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -39,15 +40,32 @@ class Discretization(pl.Callback):
         backbone: Backbone name recorded in the mask.
     """
 
-    def __init__(self, output_dir: str | Path, backbone: str) -> None:
+    def __init__(
+        self, output_dir: str | Path, backbone: str, search_cache: Path | None = None
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.backbone = backbone
+        self.search_cache = search_cache
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+    def on_train_start(self, trainer, module) -> None:
+        # A run resumed from a search snapshot (or stopped right at the end of the search)
+        # discretizes before its first fine-tuning step.
         if module.searching and module.step >= module.search.steps:
             self.discretize(trainer, module)
 
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if module.searching and module.step >= module.search.steps:
+            if self.search_cache is not None and not module.search_reused:
+                # The state at the end of the search, shared by runs that differ only in what
+                # happens after it (budget, folding, ...): see train.search_key.
+                trainer.save_checkpoint(str(self.search_cache))
+                history = self.output_dir / "dam" / "gates.jsonl"
+                if trainer.is_global_zero and history.is_file():
+                    shutil.copyfile(history, self.search_cache.with_name("gates.jsonl"))
+            self.discretize(trainer, module)
+
     def discretize(self, trainer: pl.Trainer, module) -> Mask:
+        """Scores dev, freezes the top-k mask into the model, scores dev again."""
         val_before = module.evaluate()
         gates = module.current_gates().detach()
         mask = Mask.from_scores(
@@ -71,17 +89,15 @@ class Discretization(pl.Callback):
             "after": val_after,
         }
         params = module.trainable_parameters()
-        module.log_dict(
-            {
-                "dam/val_before": val_before[primary],
-                "dam/val_after": val_after[primary],
-                "dam/gap": val_before[primary] - val_after[primary],
-                "dam/kept": float(mask.k),
-                "params/trainable": float(params["total"]),
-            },
-            on_step=True,
-            on_epoch=False,
-        )
+        metrics = {
+            "dam/val_before": val_before[primary],
+            "dam/val_after": val_after[primary],
+            "dam/gap": val_before[primary] - val_after[primary],
+            "dam/kept": float(mask.k),
+            "params/trainable": float(params["total"]),
+        }
+        for logger in trainer.loggers:  # direct: this may run in on_train_start
+            logger.log_metrics(metrics, step=module.step)
         if trainer.is_global_zero:
             mask.save(self.output_dir / "dam" / "mask.json")
         log.info(
@@ -94,6 +110,50 @@ class Discretization(pl.Callback):
             val_after[primary],
         )
         return mask
+
+
+class StopAfter(pl.Callback):
+    """Stops a run after ``step`` weight steps (its checkpoint is then resumable).
+
+    For time-limited slots: a run split over several jobs with ``ckpt_path=last`` ends exactly
+    as one uninterrupted run.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if module.step >= self.step:
+            trainer.should_stop = True
+
+
+class Preemption(pl.Callback):
+    """Saves ``last.ckpt`` and stops when the job is told to go (SIGTERM, or SIGUSR1 off SLURM).
+
+    Lightning turns SIGTERM into an exception after the current batch; this callback writes the
+    checkpoint first. Under SLURM with auto-requeue, Lightning's own SIGUSR1 handler saves and
+    requeues, and this one leaves SIGUSR1 alone.
+    """
+
+    def __init__(self, checkpoint: str | Path) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.signalled = False
+
+    def on_fit_start(self, trainer, module) -> None:
+        import os
+        import signal
+
+        if "SLURM_JOB_ID" not in os.environ and hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self._notice)
+
+    def _notice(self, signum, frame) -> None:
+        self.signalled = True
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.signalled or trainer.received_sigterm:
+            trainer.save_checkpoint(str(self.checkpoint))
+            trainer.should_stop = True
+            log.warning("signal received: saved %s at step %d", self.checkpoint, module.step)
 
 
 class DAMMonitor(pl.Callback):

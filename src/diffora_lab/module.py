@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 SEARCH, FINETUNE = "search", "finetune"
 
 
+def _numpy_state() -> list:
+    # Plain Python values: Lightning loads checkpoints with weights_only=True.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
 
@@ -78,6 +84,7 @@ class DiffoRAModule(pl.LightningModule):
         self.batches_seen = 0  # train batches consumed (differs from step with accumulation)
         self.search_batches_seen = 0
         self.discretization: dict[str, Any] = {}
+        self.search_reused = False  # resumed from a shared end-of-search snapshot
         self.val_metrics = nn.ModuleList(build_metrics(spec) for _ in spec.dev_splits)
         self.arch_optimizer: torch.optim.Optimizer | None = None
         self._arch_state: dict | None = None
@@ -293,7 +300,7 @@ class DiffoRAModule(pl.LightningModule):
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_state(),
                 "python": random.getstate(),
             },
         }
@@ -324,7 +331,11 @@ class DiffoRAModule(pl.LightningModule):
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(
+            tuple(rng["numpy"][:1])
+            + (np.array(rng["numpy"][1], dtype=np.uint32),)
+            + tuple(rng["numpy"][2:])
+        )
         random.setstate(rng["python"])
 
     def trainable_parameters(self) -> dict[str, int]:

@@ -7,9 +7,11 @@ fitted, scored, exported and summarised.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffora_lab import backbones, methods, tracking
 from diffora_lab.adapters import export_adapter
 from diffora_lab.backbones import Candidate
-from diffora_lab.callbacks import DAMMonitor, Discretization
+from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, StopAfter
 from diffora_lab.config import ADAPTER_METHODS, optim_settings, search_settings, validate
 from diffora_lab.data import GlueDataModule
 from diffora_lab.module import DiffoRAModule
@@ -143,6 +145,46 @@ def _check_ckpt_matches(path: str, cfg: DictConfig) -> None:
             )
 
 
+# Settings that act only after discretization (or not on training at all): runs that differ in
+# nothing else share one search (issue: "search once" budget sweeps).
+AFTER_SEARCH_KEYS = (
+    "budget",
+    "ckpt_path",
+    "logger",
+    "train.val_every",
+    "train.ckpt_every",
+    "train.log_every",
+    "train.eval_batch_size",
+    "train.stop_after",
+    "dam.fold_gates",
+    "dam.weight_sharing",
+    "dam.merge_search_split",
+    "dam.mask_path",
+    "dam.log_every",
+    "dam.reuse_search",
+    "dam.search_cache_dir",
+    "data",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+)
+
+
+def search_key(cfg: DictConfig) -> str:
+    """Hash of every setting that can change the state at the end of the search."""
+    from diffora_lab import __version__
+
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.pop("hydra", None)
+    for dotted in AFTER_SEARCH_KEYS:
+        parts = dotted.split(".")
+        node = settings
+        for part in parts[:-1]:
+            node = node.get(part, {})
+        node.pop(parts[-1], None)
+    payload = json.dumps([__version__, settings], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Trainer:
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("precision") in (None, "auto"):
@@ -217,8 +259,26 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if built.mask is not None:
         built.mask.save(output_dir / "dam" / "mask.json")
 
+    search_info = {"reused": False, "key": None}
+    snapshot = None
+    if search.enabled and cfg.dam.reuse_search:
+        key = search_key(cfg)
+        snapshot = Path(str(cfg.dam.search_cache_dir)).expanduser() / key / "search_end.ckpt"
+        search_info["key"] = key
+        if ckpt_path is None and snapshot.is_file():
+            log.info("search %s already done: starting from %s", key, snapshot)
+            ckpt_path = str(snapshot)
+            search_info["reused"] = True
+            module.search_reused = True
+            history = snapshot.with_name("gates.jsonl")
+            if history.is_file():  # the shared search's gate records, for this run's figures
+                (output_dir / "dam").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(history, output_dir / "dam" / "gates.jsonl")
+
     run_id_file = ckpt_dir / "wandb_run_id"
-    resume_id = run_id_file.read_text().strip() if ckpt_path and run_id_file.is_file() else None
+    resume_id = None
+    if ckpt_path and not search_info["reused"] and run_id_file.is_file():
+        resume_id = run_id_file.read_text().strip()
     logger = tracking.build_logger(cfg, output_dir, resume_id)
     failed = True
     try:
@@ -232,18 +292,29 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 save_last=True,
                 save_top_k=0,
                 every_n_train_steps=int(cfg.train.ckpt_every),
-            )
+            ),
+            Preemption(ckpt_dir / "last.ckpt"),
         ]
+        if cfg.train.get("stop_after"):
+            callbacks.append(StopAfter(int(cfg.train.stop_after)))
         if search.enabled:
             callbacks += [
-                Discretization(output_dir, cfg.backbone.name),
+                Discretization(output_dir, cfg.backbone.name, snapshot),
                 DAMMonitor(output_dir, int(cfg.dam.log_every)),
             ]
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
+        if module.step < optim.max_steps:
+            failed = False
+            print(
+                f"diffora_lab: stopped at step {module.step} of {optim.max_steps}; "
+                f"continue with ckpt_path=last hydra.run.dir={output_dir}"
+            )
+            return {"stopped_at": module.step, "output_dir": str(output_dir)}
         trainer.validate(module, datamodule=datamodule, verbose=False)
         results = _results(cfg, module, candidates, started, output_dir)
+        results["search"] = search_info
         if trainer.is_global_zero:
             if cfg.method.name in ADAPTER_METHODS:
                 export_adapter(module.model, output_dir / "adapter")
