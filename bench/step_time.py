@@ -31,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -100,10 +101,20 @@ class BenchModule(DiffoRAModule):
     """
 
     def attach(self, search_batches: list[dict[str, torch.Tensor]]) -> None:
+        """Stands in for the trainer: one process, the weight optimizer, the search batches."""
         self._bench_batches = search_batches
         self._bench_i = 0
-        # discretize() writes the rebuilt optimizer to trainer.strategy.optimizers.
-        self._trainer = SimpleNamespace(strategy=SimpleNamespace(optimizers=[]), datamodule=None)
+        # discretize() writes the rebuilt weight optimizer to trainer.strategy.optimizers.
+        strategy = SimpleNamespace(optimizers=[], batch_to_device=lambda batch: batch)
+        self._trainer = SimpleNamespace(
+            strategy=strategy, datamodule=None, world_size=1, global_rank=0, sanity_checking=False
+        )
+
+    def set_weight_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._trainer.strategy.optimizers = [optimizer]
+
+    def optimizers(self, use_pl_optimizer: bool = True):
+        return self._trainer.strategy.optimizers[0]
 
     def _next_search_batch(self) -> dict[str, torch.Tensor]:
         batch = self._bench_batches[self._bench_i % len(self._bench_batches)]
@@ -151,7 +162,9 @@ def build_lora(cfg: DictConfig, seed: int = 0) -> Variant:
     )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay))
+    opt = torch.optim.AdamW(
+        params, lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay)
+    )
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         loss = model(**batch).loss
@@ -163,7 +176,7 @@ def build_lora(cfg: DictConfig, seed: int = 0) -> Variant:
     return Variant("lora", model, step, f"{len(candidates)} adapters, {n_lora} LoRA params")
 
 
-def build_diffora(cfg: DictConfig, seed: int = 0) -> tuple[BenchModule, list]:
+def build_diffora(cfg: DictConfig, search_batches: list, seed: int = 0) -> tuple[BenchModule, list]:
     """The DiffoRA model exactly as ``methods.build`` makes it, wrapped in the LightningModule."""
     backbone = _load_backbone(cfg, seed)
     candidates = _candidates(cfg, backbone)
@@ -177,56 +190,47 @@ def build_diffora(cfg: DictConfig, seed: int = 0) -> tuple[BenchModule, list]:
         dam=built.dam,
         mask=built.mask,
     )
+    module.attach(search_batches)
+    module.set_weight_optimizer(module.configure_optimizers())
     module.on_fit_start()  # model.train()
     return module, candidates
 
 
-def weight_step_fn(module: BenchModule, opt_ref: list) -> Callable:
+def weight_step(module: BenchModule, batch: dict[str, torch.Tensor]) -> None:
     """The body of ``DiffoRAModule.training_step`` (accumulate=1) minus clipping/lr/logging."""
-
-    def step(batch: dict[str, torch.Tensor]) -> None:
-        opt = opt_ref[0]
-        loss = module(batch).loss
-        module.manual_backward(loss)
-        opt.step()
-        module._after_weight_step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    optimizer = module.optimizers()
+    loss = module(batch).loss
+    module.manual_backward(loss)
+    optimizer.step()
+    module._after_weight_step()
+    optimizer.zero_grad(set_to_none=True)
 
 
-def build_gated(cfg: DictConfig, seed: int = 0) -> Variant:
-    module, cands = build_diffora(cfg, seed)
-    opt_ref = [module.configure_optimizers()]
-    return Variant("gated", module, weight_step_fn(module, opt_ref), f"{len(cands)} gated")
+def search_step(module: BenchModule, batch: dict[str, torch.Tensor]) -> None:
+    """Weight step, then the framework's architecture step on the next search batch."""
+    weight_step(module, batch)
+    module._architecture_step()
+    module.step += 1
+
+
+def build_gated(cfg: DictConfig, search_batches: list, seed: int = 0) -> Variant:
+    module, cands = build_diffora(cfg, search_batches, seed)
+    return Variant("gated", module, partial(weight_step, module), f"{len(cands)} gated")
 
 
 def build_search(cfg: DictConfig, search_batches: list, seed: int = 0) -> Variant:
-    module, cands = build_diffora(cfg, seed)
-    module.attach(search_batches)
-    opt_ref = [module.configure_optimizers()]
-    weight = weight_step_fn(module, opt_ref)
-
-    def step(batch: dict[str, torch.Tensor]) -> None:
-        weight(batch)
-        module._architecture_step()
-        module.step += 1
-
-    return Variant("search", module, step, f"{len(cands)} gated + arch step")
+    module, cands = build_diffora(cfg, search_batches, seed)
+    info = f"{len(cands)} gated + arch step"
+    return Variant("search", module, partial(search_step, module), info)
 
 
 def build_post(
     cfg: DictConfig, train_batches: list, search_batches: list, seed: int = 0, search_steps: int = 3
 ) -> Variant:
     """A few real search steps, then the framework's discretization at ``cfg.budget``."""
-    module, cands = build_diffora(cfg, seed)
-    module.attach(search_batches)
-    opt_ref = [module.configure_optimizers()]
-    weight = weight_step_fn(module, opt_ref)
+    module, cands = build_diffora(cfg, search_batches, seed)
     for i in range(search_steps):
-        weight(train_batches[i % len(train_batches)])
-        module._architecture_step()
-        module.step += 1
+        search_step(module, train_batches[i % len(train_batches)])
     gates = module.current_gates().detach()
     mask = Mask.from_scores(
         gates,
@@ -236,10 +240,10 @@ def build_post(
         step=module.step,
         backbone=str(cfg.backbone.name),
     )
-    module.discretize(mask, gates)
-    opt_ref[0] = module._trainer.strategy.optimizers[0]
+    module.discretize(mask, gates)  # rebuilds the weight optimizer into trainer.strategy
     counts = ",".join(f"{t}={n}" for t, n in mask.counts_by_type().items())
-    return Variant("post", module, weight_step_fn(module, opt_ref), f"{mask.k} kept ({counts})")
+    info = f"{mask.k} kept ({counts})"
+    return Variant("post", module, partial(weight_step, module), info)
 
 
 def build_all(args: argparse.Namespace, names=VARIANTS) -> tuple[dict[str, Variant], list, list]:
@@ -249,7 +253,7 @@ def build_all(args: argparse.Namespace, names=VARIANTS) -> tuple[dict[str, Varia
     search_batches = make_batches(4, args.batch, args.seq, vocab, seed=2)
     builders = {
         "lora": lambda: build_lora(cfg),
-        "gated": lambda: build_gated(cfg),
+        "gated": lambda: build_gated(cfg, search_batches),
         "search": lambda: build_search(cfg, search_batches),
         "post": lambda: build_post(cfg, train_batches, search_batches),
     }
@@ -301,6 +305,14 @@ def profile_variant(variant: Variant, batches: list, rows: int = 25) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def quiet() -> None:
+    """Silence the load reports of transformers (the head is new on purpose)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="steps per variant per round")
@@ -320,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.steps, args.batch, args.warmup = 3, 3, 16, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    quiet()
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; MiniLM-L6, batch "
@@ -360,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
             f"| <= {target:.2f}x | {'PASS' if ok else 'FAIL'} |"
         )
     med_base = statistics.median(base)
-    print(f"\n(context only, not a claim: median LoRA step {1e3 * med_base:.0f} ms on this machine)")
+    print(
+        f"\n(context only, not a claim: median LoRA step {1e3 * med_base:.0f} ms on this machine)"
+    )
     if failed:
         print(f"targets missed: {', '.join(failed)} (see --profile {' '.join(failed)})")
     return 1 if failed else 0

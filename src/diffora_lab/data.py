@@ -72,19 +72,30 @@ class PadCollator:
 class ResumableBatchSampler(Sampler[list[int]]):
     """An endless stream of shuffled batches, reproducible from ``(seed, start)``.
 
-    Epoch e is a permutation drawn from ``seed`` and e; each epoch yields ``n // batch_size``
-    full batches (the remainder is dropped, so every step has the same batch size). ``start``
-    skips that many batches, which is how a resumed run continues where it stopped.
+    Epoch e is a permutation drawn from ``seed`` and e; each epoch yields ``n // global_batch``
+    full global batches (the remainder is dropped, so every step has the same batch size). With
+    several processes, a global batch is ``batch_size * world_size`` examples and ``rank`` takes
+    its own slice. ``start`` skips that many batches, which is how a resumed run continues.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if n == 0:
             raise ValueError("cannot sample batches from an empty split")
         self.n = n
-        self.batch_size = min(batch_size, n)
+        self.batch_size = max(1, min(batch_size, n // world_size))
         self.seed = seed
         self.start = start
-        self.per_epoch = n // self.batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.per_epoch = max(1, n // (self.batch_size * world_size))
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -95,7 +106,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         while True:
             order = self._permutation(epoch)
             for b in range(offset, self.per_epoch):
-                yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+                first = (b * self.world_size + self.rank) * self.batch_size
+                yield order[first : first + self.batch_size].tolist()
             epoch, offset = epoch + 1, 0
 
 
@@ -220,9 +232,12 @@ class GlueDataModule(pl.LightningDataModule):
         self.search = None
 
     def _loader(self, split: TokenizedSplit, seed: int, start: int) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = ResumableBatchSampler(len(split), self.batch_size, seed, start, rank, world)
         return DataLoader(
             split,
-            batch_sampler=ResumableBatchSampler(len(split), self.batch_size, seed, start),
+            batch_sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -85,6 +85,7 @@ class DiffoRAModule(pl.LightningModule):
         self.search_batches_seen = 0
         self.discretization: dict[str, Any] = {}
         self.search_reused = False  # resumed from a shared end-of-search snapshot
+        self.ranks_consistent: bool | None = None  # checked at the end of multi-process runs
         self.val_metrics = nn.ModuleList(build_metrics(spec) for _ in spec.dev_splits)
         self.arch_optimizer: torch.optim.Optimizer | None = None
         self._arch_state: dict | None = None
@@ -199,9 +200,16 @@ class DiffoRAModule(pl.LightningModule):
         batch = self._next_search_batch()
         loss = self(batch, gate_grad=True).loss
         self._check_finite(loss, "architecture")
-        self.manual_backward(loss, inputs=[self.dam.logits])
+        if self.trainer.world_size > 1:
+            # DDP's reducer expects every used parameter to receive a gradient; a backward
+            # restricted to the gate logits would leave it waiting. The adapters' gradients
+            # computed here are discarded before the next weight step.
+            self.manual_backward(loss)
+        else:
+            self.manual_backward(loss, inputs=[self.dam.logits])
         self.arch_optimizer.step()
         self.arch_optimizer.zero_grad(set_to_none=True)
+        self.optimizers().zero_grad(set_to_none=True)
         gates = self.current_gates().detach()
         return {
             "search/loss": loss.detach(),
@@ -238,7 +246,8 @@ class DiffoRAModule(pl.LightningModule):
             metrics.reset()
         self.last_val = results
         if not self.trainer.sanity_checking:
-            self.log_dict(results, prog_bar=True, sync_dist=False)
+            # torchmetrics already synced the states: every rank holds the same values.
+            self.log_dict(results, prog_bar=True, sync_dist=True)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -337,6 +346,21 @@ class DiffoRAModule(pl.LightningModule):
             + tuple(rng["numpy"][2:])
         )
         random.setstate(rng["python"])
+
+    def on_train_end(self) -> None:
+        if self.trainer.world_size > 1:
+            self.ranks_consistent = self.check_ranks_consistent()
+
+    def check_ranks_consistent(self) -> bool:
+        """True when every rank holds the same gates, mask and trainable weights."""
+        state = [p.detach().double().flatten() for _, p in self.weight_parameters()]
+        if self.dam is not None:
+            state.append(self.dam.logits.detach().double().flatten())
+        if self.mask is not None:
+            state.append(torch.tensor(self.mask.kept, dtype=torch.float64))
+        local = torch.cat(state).to(self.device)
+        gathered = self.trainer.strategy.all_gather(local)
+        return bool(torch.all(gathered == gathered[0:1]).item())
 
     def trainable_parameters(self) -> dict[str, int]:
         return count_parameters(self.model)

@@ -189,6 +189,12 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Tr
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("precision") in (None, "auto"):
         trainer_args["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    if trainer_args.get("strategy") == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # The weight step leaves the gate logits unused and the architecture step the head:
+        # DDP must look for unused parameters.
+        trainer_args["strategy"] = DDPStrategy(find_unused_parameters=True)
     return pl.Trainer(
         max_steps=int(cfg.train.max_steps),
         val_check_interval=int(cfg.train.val_every),
@@ -199,6 +205,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Tr
         callbacks=callbacks,
         default_root_dir=str(output_dir),
         plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # our samplers shard by rank themselves (data.py)
         **trainer_args,
     )
 
@@ -359,6 +366,8 @@ def _results(
             "step": module.discretization.get("step"),
         },
         "steps": module.step,
+        "world_size": module.trainer.world_size,
+        "ranks_consistent": module.ranks_consistent,
         "wall_seconds": round(time.time() - started, 2),
         "output_dir": str(output_dir),
     }
