@@ -15,6 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 METHODS = ("diffora", "lora", "random_mask", "full", "bitfit", "adalora")
 ADAPTER_METHODS = ("diffora", "lora", "random_mask")
+# --- baselines/export (adalora.py, evaluate.py) ---------------------------------------------
+PEFT_METHODS = (*ADAPTER_METHODS, "adalora")
+"""Methods whose model is a peft model: exported as an ``adapter/`` folder."""
+# --- end baselines/export --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,25 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             _fail("dam.relaxation", cfg.dam.relaxation, "choose sigmoid or softmax_row.")
         if cfg.dam.order not in ("first", "second"):
             _fail("dam.order", cfg.dam.order, "choose first (DARTS-1st) or second.")
+    # --- baselines/export: parameter matching (matching.py) and AdaLoRA (adalora.py) --------
+    match = cfg.get("match")
+    if match is not None and match.get("target_rank") is not None:
+        if _number(cfg, "match.target_rank", int) < 1:
+            _fail("match.target_rank", match.target_rank, "the reference LoRA rank must be >= 1.")
+        if _number(cfg, "match.tolerance", float) <= 0:
+            _fail("match.tolerance", match.tolerance, "a relative tolerance > 0, e.g. 0.05.")
+    if cfg.method.name == "adalora":
+        from diffora_lab.adalora import schedule
+
+        if _number(cfg, "method.init_ratio", float) < 1.0:
+            _fail("method.init_ratio", cfg.method.init_ratio, "the initial budget must be >= 1x.")
+        schedule(
+            max_steps,
+            _number(cfg, "method.tinit_ratio", float),
+            _number(cfg, "method.tfinal_ratio", float),
+            _number(cfg, "method.delta_t_ratio", float),
+        )
+    # --- end baselines/export ---------------------------------------------------------------
     data_dir = cfg.task.get("data_dir")
     if data_dir:
         check_data_dir(TASKS[cfg.task.name], Path(str(data_dir)).expanduser())

@@ -170,6 +170,13 @@ def tokenize(
     return TokenizedSplit(columns)
 
 
+def _private_generator(seed: int) -> torch.Generator:
+    # A DataLoader without its own generator draws its worker seed from the global RNG each
+    # time an iterator starts, which would shift dropout masks between a resumed run and an
+    # uninterrupted one.
+    return torch.Generator().manual_seed(seed)
+
+
 class GlueDataModule(pl.LightningDataModule):
     """Train, search and dev loaders for one task.
 
@@ -238,6 +245,7 @@ class GlueDataModule(pl.LightningDataModule):
         return DataLoader(
             split,
             batch_sampler=sampler,
+            generator=_private_generator(seed),
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -257,6 +265,7 @@ class GlueDataModule(pl.LightningDataModule):
                 split,
                 batch_size=self.eval_batch_size,
                 shuffle=False,
+                generator=_private_generator(self.seed),
                 collate_fn=self.collate,
                 num_workers=self.num_workers,
             )

@@ -1,0 +1,208 @@
+"""The AdaLoRA baseline (``method=adalora``): peft's AdaLoRA on the same candidate modules.
+
+AdaLoRA (Zhang et al., ICLR 2023) writes each adapter in SVD form, ``B diag(E) A``, starts every
+module at rank ``init_r`` and prunes singular values by importance until the total rank is
+``target_r`` per module on average. Here ``target_r`` is the run's ``rank`` (so ``method=adalora
+rank=8`` is the AdaLoRA row next to LoRA r=8 in METHOD.md's reference table) and ``init_r =
+round(init_ratio * target_r)`` (the paper's initial budget of 1.5x the final one).
+
+What peft does and this harness relies on (peft 0.21, checked in its source):
+
+- ``AdaLoraModel.forward`` adds ``orth_reg_weight * mean ||P^T P - I||_F`` to ``outputs.loss``
+  whenever the model is called with labels, so the training loss of
+  :class:`~diffora_lab.module.DiffoRAModule` includes the orthogonal regularizer with no change
+  there; validation (no labels) is unaffected.
+- ``update_and_allocate(step)`` must run after every optimizer step, before ``zero_grad`` (it
+  reads the gradients): ``DiffoRAModule._after_weight_step`` calls it with the 0-based step.
+  With ``tfinal >= 1`` it forces the final allocation at step ``total_step - tfinal`` (exactly
+  the target budget, fewer on ties) and re-applies that rank pattern after every later step.
+- ``save_pretrained`` writes only the kept singular triplets plus ``rank_pattern``;
+  ``PeftModel.from_pretrained`` resizes the modules back, so the adapter folder is a normal
+  peft export.
+
+Resume: the allocator's importance averages and the rank pattern live outside the state dict;
+:func:`allocator_state` / :func:`load_allocator_state` carry them through a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from peft import AdaLoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from diffora_lab.backbones import Candidate
+
+ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class AdaLoraSchedule:
+    """AdaLoRA's budget schedule in steps (peft's ``tinit``, ``tfinal``, ``deltaT``).
+
+    Steps ``0..tinit`` keep the initial budget, steps up to ``total_step - tfinal`` shrink it
+    cubically (one allocation every ``delta_t`` steps), the last ``tfinal`` steps train at the
+    final budget with the rank pattern frozen.
+    """
+
+    total_step: int
+    tinit: int
+    tfinal: int
+    delta_t: int
+
+
+def schedule(
+    total_step: int, tinit_ratio: float, tfinal_ratio: float, delta_t_ratio: float
+) -> AdaLoraSchedule:
+    """Turns the schedule's fractions of the step budget into steps.
+
+    ``tfinal`` and ``delta_t`` are at least 1: with ``tfinal = 0`` peft never reaches its final
+    allocation (the budget would stay above target at the last step).
+
+    Raises:
+        ValueError: A fraction outside its range, or no steps left for the pruning phase.
+    """
+    for key, value in (("tinit_ratio", tinit_ratio), ("tfinal_ratio", tfinal_ratio)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"method.{key}={value}: a share of train.max_steps in [0, 1).")
+    if not 0.0 <= delta_t_ratio < 1.0:
+        raise ValueError(f"method.delta_t_ratio={delta_t_ratio}: a share of steps in [0, 1).")
+    tinit = round(tinit_ratio * total_step)
+    tfinal = max(1, round(tfinal_ratio * total_step))
+    delta_t = max(1, round(delta_t_ratio * total_step))
+    if tinit >= total_step - tfinal:
+        raise ValueError(
+            f"method.tinit_ratio={tinit_ratio} and method.tfinal_ratio={tfinal_ratio} leave no "
+            f"pruning phase in train.max_steps={total_step} (tinit={tinit}, tfinal={tfinal}): "
+            "lower them (their sum must stay below 1) or train for more steps."
+        )
+    return AdaLoraSchedule(total_step, tinit, tfinal, delta_t)
+
+
+def adalora_config(cfg: DictConfig, candidates: list[Candidate]) -> AdaLoraConfig:
+    """The peft ``AdaLoraConfig`` of a run: full candidate paths, budget from ``rank``."""
+    method = cfg.method
+    target_r = int(cfg.rank)
+    if target_r < 1:
+        raise ValueError(f"rank={target_r}: AdaLoRA's target rank must be >= 1.")
+    init_ratio = float(method.get("init_ratio", 1.5))
+    if init_ratio < 1.0:
+        raise ValueError(f"method.init_ratio={init_ratio}: the initial budget must be >= final.")
+    steps = schedule(
+        int(cfg.train.max_steps),
+        float(method.tinit_ratio),
+        float(method.tfinal_ratio),
+        float(method.delta_t_ratio),
+    )
+    return AdaLoraConfig(
+        target_r=target_r,
+        init_r=max(target_r, math.floor(init_ratio * target_r + 0.5)),
+        tinit=steps.tinit,
+        tfinal=steps.tfinal,
+        deltaT=steps.delta_t,
+        beta1=float(method.beta1),
+        beta2=float(method.beta2),
+        orth_reg_weight=float(method.orth_reg_weight),
+        total_step=steps.total_step,
+        lora_alpha=float(method.lora_alpha),
+        lora_dropout=float(method.lora_dropout),
+        target_modules=[c.name for c in candidates],
+        modules_to_save=list(cfg.backbone.head_modules),
+        task_type="SEQ_CLS",
+    )
+
+
+def attach_adalora(cfg: DictConfig, backbone: nn.Module, candidates: list[Candidate]) -> PeftModel:
+    """Wraps ``backbone`` with AdaLoRA on every candidate module (the head trains and is saved).
+
+    Args:
+        cfg: The run config (``rank``, ``train.max_steps``, ``method.*``, ``backbone.head_modules``).
+        backbone: A freshly loaded backbone.
+        candidates: The candidate modules (full paths).
+
+    Returns:
+        The peft model; call ``model.base_model.update_and_allocate(step)`` after every optimizer
+        step (the harness does).
+    """
+    return get_peft_model(backbone, adalora_config(cfg, candidates))
+
+
+def _tuner(peft_model: PeftModel):
+    return peft_model.base_model
+
+
+def final_ranks(peft_model: PeftModel) -> dict[str, int]:
+    """Rank of each adapted module (full path): the allocated pattern once there is one.
+
+    Before the first allocation every module has ``init_r``.
+    """
+    config = peft_model.peft_config[ADAPTER]
+    pattern = config.rank_pattern or {}
+    ranks = {}
+    for name, param in _tuner(peft_model).model.named_parameters():
+        if f"lora_E.{ADAPTER}" not in name:
+            continue
+        module = name.replace(f".lora_E.{ADAPTER}", "")
+        flags = pattern.get(name, pattern.get(f"{module}.lora_E"))
+        ranks[module] = int(sum(flags)) if flags is not None else int(param.shape[0])
+    return ranks
+
+
+def rank_summary(peft_model: PeftModel, candidates: list[Candidate]) -> dict[str, Any]:
+    """Ranks after allocation against the budget, and the adapter parameters they keep.
+
+    ``params`` counts what the final model uses: r_i (d_in + d_out + 1) per module (the +1 is
+    the singular value); ``lora_params_at_target`` is LoRA at ``target_r`` on the same modules.
+    """
+    config = peft_model.peft_config[ADAPTER]
+    ranks = final_ranks(peft_model)
+    sizes = {c.name: c for c in candidates}
+    params = sum(r * (sizes[m].d_in + sizes[m].d_out + 1) for m, r in ranks.items())
+    return {
+        "init_r": int(config.init_r),
+        "target_r": int(config.target_r),
+        "total_rank": sum(ranks.values()),
+        "budget": int(config.target_r) * len(ranks),
+        "allocated": config.rank_pattern is not None,
+        "params": params,
+        "lora_params_at_target": sum(sizes[m].lora_params(int(config.target_r)) for m in ranks),
+        "ranks": ranks,
+    }
+
+
+def allocator_state(peft_model: nn.Module) -> dict[str, Any] | None:
+    """The rank allocator's state for a checkpoint (None for models that are not AdaLoRA)."""
+    tuner = getattr(peft_model, "base_model", None)
+    allocator = getattr(tuner, "rankallocator", None)
+    if allocator is None:
+        return None
+
+    def cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in tensors.items()}
+
+    return {
+        "ipt": cpu(allocator.ipt),
+        "exp_avg_ipt": cpu(allocator.exp_avg_ipt),
+        "exp_avg_unc": cpu(allocator.exp_avg_unc),
+        "rank_pattern": tuner.peft_config[tuner.trainable_adapter_name].rank_pattern,
+    }
+
+
+def load_allocator_state(peft_model: nn.Module, state: dict[str, Any] | None) -> None:
+    """Restores :func:`allocator_state` (tensors go to their parameter's device).
+
+    Call once the model is on its device (e.g. just before the first ``update_and_allocate`` of
+    a resumed run); without it a run resumed in the final phase has no rank pattern to apply.
+    """
+    if state is None:
+        return
+    tuner = peft_model.base_model
+    allocator = tuner.rankallocator
+    devices = {n: p.device for n, p in tuner.model.named_parameters()}
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(allocator, key, {n: t.to(devices.get(n, t.device)) for n, t in state[key].items()})
+    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]

@@ -1,0 +1,284 @@
+"""Scoring and export of finished runs: dev metrics of an adapter folder, merged full models.
+
+``python -m diffora_lab.evaluate PATH`` scores on the task's dev set, with the training harness's
+own code path (:class:`~diffora_lab.data.GlueDataModule`, :class:`~diffora_lab.module.
+DiffoRAModule`'s validation, the same trainer settings), so on a finished run it prints exactly
+the ``metrics`` of its ``results.json`` under the same names (``val/accuracy``, ...). PATH is one
+of:
+
+- a run folder: its config comes from ``.hydra/config.yaml`` (or, without it, from the config
+  stored in ``checkpoints/last.ckpt``); the model from ``adapter/`` (LoRA-type methods and
+  AdaLoRA), else ``merged/``, else ``checkpoints/last.ckpt`` (``full``, ``bitfit``);
+- an adapter folder (``adapter_config.json``) or a merged model folder (``config.json``): the
+  config comes from the run folder around it, or is composed from ``--backbone`` and ``--task``.
+
+``--task`` and ``--data-dir`` override the run's task and GLUE folder (e.g. the same adapter on
+a local copy of GLUE).
+
+:func:`export_merged` folds an adapter into its base weights and writes a plain ``transformers``
+model (``save_pretrained`` layout), loadable without peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from peft import PeftModel
+from torch import nn
+
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+
+
+def export_merged(peft_model: PeftModel, folder: str | Path, tokenizer=None) -> Path:
+    """Writes the model with its adapter merged into the base weights (``save_pretrained``).
+
+    The trained ``peft_model`` is left as it is (a copy is merged). Works for LoRA adapters
+    (DiffoRA's kept modules, LoRA, random masks) and AdaLoRA (pruned singular values are zero,
+    so they merge as nothing). The head (``modules_to_save``) is the trained one.
+
+    Args:
+        peft_model: A peft model (``PeftModel``).
+        folder: Output folder; created if missing.
+        tokenizer: Saved alongside when given, so the folder is self-contained.
+
+    Returns:
+        The folder; load it with ``AutoModelForSequenceClassification.from_pretrained(folder)``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@dataclass
+class Source:
+    """Where a model to score comes from, and the run config that describes it."""
+
+    cfg: DictConfig
+    adapter: Path | None = None
+    merged: Path | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.adapter is not None:
+            return "adapter"
+        if self.merged is not None:
+            return "merged"
+        return "checkpoint"
+
+
+def _run_config(run_dir: Path) -> DictConfig | None:
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if hydra_cfg.is_file():
+        return OmegaConf.load(hydra_cfg)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        config = saved.get("hyper_parameters", {}).get("config")
+        if config:
+            return OmegaConf.create(config)
+    return None
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from diffora_lab.__main__ import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def locate(path: str | Path, backbone: str | None = None, task: str | None = None) -> Source:
+    """Finds the model and the run config for PATH (see the module docstring).
+
+    Raises:
+        ValueError: PATH is none of the accepted folders, or no config can be found for it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder: pass a run folder or an adapter folder.")
+    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        model_dir, run_dir = path, path.parent
+    else:
+        model_dir, run_dir = None, path
+    cfg = _run_config(run_dir)
+    if cfg is None:
+        if model_dir is None:
+            raise ValueError(
+                f"{path}: no .hydra/config.yaml, checkpoints/last.ckpt, adapter_config.json or "
+                "config.json; pass a run folder (or its adapter/ folder)."
+            )
+        if backbone is None or task is None:
+            raise ValueError(
+                f"{path} is not inside a run folder, so its backbone and task are unknown: "
+                "pass --backbone NAME and --task NAME (conf/backbone/, conf/task/)."
+            )
+        cfg = _compose([f"backbone={backbone}", f"task={task}", "logger=none"])
+    if model_dir is not None:
+        if (model_dir / "adapter_config.json").is_file():
+            return Source(cfg, adapter=model_dir)
+        return Source(cfg, merged=model_dir)
+    if (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        return Source(cfg, adapter=run_dir / ADAPTER_DIR)
+    if (run_dir / MERGED_DIR / "config.json").is_file():
+        return Source(cfg, merged=run_dir / MERGED_DIR)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        return Source(cfg, checkpoint=ckpt)
+    raise ValueError(f"{path}: the run has no adapter/, merged/ or checkpoints/last.ckpt.")
+
+
+def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> DictConfig:
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        if task is not None and task != cfg.task.name:
+            cfg.task = _compose([f"task={task}", "logger=none"]).task
+        if data_dir is not None:
+            cfg.task.data_dir = str(data_dir)
+        # Resuming and mask files matter for training only; their paths may be stale here.
+        cfg.ckpt_path = None
+        cfg.dam.mask_path = None
+    return cfg
+
+
+def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int) -> nn.Module:
+    """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights."""
+    from diffora_lab import backbones
+
+    if source.merged is not None:
+        import transformers
+
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(source.merged), dtype=torch.float32
+        )
+    backbone = backbones.load_backbone(cfg.backbone, num_labels, vocab_size=vocab_size)
+    if source.adapter is not None:
+        return PeftModel.from_pretrained(backbone, str(source.adapter))
+    if cfg.method.name not in ("full", "bitfit"):
+        raise ValueError(
+            f"{source.checkpoint}: a {cfg.method.name} run is scored from its adapter/ folder "
+            "(written at the end of training), which this run lacks."
+        )
+    state = torch.load(source.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    backbone.load_state_dict(weights)
+    return backbone
+
+
+def evaluate(
+    path: str | Path,
+    task: str | None = None,
+    data_dir: str | None = None,
+    backbone: str | None = None,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Dev metrics of the model at PATH, keyed as in training (``val/accuracy``, ...).
+
+    Args:
+        path: A run folder, an adapter folder or a merged model folder.
+        task: Score on this task instead of the run's.
+        data_dir: GLUE folder (original TSV layout) instead of the run's ``task.data_dir``.
+        backbone: Backbone name, for a folder outside any run.
+        batch_size: Dev batch size (default: the run's ``train.eval_batch_size``, which is what
+            reproduces ``results.json`` bit for bit).
+    """
+    from diffora_lab.config import optim_settings, search_settings
+    from diffora_lab.data import GlueDataModule
+    from diffora_lab.module import DiffoRAModule
+    from diffora_lab.tasks import RawSplits, load_raw
+    from diffora_lab.train import build_trainer, prepare
+
+    source = locate(path, backbone=backbone, task=task)
+    cfg = _with_overrides(source.cfg, task, data_dir)
+    prepared = prepare(cfg)
+    spec = prepared.spec
+    model = load_model(source, cfg, spec.num_labels, len(prepared.tokenizer))
+    raw = load_raw(
+        spec,
+        cfg.task.get("data_dir") or None,
+        seed=int(cfg.seed),
+        synthetic=OmegaConf.to_container(cfg.task.get("synthetic") or {}),
+    )
+    # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
+    # (no tokenization of e.g. MNLI's 393k train pairs).
+    first_dev = next(iter(raw.dev.values()))
+    datamodule = GlueDataModule(
+        spec,
+        RawSplits(train=first_dev, dev=raw.dev),
+        prepared.tokenizer,
+        max_length=int(cfg.task.max_length),
+        batch_size=int(cfg.train.batch_size),
+        eval_batch_size=int(batch_size or cfg.train.eval_batch_size),
+        seed=int(cfg.seed),
+        search_split=0.0,
+        cache_dir=cfg.data.cache_dir,
+        num_workers=int(cfg.data.num_workers),
+    )
+    module = DiffoRAModule(
+        model,
+        spec,
+        [],
+        optim_settings(cfg),
+        replace(search_settings(cfg), enabled=False, steps=0),
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = build_trainer(cfg, Path(scratch), logger=False, callbacks=[])
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    return dict(module.last_val)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffora_lab.evaluate PATH [--task T] [--data-dir D] ...``"""
+    parser = argparse.ArgumentParser(
+        prog="python -m diffora_lab.evaluate",
+        description="Score a run folder, an adapter folder or a merged model on a dev set.",
+    )
+    parser.add_argument("path", help="run folder, adapter folder or merged model folder")
+    parser.add_argument("--task", help="task name (conf/task/); default: the run's")
+    parser.add_argument("--data-dir", help="GLUE folder in the original TSV layout")
+    parser.add_argument("--backbone", help="backbone name (conf/backbone/) outside a run folder")
+    parser.add_argument("--batch-size", type=int, help="dev batch size; default: the run's")
+    parser.add_argument("--json", help="also write the metrics to this JSON file")
+    args = parser.parse_args(argv)
+
+    from diffora_lab.__main__ import quiet_libraries
+    from diffora_lab.train import ConfigError
+
+    quiet_libraries()
+    try:
+        metrics = evaluate(
+            args.path,
+            task=args.task,
+            data_dir=args.data_dir,
+            backbone=args.backbone,
+            batch_size=args.batch_size,
+        )
+    except (ConfigError, ValueError) as error:
+        print(f"diffora_lab.evaluate: error: {error}", file=sys.stderr)
+        return 2
+    for key, value in metrics.items():
+        print(f"{key} {value:.6f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
