@@ -54,6 +54,7 @@ class SearchSettings:
     tau_start: float
     tau_end: float
     relaxation: str
+    order: str
     budget: float
     fold_gates: bool
     weight_sharing: bool
@@ -170,6 +171,7 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         tau_start=float(cfg.dam.tau),
         tau_end=float(cfg.dam.tau_end),
         relaxation=str(cfg.dam.relaxation),
+        order=str(cfg.dam.order),
         budget=float(cfg.budget),
         fold_gates=bool(cfg.dam.fold_gates),
         weight_sharing=bool(cfg.dam.weight_sharing),

@@ -184,7 +184,7 @@ class DiffoRAModule(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         logs = {"train/loss": loss.detach(), "train/lr": self.optim.lr_at(self.step)}
         if self.searching and self.step >= self.search.warmup_steps:
-            logs.update(self._architecture_step())
+            logs.update(self._architecture_step(batch))
         self.step += 1
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
         return loss.detach()
@@ -195,18 +195,13 @@ class DiffoRAModule(pl.LightningModule):
         if allocate is not None:
             allocate(self.step)
 
-    def _architecture_step(self) -> dict[str, Any]:
-        """One first-order architecture step on a search batch: only the gate logits move."""
+    def _architecture_step(self, train_batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One architecture step on a search batch: only the gate logits move."""
         batch = self._next_search_batch()
-        loss = self(batch, gate_grad=True).loss
-        self._check_finite(loss, "architecture")
-        if self.trainer.world_size > 1:
-            # DDP's reducer expects every used parameter to receive a gradient; a backward
-            # restricted to the gate logits would leave it waiting. The adapters' gradients
-            # computed here are discarded before the next weight step.
-            self.manual_backward(loss)
+        if self.search.order == "second":
+            loss = self._second_order_gate_grad(train_batch, batch)
         else:
-            self.manual_backward(loss, inputs=[self.dam.logits])
+            loss = self._first_order_gate_grad(batch)
         self.arch_optimizer.step()
         self.arch_optimizer.zero_grad(set_to_none=True)
         self.optimizers().zero_grad(set_to_none=True)
@@ -217,6 +212,59 @@ class DiffoRAModule(pl.LightningModule):
             "dam/entropy": gate_entropy(gates),
             "dam/mean": float(gates.mean()),
         }
+
+    def _first_order_gate_grad(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """DARTS-1st: the gradient of the search loss at the current weights."""
+        loss = self(batch, gate_grad=True).loss
+        self._check_finite(loss, "architecture")
+        if self.trainer.world_size > 1:
+            # DDP's reducer expects every used parameter to receive a gradient; a backward
+            # restricted to the gate logits would leave it waiting. The adapters' gradients
+            # computed here are discarded before the next weight step.
+            self.manual_backward(loss)
+        else:
+            self.manual_backward(loss, inputs=[self.dam.logits])
+        return loss
+
+    def _second_order_gate_grad(
+        self, train_batch: dict[str, torch.Tensor], search_batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """DARTS-2nd: the search-loss gradient after one virtual weight step.
+
+        grad = d/dtheta L_search(w', theta) - xi * (d/dtheta L_train(w+) - d/dtheta L_train(w-))
+        / (2 eps), with w' = w - xi grad_w L_train(w), w+- = w +- eps grad_w' L_search(w') and
+        xi the current weight learning rate (finite-difference Hessian-vector product).
+        """
+        theta = self.dam.logits
+        weights = [p for _, p in self.weight_parameters()]
+        saved = [w.detach().clone() for w in weights]
+        xi = self.optim.lr_at(self.step)
+
+        def shift(direction: list[torch.Tensor], scale: float) -> None:
+            with torch.no_grad():
+                for w, w0, d in zip(weights, saved, direction):
+                    w.copy_(w0 + scale * d)
+
+        train_loss = self(train_batch, gate_grad=True).loss
+        train_grads = torch.autograd.grad(train_loss, weights, allow_unused=True)
+        train_grads = [
+            torch.zeros_like(w) if g is None else g for w, g in zip(weights, train_grads)
+        ]
+        shift(train_grads, -xi)  # the virtual step w'
+        loss = self(search_batch, gate_grad=True).loss
+        self._check_finite(loss, "architecture")
+        grads = torch.autograd.grad(loss, [theta, *weights], allow_unused=True)
+        theta_grad = grads[0]
+        search_grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads[1:])]
+        eps = 0.01 / (torch.sqrt(sum((g * g).sum() for g in search_grads)) + 1e-12)
+        curvature = []
+        for sign in (1.0, -1.0):
+            shift(search_grads, sign * float(eps))
+            loss_shifted = self(train_batch, gate_grad=True).loss
+            curvature.append(torch.autograd.grad(loss_shifted, theta)[0])
+        shift(search_grads, 0.0)  # restore w
+        theta.grad = theta_grad - xi * (curvature[0] - curvature[1]) / (2 * float(eps))
+        return loss
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
         if not torch.isfinite(loss):

@@ -73,6 +73,11 @@ def _check_trainer_args(cfg: DictConfig) -> None:
             raise ValueError(
                 f"trainer.{key}: manual optimization cannot honour it; use {ours} instead."
             )
+    if cfg.dam.order == "second" and int(cfg.trainer.get("devices") or 1) > 1:
+        raise ValueError(
+            "dam.order=second: the unrolled architecture step runs on one device only; "
+            "use dam.order=first with trainer.devices>1."
+        )
     if str(cfg.trainer.get("precision")) in ("16", "16-mixed"):
         raise ValueError(
             "trainer.precision=16-mixed: fp16 loss scaling is not supported with DiffoRA's two "
