@@ -21,9 +21,10 @@ import diffora_lab.__main__ as cli  # noqa: E402
 from diffora_lab.train import run  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "dam_analysis.ipynb"
-# Half the smoke experiment's steps: still a searched DAM, gate records and a mask (a second
+# 12 of the smoke experiment's 40 steps: still a searched DAM, gate records and a mask (a second
 # budget would double the time on a busy 2-core machine; tests/test_report.py covers grouping).
 BUDGETS = ("0.5",)
+SHORT = ("train.max_steps=12", "dam.log_every=2", "logger=none")
 
 
 def smoke_config(tmp: Path, *overrides: str):
@@ -42,7 +43,7 @@ def runs_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("notebook")
     cli.quiet_libraries()
     for job, budget in enumerate(BUDGETS):
-        cfg = smoke_config(root, f"budget={budget}", "train.max_steps=20", "logger=none")
+        cfg = smoke_config(root, f"budget={budget}", *SHORT)
         run(cfg, root / "multirun" / str(job))
     GlobalHydra.instance().clear()
     return root / "multirun"

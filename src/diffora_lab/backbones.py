@@ -112,7 +112,7 @@ def resolve_source(cfg: Any) -> str:
 
     Raises:
         ValueError: No source configured, or a local path that does not exist.
-        RuntimeError: A hub id while the hub is unreachable and nothing is cached.
+        ValueError: A hub id while the hub is unreachable and nothing is cached.
     """
     if cfg.get("path"):
         path = Path(os.path.expanduser(str(cfg.path)))
@@ -126,7 +126,7 @@ def resolve_source(cfg: Any) -> str:
         return str(package_folder(cfg.package))
     if cfg.get("hub_id"):
         if not _hub_cached(cfg.hub_id) and not _hub_reachable():
-            raise RuntimeError(
+            raise ValueError(
                 f"backbone {cfg.name!r} loads {cfg.hub_id!r} from the Hugging Face Hub, which "
                 "cannot be reached from here and has no cached copy. Download it where the hub "
                 "is reachable (huggingface-cli download " + cfg.hub_id + " --local-dir DIR) and "

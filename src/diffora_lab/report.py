@@ -32,9 +32,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS_FILE = "results.json"
 GROUP_KEYS = ("task", "method", "budget", "rank")
 REQUIRED_KEYS = ("task", "method", "budget", "rank", "seed", "primary_metric", "metrics")
-# Methods that ignore `budget` (every candidate module, or none, is adapted): on the budget curve a
-# single point of theirs is drawn as a horizontal reference line rather than a lone marker.
-BUDGET_FREE_METHODS = ("lora", "full", "bitfit")
+# Methods that ignore `budget` (every candidate adapted, or none; AdaLoRA budgets ranks, not
+# modules): on the budget curve a single point of theirs is drawn as a horizontal reference line.
+BUDGET_FREE_METHODS = ("lora", "full", "bitfit", "adalora")
 CSV_COLUMNS = (
     "task",
     "method",

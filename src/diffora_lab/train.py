@@ -231,7 +231,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         spec,
         cfg.task.get("data_dir") or None,
         seed=int(cfg.seed),
-        synthetic=OmegaConf.to_container(cfg.task.get("synthetic") or {}),
+        synthetic=(
+            OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
+        ),
     )
     backbone = backbones.load_backbone(
         cfg.backbone, spec.num_labels, vocab_size=len(prepared.tokenizer)
