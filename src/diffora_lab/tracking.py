@@ -64,21 +64,46 @@ def build_logger(cfg: DictConfig, output_dir: Path, resume_id: str | None = None
         raise ValueError(f"logger={name!r}: choose wandb, csv or none.")
     from lightning.pytorch.loggers import WandbLogger
 
-    mode = wandb_mode(cfg.logger.get("mode"))
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(
-        project=cfg.logger.project,
-        entity=cfg.logger.get("entity"),
-        group=cfg.logger.get("group"),
-        name=run_name(cfg),
-        tags=list(cfg.logger.get("tags") or []),
-        save_dir=str(output_dir),
-        mode=mode,
-        id=resume_id,
-        resume="allow" if resume_id else None,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        settings=_wandb_settings(),
-    )
+
+    def make(mode: str) -> WandbLogger:
+        return WandbLogger(
+            project=cfg.logger.project,
+            entity=cfg.logger.get("entity"),
+            group=run_group(cfg),
+            name=run_name(cfg),
+            tags=list(cfg.logger.get("tags") or []),
+            save_dir=str(output_dir),
+            mode=mode,
+            id=resume_id,
+            resume="allow" if resume_id else None,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            settings=_wandb_settings(),
+        )
+
+    mode = wandb_mode(cfg.logger.get("mode"))
+    logger = make(mode)
+    try:
+        logger.experiment  # noqa: B018 - starts the run now, not in the middle of training
+    except Exception as error:  # an unreachable server must never stop training
+        if mode != "online":
+            raise
+        log.warning("W&B: could not reach the server (%s); logging offline instead.", error)
+        logger = make("offline")
+    return logger
+
+
+def run_group(cfg: DictConfig) -> str:
+    """``logger.group``, else the sweep folder of a multirun, else ``task-backbone``."""
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+            return "sweep-" + Path(str(hydra_cfg.sweep.dir)).name
+    return f"{cfg.task.name}-{cfg.backbone.name}"
 
 
 def _wandb_settings():

@@ -386,6 +386,8 @@ def _summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
         {
             "params/trainable": results["params_trainable"],
             "dam/k": results["k"],
+            "dam/sparsity": 1 - results["k"] / max(1, results["candidate_modules"]),
+            "dam/kept_modules": results["kept_modules"],
             "dam/kept_by_type": results["kept_by_type"],
             "dam/val_before": results["discretization"]["val_before"],
             "dam/val_after": results["discretization"]["val_after"],
