@@ -48,6 +48,9 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as error:
         print(f"diffora_lab: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as error:  # a diverged run: the message names step and phase
+        print(f"diffora_lab: error: {error}", file=sys.stderr)
+        sys.exit(3)
     if "metrics" not in results:  # stopped early (train.stop_after or a signal): resumable
         return float("nan")
     return float(results["metrics"][results["primary_metric"]])

@@ -28,6 +28,7 @@ from diffora_lab.adapters import export_adapter
 from diffora_lab.backbones import Candidate
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, StopAfter
 from diffora_lab.config import ADAPTER_METHODS, optim_settings, search_settings, validate
+from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import GlueDataModule
 from diffora_lab.module import DiffoRAModule
 from diffora_lab.tasks import TaskSpec, get_task, load_raw
@@ -116,9 +117,10 @@ def prepare(cfg: DictConfig) -> Prepared:
         tokenizer = backbones.load_tokenizer(cfg.backbone)
         candidates = _meta_candidates(cfg, spec, len(tokenizer))
         if cfg.method.name in ("random_mask", "diffora"):
-            from diffora_lab.dam import num_kept
-
             num_kept(float(cfg.budget), len(candidates))
+        if cfg.dam.get("mask_path"):
+            mask = Mask.load(cfg.dam.mask_path)
+            methods.check_mask_fits(mask, candidates, cfg.backbone.name, str(cfg.dam.mask_path))
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return Prepared(spec, tokenizer, candidates)
