@@ -52,6 +52,8 @@ def main(cfg: DictConfig) -> float:
         print(f"diffora_lab: error: {error}", file=sys.stderr)
         sys.exit(3)
     if "metrics" not in results:  # stopped early (train.stop_after or a signal): resumable
+        if results.get("signal"):
+            sys.exit(128 + int(results["signal"]))  # the shell convention for "killed by"
         return float("nan")
     return float(results["metrics"][results["primary_metric"]])
 

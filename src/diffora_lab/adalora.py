@@ -120,7 +120,8 @@ def attach_adalora(cfg: DictConfig, backbone: nn.Module, candidates: list[Candid
     """Wraps ``backbone`` with AdaLoRA on every candidate module (the head trains and is saved).
 
     Args:
-        cfg: The run config (``rank``, ``train.max_steps``, ``method.*``, ``backbone.head_modules``).
+        cfg: The run config (``rank``, ``train.max_steps``, ``method.*``,
+            ``backbone.head_modules``).
         backbone: A freshly loaded backbone.
         candidates: The candidate modules (full paths).
 

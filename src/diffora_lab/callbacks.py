@@ -138,6 +138,7 @@ class Preemption(pl.Callback):
     def __init__(self, checkpoint: str | Path) -> None:
         self.checkpoint = Path(checkpoint)
         self.signalled = False
+        self.stopped_by: int | None = None  # the signal that stopped the run, if any
 
     def on_fit_start(self, trainer, module) -> None:
         import os
@@ -151,6 +152,9 @@ class Preemption(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.signalled or trainer.received_sigterm:
+            import signal
+
+            self.stopped_by = int(signal.SIGUSR1 if self.signalled else signal.SIGTERM)
             trainer.save_checkpoint(str(self.checkpoint))
             trainer.should_stop = True
             log.warning("signal received: saved %s at step %d", self.checkpoint, module.step)

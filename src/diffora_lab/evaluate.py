@@ -26,6 +26,7 @@ import copy
 import json
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,15 +40,16 @@ ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 
 
-def export_merged(peft_model: PeftModel, folder: str | Path, tokenizer=None) -> Path:
+def export_merged(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
     """Writes the model with its adapter merged into the base weights (``save_pretrained``).
 
-    The trained ``peft_model`` is left as it is (a copy is merged). Works for LoRA adapters
-    (DiffoRA's kept modules, LoRA, random masks) and AdaLoRA (pruned singular values are zero,
-    so they merge as nothing). The head (``modules_to_save``) is the trained one.
+    The trained model is left as it is (a copy is merged). Works for LoRA adapters (DiffoRA's
+    kept modules, LoRA, random masks) and AdaLoRA (pruned singular values are zero, so they merge
+    as nothing); the head (``modules_to_save``) is the trained one. A model without adapters
+    (``full``, ``bitfit``) is written as it is.
 
     Args:
-        peft_model: A peft model (``PeftModel``).
+        model: A peft model, or a plain ``transformers`` model.
         folder: Output folder; created if missing.
         tokenizer: Saved alongside when given, so the folder is self-contained.
 
@@ -56,8 +58,8 @@ def export_merged(peft_model: PeftModel, folder: str | Path, tokenizer=None) -> 
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    merged.save_pretrained(str(folder))
+    plain = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
+    plain.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     return folder
@@ -170,7 +172,11 @@ def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int
         )
     backbone = backbones.load_backbone(cfg.backbone, num_labels, vocab_size=vocab_size)
     if source.adapter is not None:
-        return PeftModel.from_pretrained(backbone, str(source.adapter))
+        with warnings.catch_warnings():
+            # peft reads an AdaLoRA rank_pattern (kept singular values) as LoRA's per-module
+            # ranks too, warns that its keys match no module, then resizes correctly anyway.
+            warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")
+            return PeftModel.from_pretrained(backbone, str(source.adapter))
     if cfg.method.name not in ("full", "bitfit"):
         raise ValueError(
             f"{source.checkpoint}: a {cfg.method.name} run is scored from its adapter/ folder "

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffora_lab.adalora import allocator_state, load_allocator_state
 from diffora_lab.adapters import GateHooks, apply_mask, count_parameters
 from diffora_lab.backbones import Candidate
 from diffora_lab.config import OptimSettings, SearchSettings
@@ -85,6 +86,7 @@ class DiffoRAModule(pl.LightningModule):
         self.search_batches_seen = 0
         self.discretization: dict[str, Any] = {}
         self.search_reused = False  # resumed from a shared end-of-search snapshot
+        self._adalora_state: dict | None = None  # AdaLoRA allocator state awaiting restore
         self.ranks_consistent: bool | None = None  # checked at the end of multi-process runs
         self.val_metrics = nn.ModuleList(build_metrics(spec) for _ in spec.dev_splits)
         self.arch_optimizer: torch.optim.Optimizer | None = None
@@ -193,6 +195,9 @@ class DiffoRAModule(pl.LightningModule):
         """AdaLoRA's rank allocation needs the gradients of the step just taken."""
         allocate = getattr(getattr(self.model, "base_model", None), "update_and_allocate", None)
         if allocate is not None:
+            if self._adalora_state is not None:
+                load_allocator_state(self.model, self._adalora_state)
+                self._adalora_state = None
             allocate(self.step)
 
     def _architecture_step(self, train_batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -354,6 +359,7 @@ class DiffoRAModule(pl.LightningModule):
             "arch_optimizer": self.arch_optimizer.state_dict() if self.arch_optimizer else None,
             "mask": None if self.mask is None else vars(self.mask).copy(),
             "discretization": dict(self.discretization),
+            "adalora": allocator_state(self.model),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -371,6 +377,7 @@ class DiffoRAModule(pl.LightningModule):
         self.search_batches_seen = state["search_batches_seen"]
         self.discretization = dict(state["discretization"])
         self._arch_state = state["arch_optimizer"]
+        self._adalora_state = state.get("adalora")  # restored at the first step, on device
         if state["phase"] == FINETUNE and self.phase == SEARCH:
             mask = Mask(**state["mask"])
             # Restore the structure only: the state dict that follows holds the folded weights.

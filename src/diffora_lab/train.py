@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +22,23 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffora_lab import backbones, methods, tracking
 from diffora_lab.adapters import export_adapter
 from diffora_lab.backbones import Candidate
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, StopAfter
-from diffora_lab.config import ADAPTER_METHODS, optim_settings, search_settings, validate
+from diffora_lab.config import (
+    ADAPTER_METHODS,
+    PEFT_METHODS,
+    optim_settings,
+    search_settings,
+    validate,
+)
 from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import GlueDataModule
+from diffora_lab.matching import achieved, resolve_rank, target_rank_of
 from diffora_lab.module import DiffoRAModule
 from diffora_lab.tasks import TaskSpec, get_task, load_raw
 
@@ -116,6 +125,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         spec = get_task(cfg.task.name)
         tokenizer = backbones.load_tokenizer(cfg.backbone)
         candidates = _meta_candidates(cfg, spec, len(tokenizer))
+        with open_dict(cfg):
+            cfg.rank = resolve_rank(cfg, candidates)  # match=lora_rN (matching.py)
         if cfg.method.name in ("random_mask", "diffora"):
             num_kept(float(cfg.budget), len(candidates))
         if cfg.dam.get("mask_path"):
@@ -302,6 +313,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         if run_id:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             run_id_file.write_text(run_id)
+        preemption = Preemption(ckpt_dir / "last.ckpt")
         callbacks: list[pl.Callback] = [
             ModelCheckpoint(
                 dirpath=str(ckpt_dir),
@@ -309,7 +321,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 save_top_k=0,
                 every_n_train_steps=int(cfg.train.ckpt_every),
             ),
-            Preemption(ckpt_dir / "last.ckpt"),
+            preemption,
         ]
         if cfg.train.get("stop_after"):
             callbacks.append(StopAfter(int(cfg.train.stop_after)))
@@ -319,22 +331,35 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 DAMMonitor(output_dir, int(cfg.dam.log_every)),
             ]
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:  # Lightning's exit after SIGTERM; Preemption saved first
+            preemption.stopped_by = preemption.stopped_by or int(signal.SIGTERM)
+        else:
+            trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
         if module.step < optim.max_steps:
             failed = False
             print(
                 f"diffora_lab: stopped at step {module.step} of {optim.max_steps}; "
                 f"continue with ckpt_path=last hydra.run.dir={output_dir}"
             )
-            return {"stopped_at": module.step, "output_dir": str(output_dir)}
+            return {
+                "stopped_at": module.step,
+                "signal": preemption.stopped_by,
+                "output_dir": str(output_dir),
+            }
         trainer.validate(module, datamodule=datamodule, verbose=False)
         results = _results(cfg, module, candidates, started, output_dir)
         results["search"] = search_info
         if trainer.is_global_zero:
-            if cfg.method.name in ADAPTER_METHODS:
+            if cfg.method.name in PEFT_METHODS:
                 export_adapter(module.model, output_dir / "adapter")
                 results["adapter"] = str(output_dir / "adapter")
+            if cfg.get("export") is not None and cfg.export.get("merged"):
+                from diffora_lab.evaluate import export_merged
+
+                export_merged(module.model, output_dir / "merged", prepared.tokenizer)
+                results["merged"] = str(output_dir / "merged")
             (output_dir / "results.json").write_text(json.dumps(results, indent=2))
             tracking.write_summary(logger, _summary_for_logger(results))
             print(summary_text(results, output_dir))
@@ -354,7 +379,7 @@ def _results(
     params = module.trainable_parameters()
     mask = module.mask
     spec = module.spec
-    return {
+    results = {
         "task": spec.name,
         "method": cfg.method.name,
         "backbone": cfg.backbone.name,
@@ -380,6 +405,14 @@ def _results(
         "wall_seconds": round(time.time() - started, 2),
         "output_dir": str(output_dir),
     }
+    target_rank = target_rank_of(cfg)
+    if target_rank is not None and mask is not None:
+        results["match"] = achieved(mask.kept, candidates, int(cfg.rank), target_rank).as_dict()
+    if cfg.method.name == "adalora":
+        from diffora_lab.adalora import rank_summary
+
+        results["adalora"] = rank_summary(module.model, candidates)
+    return results
 
 
 def _summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
