@@ -1,0 +1,113 @@
+"""Tracking and sweeps: real Hydra multirun with search reuse, a real offline W&B run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffora_lab.train import run, search_key
+
+
+def cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "diffora_lab", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def sweep_results(sweep: Path) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    return sorted(rows, key=lambda r: r["budget"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reuse", [True, False])
+def test_budget_multirun_searches_once_when_reuse_is_on(tmp_path, reuse):
+    sweep = tmp_path / "sweep"
+    done = cli(
+        [
+            "-m",
+            "+experiment=smoke",
+            "budget=0.25,0.5,0.75",
+            f"dam.reuse_search={str(reuse).lower()}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = sweep_results(sweep)
+    assert [r["k"] for r in rows] == [3, 6, 9]  # 12 candidates
+    assert len({r["search"]["key"] for r in rows}) == 1
+    reused = [r["search"]["reused"] for r in rows]
+    searches = reused.count(False)
+    assert searches == (1 if reuse else 3)
+    if reuse:
+        # The shared search gives every budget the same gates before discretization.
+        gates = [
+            json.loads((Path(r["output_dir"]) / "dam" / "mask.json").read_text())["gates"]
+            for r in rows
+        ]
+        assert gates[0] == gates[1] == gates[2]
+        # And the same pre-discretization dev metric.
+        assert len({r["discretization"]["val_before"] for r in rows}) == 1
+
+
+def test_search_key_ignores_only_post_search_settings(smoke_cfg):
+    base = search_key(smoke_cfg())
+    assert search_key(smoke_cfg("budget=0.25")) == base
+    assert search_key(smoke_cfg("dam.fold_gates=false")) == base
+    assert search_key(smoke_cfg("train.val_every=7")) == base
+    assert search_key(smoke_cfg("seed=3")) != base
+    assert search_key(smoke_cfg("dam.arch_lr=0.2")) != base
+    assert search_key(smoke_cfg("rank=4")) != base
+    assert search_key(smoke_cfg("train.max_steps=60")) != base
+
+
+def test_mask_path_fine_tunes_a_saved_mask_without_search(smoke_cfg, tmp_path):
+    first = run(smoke_cfg("dam.reuse_search=false"), tmp_path / "first")
+    mask_file = tmp_path / "first" / "dam" / "mask.json"
+    again = run(smoke_cfg(f"dam.mask_path={mask_file}", "budget=0.25"), tmp_path / "again")
+    assert again["kept_modules"] == first["kept_modules"]
+    assert again["discretization"]["val_before"] is None  # no search happened
+    assert not (tmp_path / "again" / "dam" / "heatmaps").exists()
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_has_heatmaps_over_time_and_gates_table(tmp_path):
+    run_dir = tmp_path / "run"
+    done = cli(
+        [
+            "+experiment=smoke",
+            "logger=wandb",
+            "logger.mode=offline",
+            "dam.reuse_search=false",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    media = offline / "files" / "media"
+    heatmaps = list((media / "images" / "dam").glob("heatmap_*.png"))
+    masks = list((media / "images" / "dam").glob("mask_*.png"))
+    tables = list((media / "table" / "dam").glob("gates_table_*.table.json"))
+    # 40 steps, search until 20, a record every 5 steps: steps 0, 5, 10, 15.
+    assert len(heatmaps) >= 2 and len(masks) == 1 and len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["step", "layer", "module_type", "gate"]
+    steps = {row[0] for row in table["data"]}
+    assert len(steps) >= 2
+    assert all(0.0 <= row[3] <= 1.0 for row in table["data"])
+    assert (offline / f"run-{offline.name.split('-')[-1]}.wandb").is_file()
