@@ -140,8 +140,10 @@ def summarize(rows: list[dict]) -> str:
     for task in TASKS:
         group = groups.get((task, "diffora"), [])
         if group:
-            totals = {t: sum(r["kept_by_type"].get(t, 0) for r in group) for t in
-                      ["q", "k", "v", "o", "ffn_in", "ffn_out"]}
+            totals = {
+                t: sum(r["kept_by_type"].get(t, 0) for r in group)
+                for t in ["q", "k", "v", "o", "ffn_in", "ffn_out"]
+            }
             kept.append(f"| {task} | " + " | ".join(str(v) for v in totals.values()) + " |")
     return "\n".join(lines + kept)
 
@@ -150,8 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "glue"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--methods", nargs="+", default=["diffora", "lora", "random_mask"],
-                        choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=["diffora", "lora", "random_mask"], choices=list(METHODS)
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--summarize-only", action="store_true")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
@@ -162,8 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 for method in args.methods:
                     run_one(task, method, seed, args.data_dir, args.overrides)
     rows = [
-        record(json.loads(path.read_text()))
-        for path in sorted(RUNS.glob("*/*/seed*/results.json"))
+        record(json.loads(path.read_text())) for path in sorted(RUNS.glob("*/*/seed*/results.json"))
     ]
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps(rows, indent=2))

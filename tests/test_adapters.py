@@ -328,7 +328,9 @@ def test_apply_mask_rejects_a_mask_of_the_wrong_length(lora):
 # -------------------------------------------------------------------------------------- export
 
 
-def test_exported_adapter_reloads_as_plain_peft_lora(lora, batch, backbone_cfg, vocab_size, tmp_path):
+def test_exported_adapter_reloads_as_plain_peft_lora(
+    lora, batch, backbone_cfg, vocab_size, tmp_path
+):
     peft_model, candidates = lora
     gates = random_gates()
     kept = top_k_mask(gates, 4).flatten().tolist()
@@ -348,6 +350,8 @@ def test_exported_adapter_reloads_as_plain_peft_lora(lora, batch, backbone_cfg, 
     fresh = load_backbone(backbone_cfg, 2, vocab_size=vocab_size)
     loaded = PeftModel.from_pretrained(fresh, str(folder))
     loaded.eval()
-    wrapped = {c.name for c in candidates if isinstance(base_of(loaded).get_submodule(c.name), LoraLayer)}
+    wrapped = {
+        c.name for c in candidates if isinstance(base_of(loaded).get_submodule(c.name), LoraLayer)
+    }
     assert wrapped == kept_names
     torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-5, rtol=0)

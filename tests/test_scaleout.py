@@ -153,7 +153,7 @@ def test_wheel_carries_configs_and_runs_from_elsewhere(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     done = cli(
-        smoke_args(tmp_path, "train.max_steps=6", "hydra.run.dir=out"),
+        smoke_args(tmp_path, "train.max_steps=12", "hydra.run.dir=out"),
         cwd=elsewhere,
         env_extra={"PYTHONPATH": str(tmp_path / "site")},
     )

@@ -85,7 +85,7 @@ def package_folder(spec: str) -> Path:
     return folder
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -125,7 +125,7 @@ def resolve_source(cfg: Any) -> str:
     if cfg.get("package"):
         return str(package_folder(cfg.package))
     if cfg.get("hub_id"):
-        if not _hub_cached(cfg.hub_id) and not _hub_reachable():
+        if not _hub_cached(cfg.hub_id) and not hub_reachable():
             raise ValueError(
                 f"backbone {cfg.name!r} loads {cfg.hub_id!r} from the Hugging Face Hub, which "
                 "cannot be reached from here and has no cached copy. Download it where the hub "

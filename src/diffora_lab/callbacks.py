@@ -178,41 +178,66 @@ class DAMMonitor(pl.Callback):
         return self.output_dir / "dam" / "gates.jsonl"
 
     def on_fit_start(self, trainer, module) -> None:
-        if self.gates_file.is_file():  # resumed run: keep what was recorded before the stop
-            for line in self.gates_file.read_text().splitlines():
-                row = json.loads(line)
-                self.history[row["step"]] = row["gates"]
+        if not self.gates_file.is_file():
+            return
+        # A resumed run keeps what was recorded before the stop; a run that reuses a shared
+        # search receives that search's records and draws their figures here.
+        for line in self.gates_file.read_text().splitlines():
+            row = json.loads(line)
+            self.history[row["step"]] = row["gates"]
+        if trainer.is_global_zero and module.dam is not None:
+            for step, values in sorted(self.history.items()):
+                path = self._heatmap_path(step, masked=False)
+                if not path.is_file():
+                    gates = torch.tensor(values).view(module.dam.shape)
+                    self._draw(trainer, module, step, gates, None)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         # The gates as they were before this step; step 0 records the initial DAM.
         if module.searching and module.step % self.every == 0:
             self.record(trainer, module, module.current_gates().detach(), kept=None)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+    def _record_mask_once(self, trainer, module) -> None:
         mask = module.mask
-        if mask is not None and mask.source == "search" and mask.step == module.step:
-            self.record(trainer, module, torch.tensor(mask.gates).view(mask.shape), mask)
+        if mask is None or mask.source != "search":
+            return
+        if not self._heatmap_path(mask.step, masked=True).is_file():
+            self._draw(trainer, module, mask.step, torch.tensor(mask.gates).view(mask.shape), mask)
+
+    def on_train_start(self, trainer, module) -> None:
+        # Runs after Discretization.on_train_start, which discretizes reused searches.
+        if trainer.is_global_zero:
+            self._record_mask_once(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.is_global_zero and module.mask is not None and module.mask.step == module.step:
+            self._record_mask_once(trainer, module)
+
+    def _heatmap_path(self, step: int, masked: bool) -> Path:
+        name = f"step_{step:06d}" + ("_mask" if masked else "")
+        return self.output_dir / "dam" / "heatmaps" / f"{name}.png"
 
     def record(self, trainer, module, gates: torch.Tensor, kept: Mask | None) -> None:
+        """Adds the gates at the current step to the history, the JSON lines and a heatmap."""
         step = module.step
-        values = gates.float().cpu()
-        if kept is None:
-            self.history[step] = values.flatten().tolist()
+        self.history[step] = gates.float().cpu().flatten().tolist()
         if not trainer.is_global_zero:
             return
         self.gates_file.parent.mkdir(parents=True, exist_ok=True)
-        if kept is None:
-            with self.gates_file.open("a") as handle:
-                handle.write(json.dumps({"step": step, "gates": self.history[step]}) + "\n")
+        with self.gates_file.open("a") as handle:
+            handle.write(json.dumps({"step": step, "gates": self.history[step]}) + "\n")
+        self._draw(trainer, module, step, gates, kept)
+
+    def _draw(self, trainer, module, step: int, gates: torch.Tensor, kept: Mask | None) -> None:
+        values = gates.float().cpu()
         title = f"DAM step {step}" + (f" (kept {kept.k}, budget {kept.budget})" if kept else "")
-        name = f"step_{step:06d}" + ("_mask" if kept else "")
         figure = plotting.dam_heatmap(
             values.numpy(),
             module.dam.module_types,
             title,
             kept=None if kept is None else kept.as_tensor().numpy(),
         )
-        path = plotting.save(figure, self.output_dir / "dam" / "heatmaps" / f"{name}.png")
+        path = plotting.save(figure, self._heatmap_path(step, masked=kept is not None))
         run = _wandb_run(trainer)
         if run is not None:
             import wandb

@@ -100,7 +100,9 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
         _fail("train.max_steps", max_steps, "must be >= 1.")
     if _number(cfg, "train.accumulate", int) < 1:
         _fail("train.accumulate", cfg.train.accumulate, "must be >= 1.")
-    if cfg.method.get("search", False):
+    if _number(cfg, "train.lr", float) <= 0:
+        _fail("train.lr", cfg.train.lr, "the learning rate must be > 0.")
+    if cfg.method.get("search", False) and not cfg.dam.get("mask_path"):
         ratio = _number(cfg, "dam.search_ratio", float)
         if not 0.0 < ratio < 1.0:
             _fail("dam.search_ratio", ratio, "the share of steps spent searching: (0, 1).")
@@ -113,6 +115,26 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             _fail("dam.relaxation", cfg.dam.relaxation, "choose sigmoid or softmax_row.")
         if cfg.dam.order not in ("first", "second"):
             _fail("dam.order", cfg.dam.order, "choose first (DARTS-1st) or second.")
+        if _number(cfg, "dam.arch_lr", float) <= 0:
+            _fail("dam.arch_lr", cfg.dam.arch_lr, "the gate learning rate must be > 0.")
+        if cfg.dam.get("search_steps") is not None:
+            _number(cfg, "dam.search_steps", int)
+        steps = search_settings(cfg).steps
+        if not 1 <= steps < max_steps:
+            _fail(
+                "dam.search_steps",
+                steps,
+                f"the search must end before train.max_steps={max_steps} (and last >= 1 step); "
+                "lower dam.search_steps / dam.search_ratio or raise train.max_steps.",
+            )
+        warmup = _number(cfg, "dam.warmup_steps", int)
+        if not 0 <= warmup < steps:
+            _fail(
+                "dam.warmup_steps",
+                warmup,
+                f"weight-only steps must leave architecture steps in the {steps}-step search; "
+                "use 0 <= dam.warmup_steps < the search length.",
+            )
     # --- baselines/export: parameter matching (matching.py) and AdaLoRA (adalora.py) --------
     match = cfg.get("match")
     if match is not None and match.get("target_rank") is not None:

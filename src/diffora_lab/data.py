@@ -111,6 +111,51 @@ class ResumableBatchSampler(Sampler[list[int]]):
             epoch, offset = epoch + 1, 0
 
 
+class TrainBatchSampler(Sampler[list[int]]):
+    """Train batches: from ``first`` until batch ``switch_at``, from ``second`` afterwards.
+
+    ``first`` is train minus the search split; ``second`` (used with
+    ``dam.merge_search_split``) is the whole train set. The switch is fixed by the batch index,
+    not by when discretization happens to run, so prefetching loaders and resumed runs see the
+    same batches as an uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        first: list[int],
+        second: list[int] | None,
+        switch_at: int | None,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.first, self.second, self.switch_at = first, second, switch_at
+        self.args = (batch_size, seed, rank, world_size)
+        self.start = start
+
+    def _batches(self, pool: list[int], seed: int, start: int) -> Iterator[list[int]]:
+        batch_size, _, rank, world = self.args
+        sampler = ResumableBatchSampler(len(pool), batch_size, seed, start, rank, world)
+        for batch in sampler:
+            yield [pool[i] for i in batch]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        seed = self.args[1]
+        if self.switch_at is None or self.second is None:
+            yield from self._batches(self.first, seed, self.start)
+            return
+        position = self.start
+        if position < self.switch_at:
+            for batch in self._batches(self.first, seed, position):
+                yield batch
+                position += 1
+                if position >= self.switch_at:
+                    break
+        yield from self._batches(self.second, seed + 7, position - self.switch_at)
+
+
 def carve_search_split(n_train: int, fraction: float, seed: int) -> list[int]:
     """Seeded indices of the train examples that form the search split (sorted)."""
     if not 0.0 < fraction < 1.0:
@@ -191,6 +236,8 @@ class GlueDataModule(pl.LightningDataModule):
         search_split: Fraction of train carved out for architecture steps; 0 for no search.
         cache_dir: Folder of the tokenization cache (None disables it).
         num_workers: DataLoader workers.
+        merge_at: Train batch from which the search split joins the train set
+            (``dam.merge_search_split``), or None.
     """
 
     def __init__(
@@ -205,6 +252,7 @@ class GlueDataModule(pl.LightningDataModule):
         search_split: float = 0.0,
         cache_dir: str | Path | None = None,
         num_workers: int = 0,
+        merge_at: int | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -219,29 +267,23 @@ class GlueDataModule(pl.LightningDataModule):
             name: tokenize(examples, tokenizer, max_length, cache_dir)
             for name, examples in raw.dev.items()
         }
+        self.train = train
+        self.merge_at = merge_at if search_split > 0 else None
         if search_split > 0:
             self.search_indices = carve_search_split(len(train), search_split, seed)
             chosen = set(self.search_indices)
-            self.train = train.subset([i for i in range(len(train)) if i not in chosen])
+            self.train_indices = [i for i in range(len(train)) if i not in chosen]
             self.search = train.subset(self.search_indices)
         else:
             self.search_indices = []
-            self.train, self.search = train, None
-        self.full_train = train
+            self.train_indices = list(range(len(train)))
+            self.search = None
 
     @property
     def dev_names(self) -> list[str]:
         return list(self.dev)
 
-    def merge_search_split(self) -> None:
-        """Trains on the whole train set from now on (METHOD.md, Phase 3 option)."""
-        self.train = self.full_train
-        self.search = None
-
-    def _loader(self, split: TokenizedSplit, seed: int, start: int) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        sampler = ResumableBatchSampler(len(split), self.batch_size, seed, start, rank, world)
+    def _loader(self, split: TokenizedSplit, sampler: Sampler, seed: int) -> DataLoader:
         return DataLoader(
             split,
             batch_sampler=sampler,
@@ -251,13 +293,31 @@ class GlueDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, self.seed, self.train_start)
+        everything = list(range(len(self.train)))
+        sampler = TrainBatchSampler(
+            self.train_indices,
+            everything if self.merge_at is not None else None,
+            self.merge_at,
+            self.batch_size,
+            self.seed,
+            self.train_start,
+            *self._rank(),
+        )
+        return self._loader(self.train, sampler, self.seed)
 
     def search_dataloader(self, start: int = 0) -> DataLoader:
         if self.search is None:
-            raise RuntimeError("this run has no search split (dam.search_split=0 or merged)")
-        return self._loader(self.search, self.seed + 1, start)
+            raise RuntimeError("this run has no search split (dam.search_split=0)")
+        seed = self.seed + 1
+        sampler = ResumableBatchSampler(
+            len(self.search), self.batch_size, seed, start, *self._rank()
+        )
+        return self._loader(self.search, sampler, seed)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [

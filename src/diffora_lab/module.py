@@ -344,8 +344,6 @@ class DiffoRAModule(pl.LightningModule):
         self.phase = FINETUNE
         self.arch_optimizer = None
         self._search_iter = None
-        if self.search.merge_search_split:
-            self.trainer.datamodule.merge_search_split()
         self.trainer.strategy.optimizers = [self.configure_optimizers()]
 
     # ------------------------------------------------------------ checkpoints
@@ -387,8 +385,6 @@ class DiffoRAModule(pl.LightningModule):
             self.dam.logits.requires_grad_(False)
             self.mask = mask
             self.phase = FINETUNE
-            if self.search.merge_search_split:
-                self.trainer.datamodule.merge_search_split()
         datamodule = self.trainer.datamodule
         datamodule.train_start = self.batches_seen
         rng = state["rng"]

@@ -582,6 +582,31 @@ def read_glue_tsv(spec: TaskSpec, data_dir: str | Path, split: str) -> Examples:
 # Hugging Face hub
 
 
+def check_hub_dataset(spec: TaskSpec) -> None:
+    """Pre-flight check for hub data: cached locally, or the hub answers within seconds.
+
+    Raises:
+        ValueError: Neither, with the fix (``task.data_dir``).
+    """
+    import datasets
+    from huggingface_hub import constants
+
+    from diffora_lab.backbones import hub_reachable
+
+    cached = [
+        Path(datasets.config.HF_DATASETS_CACHE) / "nyu-mll___glue" / spec.name,
+        Path(constants.HF_HUB_CACHE) / "datasets--nyu-mll--glue",
+    ]
+    if any(path.exists() for path in cached) or hub_reachable():
+        return
+    raise ValueError(
+        f"task.data_dir is not set, so task {spec.name!r} would load nyu-mll/glue from the "
+        "Hugging Face Hub, which cannot be reached from here and has no cached copy. Pass "
+        f"task.data_dir=/path/to/glue (a folder in the original GLUE TSV layout, with "
+        f"{spec.glue_dir}/train.tsv and the dev files)."
+    )
+
+
 def load_hub(spec: TaskSpec, *, cache_dir: str | Path | None = None) -> RawSplits:
     """Load a GLUE task from the hub dataset ``nyu-mll/glue``.
 

@@ -40,7 +40,7 @@ from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import GlueDataModule
 from diffora_lab.matching import achieved, resolve_rank, target_rank_of
 from diffora_lab.module import DiffoRAModule
-from diffora_lab.tasks import TaskSpec, get_task, load_raw
+from diffora_lab.tasks import TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         if cfg.backbone.get("name") is None:
             raise ValueError("backbone: no backbone selected; pass backbone=<name>.")
         spec = get_task(cfg.task.name)
+        if spec.name != "synthetic" and not cfg.task.get("data_dir"):
+            check_hub_dataset(spec)
         tokenizer = backbones.load_tokenizer(cfg.backbone)
         candidates = _meta_candidates(cfg, spec, len(tokenizer))
         with open_dict(cfg):
@@ -228,18 +230,20 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Tr
     )
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Runs one job end to end and returns its results (also written to ``results.json``)."""
-    started = time.time()
-    output_dir = Path(output_dir)
-    prepared = prepare(cfg)
-    spec = prepared.spec
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    ckpt_dir = output_dir / "checkpoints"
-    ckpt_path = _resolve_ckpt(cfg, ckpt_dir)
-    if ckpt_path:
-        _check_ckpt_matches(ckpt_path, cfg)
+@dataclass
+class Assembled:
+    """A run's parts, ready for a Trainer."""
 
+    module: DiffoRAModule
+    datamodule: GlueDataModule
+    candidates: list[Candidate]
+
+
+def assemble(
+    cfg: DictConfig, prepared: Prepared, module_cls: type[DiffoRAModule] = DiffoRAModule
+) -> Assembled:
+    """Loads data and weights and builds the method's model, the data module and the module."""
+    spec = prepared.spec
     raw = load_raw(
         spec,
         cfg.task.get("data_dir") or None,
@@ -268,12 +272,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         search_split=float(cfg.dam.search_split) if search.enabled else 0.0,
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
+        merge_at=search.steps * optim.accumulate if search.merge_search_split else None,
     )
-    if search.enabled:
-        split_file = output_dir / "dam" / "search_split.json"
-        split_file.parent.mkdir(parents=True, exist_ok=True)
-        split_file.write_text(json.dumps({"indices": datamodule.search_indices}))
-    module = DiffoRAModule(
+    module = module_cls(
         built.model,
         spec,
         candidates if cfg.method.name in ADAPTER_METHODS else [],
@@ -283,8 +284,29 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         mask=built.mask,
         hparams=OmegaConf.to_container(cfg, resolve=True),
     )
-    if built.mask is not None:
-        built.mask.save(output_dir / "dam" / "mask.json")
+    return Assembled(module, datamodule, candidates)
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Runs one job end to end and returns its results (also written to ``results.json``)."""
+    started = time.time()
+    output_dir = Path(output_dir)
+    prepared = prepare(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ckpt_dir = output_dir / "checkpoints"
+    ckpt_path = _resolve_ckpt(cfg, ckpt_dir)
+    if ckpt_path:
+        _check_ckpt_matches(ckpt_path, cfg)
+
+    assembled = assemble(cfg, prepared)
+    module, datamodule, candidates = assembled.module, assembled.datamodule, assembled.candidates
+    search, optim = module.search, module.optim
+    if search.enabled:
+        split_file = output_dir / "dam" / "search_split.json"
+        split_file.parent.mkdir(parents=True, exist_ok=True)
+        split_file.write_text(json.dumps({"indices": datamodule.search_indices}))
+    if module.mask is not None:
+        module.mask.save(output_dir / "dam" / "mask.json")
 
     search_info = {"reused": False, "key": None}
     snapshot = None

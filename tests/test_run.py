@@ -1,0 +1,311 @@
+"""End-to-end tests of ``diffora_lab.train.run`` on the smoke experiment.
+
+One uninterrupted run is the reference: its artifacts (results.json, dam/, checkpoints/,
+adapter/) are checked, and runs stopped mid-search, right after discretization and mid-fine-tune
+and then resumed with ``ckpt_path=last`` must end exactly where it ended.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+from safetensors.torch import load_file
+
+from diffora_lab.backbones import find_candidates, load_backbone, load_tokenizer
+from diffora_lab.dam import top_k_mask
+from diffora_lab.train import ConfigError, run
+
+STEPS, SEARCH_STEPS = 40, 20  # the smoke experiment: 40 steps, search_ratio 0.5
+RESULT_KEYS = {
+    "task",
+    "method",
+    "backbone",
+    "budget",
+    "rank",
+    "seed",
+    "params_trainable",
+    "kept_modules",
+    "candidate_modules",
+    "metrics",
+    "discretization",
+    "steps",
+    "wall_seconds",
+}
+MASK_KEYS = {"modules", "gates", "kept", "budget", "k", "step"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two-thread intra-op parallelism is several times slower on shared CPUs for tiny models;
+    # one thread also makes the reference and the resumed runs numerically comparable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass
+class Run:
+    out: Path
+    results: dict
+
+    @property
+    def mask(self) -> dict:
+        return json.loads((self.out / "dam" / "mask.json").read_text())
+
+    @property
+    def saved_results(self) -> dict:
+        return json.loads((self.out / "results.json").read_text())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        ckpt = torch.load(self.out / "checkpoints" / "last.ckpt", weights_only=False)
+        return ckpt["state_dict"]
+
+    def gate_records(self) -> list[dict]:
+        lines = (self.out / "dam" / "gates.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+
+def smoke_run(out: Path, *overrides: str) -> Run:
+    # Each run has its own folder and caches (no shared search snapshot between runs).
+    cfg = compose_config(["+experiment=smoke", *overrides], out)
+    return Run(out, run(cfg, out))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Run:
+    return smoke_run(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def fresh_backbone():
+    cfg = compose_config(["+experiment=smoke"]).backbone
+    model = load_backbone(cfg, 2, vocab_size=len(load_tokenizer(cfg)))
+    candidates = find_candidates(model, str(cfg.layer_pattern), dict(cfg.module_types))
+    return model, candidates
+
+
+# ------------------------------------------------------------------------------- artifacts
+
+
+def test_results_json(reference, fresh_backbone):
+    results = reference.saved_results
+    assert RESULT_KEYS <= set(results)
+    assert results["task"] == "synthetic" and results["method"] == "diffora"
+    assert results["backbone"] == "tiny_deberta"
+    assert (results["budget"], results["rank"], results["seed"]) == (0.5, 8, 42)
+    assert results["steps"] == STEPS and results["wall_seconds"] > 0
+    assert results["candidate_modules"] == 12
+    assert results["kept_modules"] == reference.mask["kept_modules"]
+    assert len(results["kept_modules"]) == 6
+    assert 0.0 <= results["metrics"]["val/accuracy"] <= 1.0
+    disc = results["discretization"]
+    assert {"val_before", "val_after"} <= set(disc)
+    assert all(isinstance(disc[k], float) for k in ("val_before", "val_after"))
+    # Trainable parameters: r (d_in + d_out) per kept module, plus the head.
+    model, candidates = fresh_backbone
+    kept = set(results["kept_modules"])
+    adapter = sum(c.lora_params(8) for c in candidates if c.name in kept)
+    head = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in HEAD)
+    assert results["params_trainable"] == adapter + head
+    # What run() returns is what it wrote.
+    assert json.loads(json.dumps(reference.results)) == results
+
+
+HEAD = ("classifier", "pooler")
+
+
+def test_mask_json(reference):
+    mask = reference.mask
+    assert MASK_KEYS <= set(mask)
+    assert mask["budget"] == 0.5 and mask["k"] == 6 and mask["step"] == SEARCH_STEPS
+    assert len(mask["modules"]) == len(mask["gates"]) == len(mask["kept"]) == 12
+    assert sum(mask["kept"]) == 6
+    expected = top_k_mask(torch.tensor(mask["gates"]), 6).tolist()
+    assert mask["kept"] == expected
+    assert all(0.0 <= g <= 1.0 for g in mask["gates"])
+    # The search moved the gates away from their common initial value.
+    assert len(set(mask["gates"])) == 12
+
+
+def test_gate_logits_in_the_checkpoint_match_the_mask(reference):
+    logits = reference.state()["dam.logits"]
+    torch.testing.assert_close(
+        torch.sigmoid(logits).flatten(), torch.tensor(reference.mask["gates"]), atol=1e-6, rtol=0
+    )
+
+
+def test_heatmaps_and_gate_records(reference):
+    heatmaps = sorted((reference.out / "dam" / "heatmaps").glob("step_*.png"))
+    steps = {int(p.stem.split("_")[1]) for p in heatmaps}
+    assert len(steps) >= 2
+    assert {0, SEARCH_STEPS} <= steps
+    assert (reference.out / "dam" / "heatmaps" / f"step_{SEARCH_STEPS:06d}_mask.png").is_file()
+    for path in heatmaps:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = reference.gate_records()
+    recorded = [r["step"] for r in records]
+    assert recorded == sorted(set(recorded)) and recorded[0] == 0
+    assert all(len(r["gates"]) == 12 for r in records)
+
+
+def test_search_split_is_saved_and_carved_from_train(reference):
+    indices = json.loads((reference.out / "dam" / "search_split.json").read_text())["indices"]
+    assert len(indices) == 80  # 0.2 of the 400 train examples
+    assert indices == sorted(set(indices)) and 0 <= indices[0] and indices[-1] < 400
+
+
+def test_adapter_holds_only_kept_modules_and_head(reference):
+    folder = reference.out / "adapter"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    kept = set(reference.results["kept_modules"])
+    assert set(config["target_modules"]) == kept
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    lora_owners = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in tensors}
+    assert {o for o in lora_owners if o.split(".")[0] not in HEAD} == kept
+    state = reference.state()
+    for key, value in tensors.items():
+        if ".lora_" in key:
+            stem = key.replace(".weight", ".default.weight")
+            assert torch.equal(state[f"model.{stem}"], value), key
+
+
+def test_backbone_weights_unchanged_after_a_full_run(reference, fresh_backbone):
+    model, _ = fresh_backbone
+    expected = model.state_dict()
+    seen = set()
+    for key, value in reference.state().items():
+        if not key.startswith("model.base_model.model."):
+            continue
+        if ".lora_" in key or ".modules_to_save." in key:
+            continue
+        name = key.removeprefix("model.base_model.model.")
+        name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
+        assert torch.equal(value, expected[name]), name
+        seen.add(name)
+    assert seen == set(expected)
+
+
+def test_budget_one_keeps_everything_and_has_no_discretization_gap(tmp_path):
+    done = smoke_run(tmp_path, "budget=1.0")
+    results = done.saved_results
+    assert len(results["kept_modules"]) == 12 and done.mask["k"] == 12
+    disc = results["discretization"]
+    assert disc["val_before"] is not None
+    assert disc["val_before"] == disc["val_after"]
+
+
+# ----------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize(
+    "stop_at",
+    [
+        pytest.param(12, id="mid-search"),
+        pytest.param(SEARCH_STEPS, id="after-discretization"),
+        pytest.param(30, id="mid-finetune"),
+    ],
+)
+def test_resumed_run_ends_like_the_uninterrupted_one(reference, tmp_path, stop_at):
+    stopped = smoke_run(tmp_path, f"train.stop_after={stop_at}")
+    assert stopped.results.get("stopped_at") == stop_at
+    assert not (tmp_path / "results.json").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "dam" / "mask.json").is_file() == (stop_at >= SEARCH_STEPS)
+
+    resumed = smoke_run(tmp_path, "ckpt_path=last")
+    assert resumed.results["steps"] == STEPS
+
+    mask, ref_mask = resumed.mask, reference.mask
+    assert mask["kept"] == ref_mask["kept"]
+    assert (mask["k"], mask["step"]) == (ref_mask["k"], ref_mask["step"])
+    assert mask["gates"] == pytest.approx(ref_mask["gates"], abs=1e-6, rel=0)
+    assert resumed.results["kept_modules"] == reference.results["kept_modules"]
+    assert resumed.results["params_trainable"] == reference.results["params_trainable"]
+    assert resumed.results["discretization"] == reference.results["discretization"]
+    assert resumed.results["metrics"] == pytest.approx(reference.results["metrics"])
+
+    # The trained weights too, not only the mask.
+    state, ref_state = resumed.state(), reference.state()
+    trained = [k for k in ref_state if ".lora_" in k or ".modules_to_save." in k]
+    assert trained and {k for k in state if ".lora_" in k} == {k for k in trained if ".lora_" in k}
+    for key in trained:
+        torch.testing.assert_close(state[key], ref_state[key], atol=1e-6, rtol=0, msg=key)
+
+    # The gate record continues where it stopped: same steps, no duplicates.
+    records, ref_records = resumed.gate_records(), reference.gate_records()
+    assert [r["step"] for r in records] == [r["step"] for r in ref_records]
+    for mine, theirs in zip(records, ref_records):
+        assert mine["gates"] == pytest.approx(theirs["gates"], abs=1e-6, rel=0)
+    heatmaps = sorted(p.name for p in (tmp_path / "dam" / "heatmaps").glob("*.png"))
+    assert heatmaps == sorted(p.name for p in (reference.out / "dam" / "heatmaps").glob("*.png"))
+
+
+def test_resume_refuses_a_checkpoint_written_with_another_rank(reference, tmp_path):
+    ckpt = reference.out / "checkpoints" / "last.ckpt"
+    cfg = compose_config(["+experiment=smoke", "rank=4", f"ckpt_path={ckpt}"], tmp_path)
+    with pytest.raises(ConfigError, match="rank"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_saved_mask_fed_back_fine_tunes_exactly_its_modules(reference, tmp_path):
+    mask_file = reference.out / "dam" / "mask.json"
+    done = smoke_run(tmp_path, f"dam.mask_path={mask_file}")
+    results = done.saved_results
+    assert results["kept_modules"] == reference.results["kept_modules"]
+    assert results["params_trainable"] == reference.results["params_trainable"]
+    assert results["steps"] == STEPS
+    assert results["discretization"]["val_before"] is None  # no search, no discretization
+    assert done.mask["kept"] == reference.mask["kept"] and done.mask["source"] == "file"
+    assert not (tmp_path / "dam" / "gates.jsonl").exists()
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == set(reference.results["kept_modules"])
+    assert "dam.logits" not in done.state()
+
+
+# ------------------------------------------------------------------------------ search reuse
+
+
+@pytest.fixture(scope="module")
+def reused_pair(reference, tmp_path_factory):
+    """A budget-0.25 run that reuses the reference's search, and one that searches itself."""
+    out = tmp_path_factory.mktemp("reused")
+    cfg = compose_config(["+experiment=smoke", "budget=0.25"], out)
+    cfg.data.cache_dir = str(reference.out / "cache")  # where the reference left its search
+    reused = Run(out, run(cfg, out))
+    fresh = smoke_run(tmp_path_factory.mktemp("fresh"), "budget=0.25")
+    return reused, fresh
+
+
+def test_reused_search_ends_like_a_fresh_search(reused_pair, reference):
+    reused, fresh = reused_pair
+    assert reused.results["search"]["reused"] is True
+    assert fresh.results["search"]["reused"] is False
+    assert reused.mask["k"] == fresh.mask["k"] == 3
+    assert reused.mask["kept"] == fresh.mask["kept"]
+    assert reused.mask["gates"] == pytest.approx(fresh.mask["gates"], abs=1e-6, rel=0)
+    # Same search as the budget-0.5 reference: its top 3 are among the reference's top 6.
+    assert reused.mask["gates"] == pytest.approx(reference.mask["gates"], abs=1e-6, rel=0)
+    assert set(reused.results["kept_modules"]) < set(reference.results["kept_modules"])
+    for key in ("kept_modules", "params_trainable", "discretization", "steps"):
+        assert reused.results[key] == fresh.results[key], key
+    assert reused.results["metrics"] == pytest.approx(fresh.results["metrics"])
+    state, fresh_state = reused.state(), fresh.state()
+    assert {k for k in state if ".lora_" in k} == {k for k in fresh_state if ".lora_" in k}
+    for key, value in fresh_state.items():
+        if ".lora_" in key or ".modules_to_save." in key:
+            torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_reused_search_has_the_dam_figures_of_a_fresh_one(reused_pair):
+    reused, fresh = reused_pair
+    assert [r["step"] for r in reused.gate_records()] == [r["step"] for r in fresh.gate_records()]
+    names = sorted(p.name for p in (fresh.out / "dam" / "heatmaps").glob("*.png"))
+    assert len(names) >= 2
+    assert sorted(p.name for p in (reused.out / "dam" / "heatmaps").glob("*.png")) == names
