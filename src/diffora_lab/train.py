@@ -36,7 +36,7 @@ from diffora_lab.config import (
     search_settings,
     validate,
 )
-from diffora_lab.dam import Mask, num_kept
+from diffora_lab.dam import Mask, gate_entropy, num_kept
 from diffora_lab.data import GlueDataModule
 from diffora_lab.matching import achieved, resolve_rank, target_rank_of
 from diffora_lab.module import DiffoRAModule
@@ -353,6 +353,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 DAMMonitor(output_dir, int(cfg.dam.log_every)),
             ]
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
+        fit_started = time.time()
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:  # Lightning's exit after SIGTERM; Preemption saved first
@@ -372,6 +373,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             }
         trainer.validate(module, datamodule=datamodule, verbose=False)
         results = _results(cfg, module, candidates, started, output_dir)
+        results["fit_seconds"] = round(time.time() - fit_started, 2)
         results["search"] = search_info
         if trainer.is_global_zero:
             if cfg.method.name in PEFT_METHODS:
@@ -414,6 +416,11 @@ def _results(
         "kept_modules": mask.kept_modules if mask is not None else [],
         "kept_by_type": mask.counts_by_type() if mask is not None else {},
         "k": mask.k if mask is not None else 0,
+        "dam_entropy": (
+            gate_entropy(torch.tensor(mask.gates))
+            if mask is not None and mask.source == "search"
+            else None
+        ),
         "primary_metric": f"val/{spec.primary_metric}",
         "metrics": dict(module.last_val),
         "discretization": {
@@ -444,6 +451,7 @@ def _summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
             "params/trainable": results["params_trainable"],
             "dam/k": results["k"],
             "dam/sparsity": 1 - results["k"] / max(1, results["candidate_modules"]),
+            "dam/entropy": results["dam_entropy"],
             "dam/kept_modules": results["kept_modules"],
             "dam/kept_by_type": results["kept_by_type"],
             "dam/val_before": results["discretization"]["val_before"],
