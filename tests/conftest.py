@@ -36,6 +36,34 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
     return cfg
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: several times faster for tiny models on shared 2-core machines, and
+    reference and resumed runs stay numerically comparable."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, env_extra: dict | None = None):
+    """``python -m diffora_lab ARGS`` in a subprocess, offline, output captured."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "diffora_lab", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture
 def smoke_cfg(tmp_path):
     """A function returning the smoke experiment config with extra overrides."""

@@ -33,15 +33,6 @@ ALPHA = 16.0
 HEAD = ["classifier", "pooler"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two-thread intra-op parallelism is several times slower on shared CPUs for tiny models.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def backbone_cfg():
     return compose_config(["+experiment=smoke"]).backbone

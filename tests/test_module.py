@@ -20,15 +20,6 @@ from diffora_lab.module import DiffoRAModule
 from diffora_lab.train import assemble, build_trainer, prepare
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two-thread intra-op parallelism is several times slower on shared CPUs for tiny models.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def snapshot(module: pl.LightningModule) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 

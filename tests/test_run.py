@@ -39,16 +39,6 @@ RESULT_KEYS = {
 MASK_KEYS = {"modules", "gates", "kept", "budget", "k", "step"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two-thread intra-op parallelism is several times slower on shared CPUs for tiny models;
-    # one thread also makes the reference and the resumed runs numerically comparable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclass
 class Run:
     out: Path

@@ -13,20 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli as cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(args: list[str], cwd: Path, timeout: int = 240, env_extra: dict | None = None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env_extra or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "diffora_lab", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def smoke_args(tmp_path: Path, *extra: str) -> list[str]:
