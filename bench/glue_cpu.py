@@ -28,8 +28,10 @@ HERE = Path(__file__).resolve().parent
 RUNS = HERE / "results" / "glue_cpu"
 SUMMARY = HERE / "results" / "glue_cpu.json"
 
-# Steps per task: about 3-5 minutes a run on 2 CPU cores (SST-2 and CoLA sentences are short,
-# dynamic padding keeps their batches small; RTE pairs are long).
+# Steps per task, fixed so a run takes about 2-4 minutes on 2 CPU cores for SST-2 and CoLA (short
+# sentences; dynamic padding keeps their batches small) and about 4-7 minutes for RTE (long
+# sentence pairs, max length 128). Measured here: SST-2 ~150-260 s, CoLA ~125-180 s, RTE ~420 s
+# for DiffoRA (its search steps cost two passes).
 TASKS = {
     "sst2": {"max_steps": 300, "max_length": 64},
     "cola": {"max_steps": 300, "max_length": 64},
