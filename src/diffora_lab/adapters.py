@@ -10,7 +10,6 @@ gating the full output but touches r instead of d_out features.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -138,10 +137,6 @@ def apply_mask(
     peft_model.peft_config[ADAPTER].target_modules = {
         c.name for c, keep in zip(candidates, kept) if keep
     }
-
-
-def kaiming_reset(linear: nn.Linear) -> None:
-    nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:

@@ -279,10 +279,6 @@ class GlueDataModule(pl.LightningDataModule):
             self.train_indices = list(range(len(train)))
             self.search = None
 
-    @property
-    def dev_names(self) -> list[str]:
-        return list(self.dev)
-
     def _loader(self, split: TokenizedSplit, sampler: Sampler, seed: int) -> DataLoader:
         return DataLoader(
             split,
