@@ -160,6 +160,7 @@ def test_attach_lora_freezes_backbone_and_keeps_head_trainable(backbone_cfg, voc
         assert layer.scaling[ADAPTER] == pytest.approx(ALPHA / RANK)
     counts = count_parameters(peft_model)
     assert counts["adapter"] == sum(c.lora_params(RANK) for c in candidates)
+    assert counts["backbone"] == 0
     assert counts["total"] == counts["adapter"] + counts["head"]
 
 

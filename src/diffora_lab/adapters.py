@@ -139,19 +139,27 @@ def apply_mask(
     }
 
 
-def count_parameters(module: nn.Module) -> dict[str, int]:
-    """Trainable parameters split into adapter (``lora_``) and head, plus the total."""
-    adapter = head = 0
+def count_parameters(
+    module: nn.Module, head_modules: tuple[str, ...] = ("classifier", "pooler")
+) -> dict[str, int]:
+    """Trainable parameters split into adapter (``lora_*``), head, backbone, and the total.
+
+    ``backbone`` is non-zero only for methods that train backbone weights (full, bitfit).
+    """
+    counts = {"adapter": 0, "head": 0, "backbone": 0}
+    heads = set(head_modules)
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        if "lora_" in name:
-            adapter += param.numel()
-        elif "dam." in name or name.startswith("logits"):
-            continue
+        parts = name.split(".")
+        if any(part.startswith("lora_") for part in parts):
+            counts["adapter"] += param.numel()
+        elif heads & set(parts):
+            counts["head"] += param.numel()
         else:
-            head += param.numel()
-    return {"adapter": adapter, "head": head, "total": adapter + head}
+            counts["backbone"] += param.numel()
+    counts["total"] = sum(counts.values())
+    return counts
 
 
 def export_adapter(peft_model: PeftModel, folder: str | Path, **extra: Any) -> Path:

@@ -414,4 +414,6 @@ class DiffoRAModule(pl.LightningModule):
         return bool(torch.all(gathered == gathered[0:1]).item())
 
     def trainable_parameters(self) -> dict[str, int]:
-        return count_parameters(self.model)
+        """Trainable parameters: adapter, head, backbone and total."""
+        heads = (self.hparams.get("config") or {}).get("backbone", {}).get("head_modules")
+        return count_parameters(self.model, tuple(heads or ("classifier", "pooler")))

@@ -473,7 +473,12 @@ def summary_text(results: dict[str, Any], output_dir: Path) -> str:
         f"seed {results['seed']})",
         f"  steps               {results['steps']}  ({results['wall_seconds']:.0f} s)",
         f"  trainable params    {results['params_trainable']:,} "
-        f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,})",
+        f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,}"
+        + (
+            f", backbone {results['params']['backbone']:,})"
+            if results["params"]["backbone"]
+            else ")"
+        ),
     ]
     if results["kept_modules"]:
         lines.append(
