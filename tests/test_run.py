@@ -299,3 +299,15 @@ def test_reused_search_has_the_dam_figures_of_a_fresh_one(reused_pair):
     names = sorted(p.name for p in (fresh.out / "dam" / "heatmaps").glob("*.png"))
     assert len(names) >= 2
     assert sorted(p.name for p in (reused.out / "dam" / "heatmaps").glob("*.png")) == names
+
+
+def test_budget_penalty_pulls_the_mean_gate_towards_the_budget(smoke_cfg, tmp_path):
+    def mean_gate(*overrides: str) -> float:
+        out = tmp_path / "_".join(o.replace("=", "-") for o in overrides)
+        run(smoke_cfg("budget=0.25", "dam.reuse_search=false", *overrides), out)
+        gates = json.loads((out / "dam" / "mask.json").read_text())["gates"]
+        return sum(gates) / len(gates)
+
+    free = mean_gate("dam.budget_penalty=0")
+    pulled = mean_gate("dam.budget_penalty=200")
+    assert abs(pulled - 0.25) < abs(free - 0.25) - 0.02

@@ -56,6 +56,7 @@ class SearchSettings:
     relaxation: str
     order: str
     budget: float
+    budget_penalty: float
     fold_gates: bool
     weight_sharing: bool
     merge_search_split: bool
@@ -115,6 +116,8 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             _fail("dam.relaxation", cfg.dam.relaxation, "choose sigmoid or softmax_row.")
         if cfg.dam.order not in ("first", "second"):
             _fail("dam.order", cfg.dam.order, "choose first (DARTS-1st) or second.")
+        if _number(cfg, "dam.budget_penalty", float) < 0:
+            _fail("dam.budget_penalty", cfg.dam.budget_penalty, "must be >= 0 (0 disables it).")
         if _number(cfg, "dam.arch_lr", float) <= 0:
             _fail("dam.arch_lr", cfg.dam.arch_lr, "the gate learning rate must be > 0.")
         if cfg.dam.get("search_steps") is not None:
@@ -195,6 +198,7 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         relaxation=str(cfg.dam.relaxation),
         order=str(cfg.dam.order),
         budget=float(cfg.budget),
+        budget_penalty=float(cfg.dam.get("budget_penalty", 0.0)),
         fold_gates=bool(cfg.dam.fold_gates),
         weight_sharing=bool(cfg.dam.weight_sharing),
         merge_search_split=bool(cfg.dam.merge_search_split),

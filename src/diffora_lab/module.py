@@ -207,6 +207,8 @@ class DiffoRAModule(pl.LightningModule):
             loss = self._second_order_gate_grad(train_batch, batch)
         else:
             loss = self._first_order_gate_grad(batch)
+        if self.search.budget_penalty > 0:
+            self._add_budget_penalty_grad()
         self.arch_optimizer.step()
         self.arch_optimizer.zero_grad(set_to_none=True)
         self.optimizers().zero_grad(set_to_none=True)
@@ -217,6 +219,21 @@ class DiffoRAModule(pl.LightningModule):
             "dam/entropy": gate_entropy(gates),
             "dam/mean": float(gates.mean()),
         }
+
+    def _add_budget_penalty_grad(self) -> None:
+        """Adds the gradient of ``budget_penalty * (mean(gamma) - budget)^2`` to theta.
+
+        Our option, not the paper's: without it the gates drift towards 1 together (the
+        search loss prefers more adaptation), so the top-k cut drops modules that were still
+        active and the discretization gap grows. The penalty is the same on every rank.
+        """
+        gates = self.current_gates()
+        penalty = self.search.budget_penalty * (gates.mean() - self.search.budget) ** 2
+        (grad,) = torch.autograd.grad(penalty, self.dam.logits)
+        if self.dam.logits.grad is None:
+            self.dam.logits.grad = grad
+        else:
+            self.dam.logits.grad += grad
 
     def _first_order_gate_grad(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """DARTS-1st: the gradient of the search loss at the current weights."""
