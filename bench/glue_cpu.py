@@ -43,6 +43,8 @@ METHODS = {
     "diffora": ["method=diffora", "rank=16", "budget=0.5"],
     "lora": ["method=lora", "rank=8"],
     "random_mask": ["method=random_mask", "rank=16", "budget=0.5"],
+    # DiffoRA with our budget penalty on the mean gate (dam.budget_penalty; not in the paper).
+    "diffora_bp": ["method=diffora", "rank=16", "budget=0.5", "dam.budget_penalty=1"],
     "adalora": ["method=adalora", "rank=8"],
     "full": ["method=full", "train.lr=5e-5"],
 }
@@ -82,12 +84,12 @@ def run_one(task: str, method: str, seed: int, data_dir: str, extra: list[str]) 
     return json.loads((folder / "results.json").read_text())
 
 
-def record(result: dict) -> dict:
+def record(result: dict, label: str) -> dict:
     primary = result["primary_metric"]
     disc = result["discretization"]
     return {
         "task": result["task"],
-        "method": result["method"],
+        "method": label,
         "seed": result["seed"],
         "metric": primary,
         "value": result["metrics"][primary],
@@ -140,13 +142,16 @@ def summarize(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for task in TASKS:
-        group = groups.get((task, "diffora"), [])
-        if group:
+        for label in ("diffora", "diffora_bp"):
+            group = groups.get((task, label), [])
+            if not group:
+                continue
             totals = {
                 t: sum(r["kept_by_type"].get(t, 0) for r in group)
                 for t in ["q", "k", "v", "o", "ffn_in", "ffn_out"]
             }
-            kept.append(f"| {task} | " + " | ".join(str(v) for v in totals.values()) + " |")
+            row = " | ".join(str(v) for v in totals.values())
+            kept.append(f"| {task} ({label}, {len(group)} seeds) | {row} |")
     return "\n".join(lines + kept)
 
 
