@@ -287,6 +287,23 @@ def assemble(
     return Assembled(module, datamodule, candidates)
 
 
+def _shared_search(cfg: DictConfig, output_dir: Path, can_reuse: bool) -> tuple[dict, Path]:
+    """Where this run's end-of-search snapshot lives, and whether another run already made it.
+
+    A reused snapshot's gate records are copied into this run, so its figures show the search.
+    """
+    key = search_key(cfg)
+    snapshot = Path(str(cfg.dam.search_cache_dir)).expanduser() / key / "search_end.ckpt"
+    reused = can_reuse and snapshot.is_file()
+    if reused:
+        log.info("search %s already done: starting from %s", key, snapshot)
+        history = snapshot.with_name("gates.jsonl")
+        if history.is_file():
+            (output_dir / "dam").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(history, output_dir / "dam" / "gates.jsonl")
+    return {"reused": reused, "key": key}, snapshot
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Runs one job end to end and returns its results (also written to ``results.json``)."""
     started = time.time()
@@ -308,21 +325,12 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if module.mask is not None:
         module.mask.save(output_dir / "dam" / "mask.json")
 
-    search_info = {"reused": False, "key": None}
-    snapshot = None
+    search_info, snapshot = {"reused": False, "key": None}, None
     if search.enabled and cfg.dam.reuse_search:
-        key = search_key(cfg)
-        snapshot = Path(str(cfg.dam.search_cache_dir)).expanduser() / key / "search_end.ckpt"
-        search_info["key"] = key
-        if ckpt_path is None and snapshot.is_file():
-            log.info("search %s already done: starting from %s", key, snapshot)
+        search_info, snapshot = _shared_search(cfg, output_dir, can_reuse=ckpt_path is None)
+        if search_info["reused"]:
             ckpt_path = str(snapshot)
-            search_info["reused"] = True
             module.search_reused = True
-            history = snapshot.with_name("gates.jsonl")
-            if history.is_file():  # the shared search's gate records, for this run's figures
-                (output_dir / "dam").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(history, output_dir / "dam" / "gates.jsonl")
 
     run_id_file = ckpt_dir / "wandb_run_id"
     resume_id = None
@@ -492,10 +500,13 @@ def summary_text(results: dict[str, Any], output_dir: Path) -> str:
         )
     for key, value in results["metrics"].items():
         lines.append(f"  final {key:<14}{value:.4f}")
+    written = ["results.json", "checkpoints/last.ckpt"]
+    for name in ("dam/mask.json", "dam/heatmaps/", "adapter/", "merged/"):
+        if (output_dir / name).exists():
+            written.append(name)
     lines += [
         f"  outputs             {output_dir}",
-        "                      results.json, dam/mask.json, dam/heatmaps/, checkpoints/last.ckpt"
-        + (", adapter/" if "adapter" in results else ""),
+        "                      " + ", ".join(written),
         "=" * 72,
     ]
     return "\n".join(lines)
