@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios, times = [], {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run(1, 4, args.batch, tmp / "warm", tmp / "cache")  # fills the tokenization cache
+        run(1, 8, args.batch, tmp / "warm", tmp / "cache")  # fills the tokenization cache
         for r in range(args.rounds):
             order = (1, 2) if r % 2 == 0 else (2, 1)
             seconds = {

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                 for method in args.methods:
                     run_one(task, method, seed, args.data_dir, args.overrides)
     rows = [
-        record(json.loads(path.read_text())) for path in sorted(RUNS.glob("*/*/seed*/results.json"))
+        record(json.loads(path.read_text()), path.parent.parent.name)
+        for path in sorted(RUNS.glob("*/*/seed*/results.json"))
     ]
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps(rows, indent=2))
