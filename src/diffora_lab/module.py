@@ -346,22 +346,25 @@ class DiffoRAModule(pl.LightningModule):
         folded into B (or re-initialised when ``dam.weight_sharing`` is off). The architecture
         optimizer and the search loader stop; the weight optimizer is rebuilt over what remains.
         """
+        self._enter_finetune(
+            mask, gates, fold_gates=self.search.fold_gates, reinit=not self.search.weight_sharing
+        )
+        self.arch_optimizer = None
+        self._search_iter = None
+        self.trainer.strategy.optimizers = [self.configure_optimizers()]
+
+    def _enter_finetune(
+        self, mask: Mask, gates: torch.Tensor | None, fold_gates: bool, reinit: bool
+    ) -> None:
+        """Removes the gates, applies ``mask`` to the adapters and freezes the DAM."""
         self.gate_hooks.remove()
         self.gate_hooks = None
         apply_mask(
-            self.model,
-            self.candidates,
-            mask.kept,
-            gates,
-            fold_gates=self.search.fold_gates,
-            reinit=not self.search.weight_sharing,
+            self.model, self.candidates, mask.kept, gates, fold_gates=fold_gates, reinit=reinit
         )
         self.dam.logits.requires_grad_(False)
         self.mask = mask
         self.phase = FINETUNE
-        self.arch_optimizer = None
-        self._search_iter = None
-        self.trainer.strategy.optimizers = [self.configure_optimizers()]
 
     # ------------------------------------------------------------ checkpoints
 
@@ -394,14 +397,8 @@ class DiffoRAModule(pl.LightningModule):
         self._arch_state = state["arch_optimizer"]
         self._adalora_state = state.get("adalora")  # restored at the first step, on device
         if state["phase"] == FINETUNE and self.phase == SEARCH:
-            mask = Mask(**state["mask"])
             # Restore the structure only: the state dict that follows holds the folded weights.
-            self.gate_hooks.remove()
-            self.gate_hooks = None
-            apply_mask(self.model, self.candidates, mask.kept, None, fold_gates=False)
-            self.dam.logits.requires_grad_(False)
-            self.mask = mask
-            self.phase = FINETUNE
+            self._enter_finetune(Mask(**state["mask"]), None, fold_gates=False, reinit=False)
         datamodule = self.trainer.datamodule
         datamodule.train_start = self.batches_seen
         rng = state["rng"]

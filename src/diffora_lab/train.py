@@ -153,7 +153,9 @@ def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path) -> str | None:
 
 
 def _check_ckpt_matches(path: str, cfg: DictConfig) -> None:
-    saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    # mmap: only the hyper-parameters are read here; Lightning loads the tensors later.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    saved = checkpoint.get("hyper_parameters", {})
     saved_cfg = saved.get("config") or {}
     for key in ("method.name", "backbone.name", "task.name", "rank"):
         mine = OmegaConf.select(cfg, key)
