@@ -76,7 +76,10 @@ def run_one(task: str, method: str, seed: int, data_dir: str, extra: list[str]) 
         *extra,
     ]
     print(f"[glue_cpu] {task} {method} seed {seed}: python -m diffora_lab {' '.join(overrides)}")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    # The checkout's own src/ first: the runs use this tree even if the installed copy is stale.
+    src = str(HERE.parent / "src")
+    path = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=path)
     done = subprocess.run([sys.executable, "-m", "diffora_lab", *overrides], env=env)
     if done.returncode != 0:
         print(f"[glue_cpu] FAILED ({done.returncode}): {task} {method} seed {seed}")

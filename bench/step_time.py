@@ -5,7 +5,7 @@ rank 8 on the same 36 candidate modules: q, k, v, o, ffn_in, ffn_out of 6 layers
 
 * ``lora``   -- plain peft LoRA (``get_peft_model``) + ``torch.optim.AdamW``: the baseline;
 * ``gated``  -- DiffoRA weight step: ``DiffoRAModule.forward`` sets the (detached) DAM gates in
-  ``GateHooks``, then forward + backward + AdamW (from ``DiffoRAModule.configure_optimizers``);
+  ``LoraGates``, then forward + backward + AdamW (from ``DiffoRAModule.configure_optimizers``);
 * ``search`` -- a full search step: the weight step above, then
   ``DiffoRAModule._architecture_step`` on another batch (gates with grad, backward only into
   ``dam.logits``, Adam on the logits);
@@ -29,6 +29,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -42,7 +43,7 @@ from types import SimpleNamespace
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from peft import LoraConfig, get_peft_model
 
 from diffora_lab import backbones, methods
@@ -62,10 +63,12 @@ DESCRIPTIONS = {
 }
 
 
-def compose_config(rank: int, budget: float, method: str = "diffora") -> DictConfig:
-    """The project's own composed config (conf/config.yaml), MiniLM backbone."""
+def compose_config(
+    rank: int, budget: float, method: str = "diffora", backbone: str = "minilm_l6"
+) -> DictConfig:
+    """The project's own composed config (conf/config.yaml); MiniLM backbone by default."""
     overrides = [
-        "backbone=minilm_l6",
+        f"backbone={backbone}",
         "task=synthetic",
         f"method={method}",
         "logger=none",
@@ -77,13 +80,13 @@ def compose_config(rank: int, budget: float, method: str = "diffora") -> DictCon
 
 
 def make_batches(
-    n: int, batch: int, seq: int, vocab: int, seed: int = 0
+    n: int, batch: int, seq: int, vocab: int, seed: int = 0, device: str = "cpu"
 ) -> list[dict[str, torch.Tensor]]:
     """Random token ids (fixed seed); shapes are what matters for step time."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(1000, vocab, (batch, seq), generator=gen)
+        ids = torch.randint(min(1000, vocab // 2), vocab, (batch, seq), generator=gen)
         ids[:, 0] = 101  # [CLS]
         out.append(
             {
@@ -93,7 +96,7 @@ def make_batches(
                 "labels": torch.randint(0, 2, (batch,), generator=gen),
             }
         )
-    return out
+    return [{k: v.to(device) for k, v in b.items()} for b in out]
 
 
 class BenchModule(DiffoRAModule):
@@ -142,7 +145,8 @@ class Variant:
 
 def _load_backbone(cfg: DictConfig, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)  # same classifier-head init for every variant
-    return backbones.load_backbone(cfg.backbone, num_labels=2)
+    vocab = int(cfg.bench.vocab) if cfg.backbone.get("config") is not None else None
+    return backbones.load_backbone(cfg.backbone, num_labels=2, vocab_size=vocab)
 
 
 def _candidates(cfg: DictConfig, model: torch.nn.Module) -> list[backbones.Candidate]:
@@ -166,7 +170,7 @@ def build_lora(cfg: DictConfig, seed: int = 0) -> Variant:
             task_type="SEQ_CLS",
         ),
     )
-    model.train()
+    model.to(cfg.bench.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         params, lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay)
@@ -197,6 +201,7 @@ def build_diffora(cfg: DictConfig, search_batches: list, seed: int = 0) -> tuple
         dam=built.dam,
         mask=built.mask,
     )
+    module.to(cfg.bench.device)  # before the optimizers are built, as Lightning does
     module.attach(search_batches)
     module.set_weight_optimizer(module.configure_optimizers())
     module.on_fit_start()  # model.train()
@@ -254,10 +259,15 @@ def build_post(
 
 
 def build_all(args: argparse.Namespace, names=VARIANTS) -> tuple[dict[str, Variant], list, list]:
-    cfg = compose_config(args.rank, args.budget)
-    vocab = int(cfg_vocab(cfg))
-    train_batches = make_batches(4, args.batch, args.seq, vocab, seed=1)
-    search_batches = make_batches(4, args.batch, args.seq, vocab, seed=2)
+    """Builds the variants named; ``args`` holds batch, seq, rank, budget and optionally
+    backbone (a conf/backbone option), vocab (for config-built backbones) and device."""
+    cfg = compose_config(args.rank, args.budget, backbone=getattr(args, "backbone", "minilm_l6"))
+    device = getattr(args, "device", "cpu")
+    vocab = getattr(args, "vocab", None) or int(cfg_vocab(cfg))
+    with open_dict(cfg):
+        cfg.bench = {"device": device, "vocab": vocab}
+    train_batches = make_batches(4, args.batch, args.seq, vocab, seed=1, device=device)
+    search_batches = make_batches(4, args.batch, args.seq, vocab, seed=2, device=device)
     builders = {
         "lora": lambda: build_lora(cfg),
         "gated": lambda: build_gated(cfg, search_batches),
@@ -268,10 +278,50 @@ def build_all(args: argparse.Namespace, names=VARIANTS) -> tuple[dict[str, Varia
 
 
 def cfg_vocab(cfg: DictConfig) -> int:
+    """The vocabulary size: the tokenizer's for config-built backbones, else the model's."""
     import transformers
 
+    if cfg.backbone.get("config") is not None:
+        return len(backbones.load_tokenizer(cfg.backbone))
     source = backbones.resolve_source(cfg.backbone)
     return transformers.AutoConfig.from_pretrained(source).vocab_size
+
+
+def step_runner(device: str = "cpu", precision: str = "32-true") -> Callable[[Variant, dict], None]:
+    """Runs one step of a variant as the Trainer would run it.
+
+    ``bf16-mixed`` wraps the whole step in ``torch.autocast`` (Lightning's precision plugin wraps
+    ``training_step``, manual backward included). On a GPU the launch queue is drained after the
+    step, so the wall time measured around the call is the step's own.
+    """
+    device_type = torch.device(device).type
+    mixed = precision == "bf16-mixed"
+    if precision not in ("32-true", "bf16-mixed"):
+        raise ValueError(f"--precision {precision!r}: use 32-true or bf16-mixed")
+
+    def run(variant: Variant, batch: dict[str, torch.Tensor]) -> None:
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=mixed):
+            variant.step(batch)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def cuda_step_memory(variants: dict[str, Variant], batch: dict, run: Callable) -> dict[str, int]:
+    """Peak CUDA memory of one step of each variant above what was allocated before it.
+
+    Everything resident (all variants' weights, optimizer states) is in the baseline, so the
+    number is the step's own: activations, gradients and temporaries.
+    """
+    out = {}
+    for name, variant in variants.items():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run(variant, batch)
+        out[name] = torch.cuda.max_memory_allocated() - before
+    return out
 
 
 def time_interleaved(
@@ -280,6 +330,7 @@ def time_interleaved(
     rounds: int,
     steps: int,
     time_limit: float = float("inf"),
+    run: Callable[[Variant, dict], None] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Seconds per step of each variant, wall-clock and process CPU time.
 
@@ -289,6 +340,7 @@ def time_interleaved(
     burst of load from other jobs hits all of them alike. Rounds stop early (after at least 3)
     when the next one would end past ``time_limit`` seconds.
     """
+    run = run or step_runner()
     names = list(variants)
     out: dict[str, dict[str, list[float]]] = {
         k: {n: [] for n in names} for k in ("round", "step", "cpu")
@@ -302,7 +354,7 @@ def time_interleaved(
             batch = batches[i % len(batches)]
             for name in order:
                 c0, t0 = time.process_time(), time.perf_counter()
-                variants[name].step(batch)
+                run(variants[name], batch)
                 took, cpu = time.perf_counter() - t0, time.process_time() - c0
                 total[name] += took
                 out["step"][name].append(took)
@@ -378,6 +430,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--backbone",
+        default="minilm_l6",
+        help="a conf/backbone option (deberta_v3_base_random: DeBERTa-v3-base, random weights)",
+    )
+    parser.add_argument(
+        "--vocab", type=int, help="vocab size of a config-built backbone (default: the tokenizer's)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--precision",
+        choices=("32-true", "bf16-mixed"),
+        help="default: bf16-mixed on cuda, 32-true on cpu (what the framework's Trainer picks)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
         "--time-limit", type=float, default=160.0, help="seconds of timing before rounds stop early"
     )
     parser.add_argument(
@@ -400,14 +467,19 @@ def main(argv: list[str] | None = None) -> int:
     reexec_with_omp_policy(args.omp_wait_policy)
     if args.quick:
         args.rounds, args.steps, args.batch, args.warmup = 3, 3, 16, 1
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     quiet()
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; MiniLM-L6, batch "
-        f"{args.batch}, seq {args.seq}, rank {args.rank}, budget {args.budget}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; {args.backbone}, "
+        f"batch {args.batch}, seq {args.seq}, rank {args.rank}, budget {args.budget}, "
+        f"{args.device} {torch.cuda.get_device_name() if cuda else ''} {args.precision}"
     )
     if args.profile:
         names = tuple(args.profile)
@@ -416,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     variants, train_batches, _ = build_all(args, names)
     for v in variants.values():
         print(f"  {v.name:7s} {DESCRIPTIONS[v.name]:34s} {v.info}")
+    run = step_runner(args.device, args.precision)
     if args.profile:
         for name in names:
             profile_variant(variants[name], train_batches)
@@ -423,13 +496,15 @@ def main(argv: list[str] | None = None) -> int:
 
     for v in variants.values():
         for i in range(args.warmup):
-            v.step(train_batches[i % len(train_batches)])
+            run(v, train_batches[i % len(train_batches)])
+    memory = cuda_step_memory(variants, train_batches[0], run) if cuda else {}
     print(f"timing: {args.rounds} rounds x {args.steps} steps, variants interleaved step by step")
-    times = time_interleaved(variants, train_batches, args.rounds, args.steps, args.time_limit)
+    times = time_interleaved(variants, train_batches, args.rounds, args.steps, args.time_limit, run)
     per_round, per_step, per_cpu = times["round"], times["step"], times["cpu"]
 
     base = per_round["lora"]
     failed = []
+    results: dict[str, dict] = {}
     print()
     print(
         "| variant | what | wall: median ratio over rounds | min-max over rounds "
@@ -437,7 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|")
     for name in names:
+        results[name] = {
+            "samples_per_s": args.batch / statistics.median(per_step[name]),
+            "step_peak_mib": memory.get(name, 0) / 2**20 if cuda else None,
+        }
         if name == "lora":
+            results[name]["ratio"] = 1.0
             print(f"| lora | {DESCRIPTIONS[name]} | 1.000x | - | - | - | - | - |")
             continue
         ratios = [t / b for t, b in zip(per_round[name], base)]
@@ -448,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         ok = med <= target
         if not ok:
             failed.append(name)
+        results[name].update(
+            ratio=med, ratio_min=min(ratios), ratio_max=max(ratios), paired=paired, target=target
+        )
         print(
             f"| {name} | {DESCRIPTIONS[name]} | {med:.3f}x | {min(ratios):.3f}-{max(ratios):.3f} "
             f"| {paired:.3f}x | {cpu:.3f}x | <= {target:.2f}x | {'PASS' if ok else 'FAIL'} |"
@@ -456,10 +539,22 @@ def main(argv: list[str] | None = None) -> int:
         "PASS/FAIL uses the wall-clock median over rounds; the CPU-time column (process time, "
         "all threads) is less sensitive to other jobs on the machine."
     )
-    med_base = statistics.median(base)
+    print("\n| variant | train samples/s (median step) | vs lora |" + (" step peak MiB |" * cuda))
+    print("|---|---|---|" + "---|" * cuda)
+    lora_rate = results["lora"]["samples_per_s"]
+    for name, r in results.items():
+        row = f"| {name} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / lora_rate:.3f}x |"
+        print(row + (f" {r['step_peak_mib']:.0f} |" if cuda else ""))
     print(
-        f"\n(context only, not a claim: median LoRA step {1e3 * med_base:.0f} ms on this machine)"
+        "(the search step also processes one search batch per train batch; samples/s counts "
+        "train samples. Absolute rates are this machine's, for context only.)"
     )
+    if args.json:
+        meta = {k: v for k, v in vars(args).items() if k not in ("json", "profile")}
+        meta["torch"] = torch.__version__
+        meta["gpu"] = torch.cuda.get_device_name() if cuda else None
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": meta, "variants": results}, indent=1) + "\n")
     if failed:
         print(f"targets missed: {', '.join(failed)} (see --profile {' '.join(failed)})")
     if args.quick:

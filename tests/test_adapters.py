@@ -17,7 +17,7 @@ from torch import nn
 
 from diffora_lab.adapters import (
     ADAPTER,
-    GateHooks,
+    LoraGates,
     apply_mask,
     attach_lora,
     base_of,
@@ -130,6 +130,27 @@ def test_minilm_candidate_names_on_a_weightless_copy():
     assert names[(0, "q")] == "bert.encoder.layer.0.attention.self.query"
 
 
+def test_random_deberta_v3_base_has_the_v3_base_shape():
+    """The GPU throughput backbone is DeBERTa-v3-base's architecture: 12 x 6 candidates of
+    768/3072 features and 184M parameters with v3's 128,100-token vocabulary."""
+    cfg = compose_config(["backbone=deberta_v3_base_random"]).backbone
+    with torch.device("meta"):
+        model = load_backbone(cfg, 2, vocab_size=128100)
+    candidates = candidates_of(model, cfg)
+    assert len(candidates) == 12 * 6
+    shapes = {c.module_type: (c.d_in, c.d_out) for c in candidates}
+    assert shapes == {
+        "q": (768, 768),
+        "k": (768, 768),
+        "v": (768, 768),
+        "o": (768, 768),
+        "ffn_in": (768, 3072),
+        "ffn_out": (3072, 768),
+    }
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 184.0e6 < n_params < 184.9e6, n_params
+
+
 def test_pattern_matching_nothing_names_the_setting(backbone_cfg, vocab_size):
     model = load_backbone(backbone_cfg, 2, vocab_size=vocab_size)
     pattern = str(backbone_cfg.layer_pattern)
@@ -174,11 +195,12 @@ def test_attach_lora_rejects_rank_below_one(backbone_cfg, vocab_size, rank):
 # ------------------------------------------------------------------------------------- gating
 
 
-def test_gated_module_computes_w_x_plus_gate_times_scaled_lora(lora):
+@pytest.mark.parametrize("gate_grad", [False, True], ids=["in_scaling", "on_lora_A_output"])
+def test_gated_module_computes_w_x_plus_gate_times_scaled_lora(lora, gate_grad):
     peft_model, candidates = lora
-    gates = random_gates()
-    hooks = GateHooks(peft_model, candidates)
-    hooks.set(gates)
+    gates = random_gates().requires_grad_(gate_grad)
+    gated_by = LoraGates(peft_model, candidates)
+    gated_by.set(gates)
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(4))
     for index, cand in enumerate(candidates):
         layer = lora_layer(peft_model, cand.name)
@@ -186,31 +208,70 @@ def test_gated_module_computes_w_x_plus_gate_times_scaled_lora(lora):
         with torch.no_grad():
             got = layer(inputs)
             base = layer.get_base_layer()(inputs)
-            # Plain products: calling lora_A would run the gate hook under test.
             branch = inputs @ layer.lora_A[ADAPTER].weight.T @ layer.lora_B[ADAPTER].weight.T
-        expected = base + gates.flatten()[index] * layer.scaling[ADAPTER] * branch
+        expected = base + gates.detach().flatten()[index] * (ALPHA / RANK) * branch
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        assert (branch.abs().max() * layer.scaling[ADAPTER]) > 1e-2  # the branch matters
-    hooks.remove()
+        assert (branch.abs().max() * ALPHA / RANK) > 1e-2  # the branch matters
+    gated_by.remove()
+    # peft's own float scalings are back: a plain LoRA model again.
+    for cand in candidates:
+        scaling = lora_layer(peft_model, cand.name).scaling[ADAPTER]
+        assert type(scaling) is float and scaling == pytest.approx(ALPHA / RANK)
 
 
-def test_gate_hooks_require_gates_before_forward(lora, batch):
+def test_lora_gates_require_gates_before_forward(lora, batch):
     peft_model, candidates = lora
-    hooks = GateHooks(peft_model, candidates)
+    gated_by = LoraGates(peft_model, candidates)
     with pytest.raises(RuntimeError, match="set"):
         logits(peft_model, batch)
-    hooks.remove()
-    logits(peft_model, batch)  # removed hooks leave a plain LoRA model
+    gated_by.remove()
+    logits(peft_model, batch)  # removed gates leave a plain LoRA model
 
 
 def test_gates_carry_the_architecture_gradient(lora, batch):
     peft_model, candidates = lora
     theta = torch.zeros(2, 6, requires_grad=True)
-    hooks = GateHooks(peft_model, candidates)
-    hooks.set(torch.sigmoid(theta))
+    gated_by = LoraGates(peft_model, candidates)
+    gated_by.set(torch.sigmoid(theta))
     peft_model(**batch).loss.backward()
-    hooks.remove()
+    gated_by.remove()
     assert theta.grad is not None and (theta.grad != 0).all()
+
+
+def saved_activation_bytes(model, batch) -> int:
+    """Bytes autograd keeps for backward in one forward (parameters excluded, storages once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return sum(storages.values())
+
+
+def test_gates_cost_little_memory(lora, batch):
+    """Weight steps (detached gates) keep what plain LoRA keeps (plus the gate values);
+    architecture steps add about one rank-r output per module, not the d_out-wide branch
+    outputs."""
+    peft_model, candidates = lora
+    plain = saved_activation_bytes(peft_model, batch)
+    gated_by = LoraGates(peft_model, candidates)
+    gated_by.set(random_gates())
+    weight_step = saved_activation_bytes(peft_model, batch)
+    gated_by.set(random_gates().requires_grad_(True))
+    arch_step = saved_activation_bytes(peft_model, batch)
+    gated_by.remove()
+    assert weight_step - plain <= len(candidates) * 4  # the scaled gates themselves
+    tokens = batch["input_ids"].numel()
+    # q and k also project DeBERTa's relative embeddings, hence the margin of 2.
+    rank_r_outputs = 2 * len(candidates) * tokens * RANK * 4
+    branch_outputs = sum(tokens * c.d_out * 4 for c in candidates)
+    assert 0 < arch_step - plain <= rank_r_outputs < branch_outputs
 
 
 # -------------------------------------------------------------------- folding and discretizing
@@ -219,12 +280,12 @@ def test_gates_carry_the_architecture_gradient(lora, batch):
 def test_folding_keeps_outputs_when_all_modules_are_kept(lora, batch):
     peft_model, candidates = lora
     gates = random_gates()
-    hooks = GateHooks(peft_model, candidates)
-    hooks.set(gates)
+    gated_by = LoraGates(peft_model, candidates)
+    gated_by.set(gates)
     gated = logits(peft_model, batch)
-    hooks.set(torch.ones(2, 6))
+    gated_by.set(torch.ones(2, 6))
     ungated = logits(peft_model, batch)
-    hooks.remove()
+    gated_by.remove()
     # The gates change the function, so equality below is not a coincidence.
     assert (gated - ungated).abs().max() > 1e-3
     apply_mask(peft_model, candidates, [True] * len(candidates), gates)
@@ -234,10 +295,10 @@ def test_folding_keeps_outputs_when_all_modules_are_kept(lora, batch):
 def test_without_folding_outputs_change(lora, batch):
     peft_model, candidates = lora
     gates = random_gates()
-    hooks = GateHooks(peft_model, candidates)
-    hooks.set(gates)
+    gated_by = LoraGates(peft_model, candidates)
+    gated_by.set(gates)
     gated = logits(peft_model, batch)
-    hooks.remove()
+    gated_by.remove()
     apply_mask(peft_model, candidates, [True] * len(candidates), gates, fold_gates=False)
     assert (logits(peft_model, batch) - gated).abs().max() > 1e-3
 
@@ -246,12 +307,12 @@ def test_partial_mask_removes_exactly_the_dropped_contributions(lora, batch):
     peft_model, candidates = lora
     gates = random_gates()
     kept = top_k_mask(gates, 5)
-    hooks = GateHooks(peft_model, candidates)
-    hooks.set(gates)
+    gated_by = LoraGates(peft_model, candidates)
+    gated_by.set(gates)
     gated = logits(peft_model, batch)
-    hooks.set(gates * kept)  # the dropped modules' contribution switched off, nothing else
+    gated_by.set(gates * kept)  # the dropped modules' contribution switched off, nothing else
     without_dropped = logits(peft_model, batch)
-    hooks.remove()
+    gated_by.remove()
     assert (gated - without_dropped).abs().max() > 1e-3
     apply_mask(peft_model, candidates, kept.flatten().tolist(), gates)
     torch.testing.assert_close(logits(peft_model, batch), without_dropped, atol=1e-5, rtol=0)

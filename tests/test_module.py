@@ -264,7 +264,7 @@ def test_optimizer_after_discretization_holds_only_kept_adapters(searched):
         if ".lora_" in n
     }
     assert lora_owners == kept
-    assert module.arch_optimizer is None and module.gate_hooks is None
+    assert module.arch_optimizer is None and module.lora_gates is None
 
 
 class CaptureLogits(pl.Callback):
@@ -287,7 +287,7 @@ class CaptureLogits(pl.Callback):
                 self.logits["gated"] = module(dev).logits
                 gates = module.current_gates()
                 keep = top_k_mask(gates, num_kept(self.budget, gates.numel()))
-                module.gate_hooks.set(gates * keep)
+                module.lora_gates.set(gates * keep)
                 self.logits["kept_only"] = module.model(**dev).logits
             else:
                 assert not module.searching

@@ -3,9 +3,9 @@
 peft provides the LoRA layers (``lora_A``, ``lora_B``, ``scaling``); this module adds the DAM gate
 to each of them and later turns a gated model into a plain peft LoRA model on the kept modules.
 
-While searching, module i computes ``W_i x + gamma_i * s * B_i A_i x`` (METHOD.md, "Objects").
-The gate multiplies the rank-r output of ``lora_A`` (a forward hook), which is the same product as
-gating the full output but touches r instead of d_out features.
+While searching, module i computes ``W_i x + gamma_i * s * B_i A_i x`` (METHOD.md, "Objects");
+:class:`LoraGates` puts the gate into peft's LoRA scaling ``s`` for weight steps (no extra
+operation) and onto the rank-r ``lora_A`` output for architecture steps (little extra memory).
 """
 
 from __future__ import annotations
@@ -61,36 +61,78 @@ def lora_layer(peft_model: PeftModel, name: str) -> LoraLayer:
     return layer
 
 
-class GateHooks:
-    """Multiplies each candidate's LoRA branch by its DAM gate.
+class _GatesNotSet:
+    """Stands in for a LoRA scaling until :meth:`LoraGates.set` puts the gated one there."""
 
-    Call :meth:`set` with the current gates (layers x types) before every forward; the hooks read
-    the entry of their module. Gates set with ``requires_grad`` carry the architecture gradient.
+    def __mul__(self, other):
+        raise RuntimeError("LoraGates.set() must be called before the forward pass")
+
+    __rmul__ = __mul__
+
+
+class LoraGates:
+    """Multiplies each candidate's LoRA branch by its DAM gate: ``W x + gamma_i s B A x``.
+
+    peft computes a branch as ``lora_B(lora_A(dropout(x))) * layer.scaling[adapter]``. The gate
+    enters that product in one of two places, whichever the step needs (same function):
+
+    * detached gates (weight steps, validation): the float ``s`` is replaced by the 0-dim tensor
+      ``gamma_i * s``, so gating adds no operation to a plain LoRA forward;
+    * gates with ``requires_grad`` (architecture steps): a forward hook multiplies the rank-r
+      output of ``lora_A``, so what autograd keeps for the gate gradient is r features per token
+      (gating peft's d_out-wide product would keep the whole branch output).
+
+    Call :meth:`set` before every forward; :meth:`remove` gives peft its float scalings back.
     """
 
     def __init__(self, peft_model: PeftModel, candidates: list[Candidate]) -> None:
-        self._flat: torch.Tensor | None = None
-        self._handles = []
-        for index, cand in enumerate(candidates):
-            lora_a = lora_layer(peft_model, cand.name).lora_A[ADAPTER]
-            self._handles.append(lora_a.register_forward_hook(self._hook(index)))
+        self._layers = [lora_layer(peft_model, c.name) for c in candidates]
+        self._scales = [float(layer.scaling[ADAPTER]) for layer in self._layers]
+        self._scale_vector: torch.Tensor | None = None
+        self._grad_gates: dict[torch.dtype | None, torch.Tensor] = {}  # by lora_A output dtype
+        self._handles = [
+            layer.lora_A[ADAPTER].register_forward_hook(self._hook(index))
+            for index, layer in enumerate(self._layers)
+        ]
+        for layer in self._layers:
+            layer.scaling[ADAPTER] = _GatesNotSet()
 
     def _hook(self, index: int):
         def scale(_module, _inputs, output):
-            if self._flat is None:
-                raise RuntimeError("GateHooks.set() must be called before the forward pass")
-            return output * self._flat[index].to(output.dtype)
+            if not self._grad_gates:
+                return None  # the gate is in the scaling
+            gates = self._grad_gates.get(output.dtype)
+            if gates is None:  # one cast for all modules (bf16 under autocast)
+                gates = self._grad_gates[output.dtype] = self._grad_gates[None].to(output.dtype)
+            return output * gates[index]
 
         return scale
 
     def set(self, gates: torch.Tensor) -> None:
-        self._flat = gates.reshape(-1)
+        flat = gates.reshape(-1)
+        if len(flat) != len(self._layers):
+            raise ValueError(f"{len(flat)} gates for {len(self._layers)} gated modules")
+        if flat.requires_grad:
+            self._grad_gates = {None: flat, flat.dtype: flat}
+            for layer, scale in zip(self._layers, self._scales):
+                layer.scaling[ADAPTER] = scale
+            return
+        self._grad_gates = {}
+        vector = self._scale_vector
+        if vector is None or vector.device != flat.device or vector.dtype != flat.dtype:
+            vector = torch.tensor(self._scales, dtype=flat.dtype, device=flat.device)
+            self._scale_vector = vector
+        scaled = flat * vector
+        for index, layer in enumerate(self._layers):
+            layer.scaling[ADAPTER] = scaled[index]
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles = []
-        self._flat = None
+        for layer, scale in zip(self._layers, self._scales):
+            layer.scaling[ADAPTER] = scale
+        self._handles, self._layers, self._grad_gates = [], [], {}
+        self._scale_vector = None
 
 
 def apply_mask(

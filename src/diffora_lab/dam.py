@@ -34,10 +34,13 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(scores.shape)
 
 
-def gate_entropy(gates: torch.Tensor) -> float:
-    """Mean binary entropy (nats) of the gates: high while undecided, 0 once saturated."""
+def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
+    """Mean binary entropy (nats) of the gates: high while undecided, 0 once saturated.
+
+    A 0-dim tensor on the gates' device (reading it as a float waits for the GPU).
+    """
     g = gates.detach().float().clamp(1e-6, 1 - 1e-6)
-    return float(-(g * g.log() + (1 - g) * (1 - g).log()).mean())
+    return -(g * g.log() + (1 - g) * (1 - g).log()).mean()
 
 
 class DAM(nn.Module):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from diffora_lab.adalora import allocator_state, load_allocator_state
-from diffora_lab.adapters import GateHooks, apply_mask, count_parameters
+from diffora_lab.adapters import LoraGates, apply_mask, count_parameters
 from diffora_lab.backbones import Candidate
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask, gate_entropy
@@ -80,7 +80,7 @@ class DiffoRAModule(pl.LightningModule):
         self.dam = dam
         self.mask = mask
         self.phase = SEARCH if search.enabled else FINETUNE
-        self.gate_hooks = GateHooks(model, candidates) if self.phase == SEARCH else None
+        self.lora_gates = LoraGates(model, candidates) if self.phase == SEARCH else None
         self.step = 0  # weight-optimizer steps taken
         self.batches_seen = 0  # train batches consumed (differs from step with accumulation)
         self.search_batches_seen = 0
@@ -109,7 +109,7 @@ class DiffoRAModule(pl.LightningModule):
         """Runs the model; while searching, the gates enter the LoRA branches first."""
         if self.searching:
             gates = self.current_gates()
-            self.gate_hooks.set(gates if gate_grad else gates.detach())
+            self.lora_gates.set(gates if gate_grad else gates.detach())
         return self.model(**batch)
 
     # ------------------------------------------------------------- optimizers
@@ -216,8 +216,10 @@ class DiffoRAModule(pl.LightningModule):
         return {
             "search/loss": loss.detach(),
             "search/tau": self.search.tau_at(self.step),
+            # Tensors, not floats: logging reads them only every log_every steps, so the search
+            # step does not wait for the GPU here.
             "dam/entropy": gate_entropy(gates),
-            "dam/mean": float(gates.mean()),
+            "dam/mean": gates.mean(),
         }
 
     def _add_budget_penalty_grad(self) -> None:
@@ -357,8 +359,8 @@ class DiffoRAModule(pl.LightningModule):
         self, mask: Mask, gates: torch.Tensor | None, fold_gates: bool, reinit: bool
     ) -> None:
         """Removes the gates, applies ``mask`` to the adapters and freezes the DAM."""
-        self.gate_hooks.remove()
-        self.gate_hooks = None
+        self.lora_gates.remove()
+        self.lora_gates = None
         apply_mask(
             self.model, self.candidates, mask.kept, gates, fold_gates=fold_gates, reinit=reinit
         )
@@ -422,8 +424,8 @@ class DiffoRAModule(pl.LightningModule):
         if self.dam is not None:
             state.append(self.dam.logits.detach().double().flatten())
         if self.mask is not None:
-            state.append(torch.tensor(self.mask.kept, dtype=torch.float64))
-        local = torch.cat(state).to(self.device)
+            state.append(torch.tensor(self.mask.kept, dtype=torch.float64, device=self.device))
+        local = torch.cat([t.to(self.device) for t in state])
         gathered = self.trainer.strategy.all_gather(local)
         return bool(torch.all(gathered == gathered[0:1]).item())
 

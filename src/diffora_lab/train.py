@@ -101,7 +101,8 @@ def _meta_candidates(cfg: DictConfig, spec: TaskSpec, vocab_size: int) -> list[C
 
     bcfg = cfg.backbone
     if bcfg.get("config") is not None:
-        model = backbones.load_backbone(bcfg, spec.num_labels, vocab_size=vocab_size)
+        with torch.device("meta"):
+            model = backbones.load_backbone(bcfg, spec.num_labels, vocab_size=vocab_size)
     else:
         config = transformers.AutoConfig.from_pretrained(
             backbones.resolve_source(bcfg), num_labels=max(spec.num_labels, 1)
@@ -427,7 +428,7 @@ def _results(
         "kept_by_type": mask.counts_by_type() if mask is not None else {},
         "k": mask.k if mask is not None else 0,
         "dam_entropy": (
-            gate_entropy(torch.tensor(mask.gates))
+            float(gate_entropy(torch.tensor(mask.gates)))
             if mask is not None and mask.source == "search"
             else None
         ),
