@@ -311,3 +311,77 @@ def test_budget_penalty_pulls_the_mean_gate_towards_the_budget(smoke_cfg, tmp_pa
     free = mean_gate("dam.budget_penalty=0")
     pulled = mean_gate("dam.budget_penalty=200")
     assert abs(pulled - 0.25) < abs(free - 0.25) - 0.02
+
+
+# ------------------------------------------------------------------- GLUE folders, any task
+
+
+def write_glue_task(root: Path, folder: str, header: list[str], rows: list[list[str]]) -> None:
+    """DIR/<folder>/{train,dev}.tsv in the original layout (tab-separated, no quoting)."""
+    (root / folder).mkdir(parents=True)
+    for split, part in (("train", rows[:96]), ("dev", rows[96:])):
+        lines = ["\t".join(header), *("\t".join(row) for row in part)]
+        (root / folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+
+
+def mrpc_rows() -> tuple[list[str], list[list[str]]]:
+    header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    rows = []
+    for i in range(128):
+        same = i % 2 == 0
+        first = f"the committee approved plan {i} on monday ."
+        second = first if same else f"shares of company {i} fell sharply ."
+        rows.append([str(int(same)), str(2 * i), str(2 * i + 1), first, second])
+    return header, rows
+
+
+def stsb_rows() -> tuple[list[str], list[list[str]]]:
+    header = [
+        "index", "genre", "filename", "year", "old_index", "source1", "source2",
+        "sentence1", "sentence2", "score",
+    ]  # fmt: skip
+    rows = []
+    for i in range(128):
+        score = i % 6
+        words = ["a", "man", "plays", "the", "guitar", "loudly"]
+        first = " ".join(words)
+        second = " ".join(words[:score] + ["nothing"] * (6 - score))
+        meta = ["main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none"]
+        rows.append([str(i), *meta, first, second, f"{score:.3f}"])
+    return header, rows
+
+
+@pytest.mark.parametrize(
+    ("task", "folder", "rows", "metrics", "head_outputs"),
+    [
+        ("mrpc", "MRPC", mrpc_rows, {"val/accuracy", "val/f1"}, 2),
+        ("stsb", "STS-B", stsb_rows, {"val/pearson", "val/spearman"}, 1),
+    ],
+)
+def test_a_glue_folder_and_the_task_name_are_all_a_run_needs(
+    tmp_path, task, folder, rows, metrics, head_outputs
+):
+    """Tasks not shipped here (MRPC with F1, STS-B as regression) train from any folder in the
+    original GLUE layout, with their own metrics and head."""
+    root = tmp_path / "glue"
+    write_glue_task(root, folder, *rows())
+    done = smoke_run(
+        tmp_path / "run",
+        f"task={task}",
+        f"task.data_dir={root}",
+        "task.max_length=32",
+        "train.max_steps=12",
+        "train.val_every=6",
+        "train.ckpt_every=12",
+        "dam.warmup_steps=2",
+    )
+    results = done.saved_results
+    assert results["task"] == task
+    assert set(results["metrics"]) == metrics
+    assert results["primary_metric"] in metrics
+    assert all(-1.0 <= value <= 1.0 for value in results["metrics"].values())
+    hidden = 32  # tiny_deberta: pooler (hidden x hidden) + classifier (hidden x outputs)
+    assert (
+        results["params"]["head"] == hidden * hidden + hidden + hidden * head_outputs + head_outputs
+    )
+    assert results["discretization"]["step"] == 6
