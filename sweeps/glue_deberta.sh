@@ -8,10 +8,12 @@
 #   LAUNCHER="hydra/launcher=slurm hydra.launcher.partition=gpu" bash sweeps/glue_deberta.sh
 #   EXTRA="backbone.path=/models/deberta-v3-base task.data_dir=/data/glue" bash sweeps/glue_deberta.sh
 #
-# Estimated GPU time per task on one modern GPU (H100/A100-class, bf16), assuming ~10 LoRA
-# steps/s at batch 32 and the experiment's max length, DiffoRA's search (30 % of the steps) at
-# ~2x a LoRA step, AdaLoRA ~1.1x; per seed, all three methods together. These are estimates, not
-# measurements:
+# Estimated GPU time per task on one modern GPU (H100/A100-class, bf16), per seed, all three
+# methods together. Basis: on one H200 a LoRA step of a DeBERTa-v3-base-sized model at batch 32,
+# seq 256, bf16 took ~0.1 s (9.6 steps/s), a DiffoRA search step 2.0x and a post-discretization
+# step 0.70x of that (measured: BENCHMARKS.md, "GPU step throughput"); DiffoRA searches for 30 %
+# of the steps, AdaLoRA is taken as ~1.1x; longer max lengths (320, 512) cost proportionally
+# more. The totals below are estimates from those rates, not timed runs:
 #   mnli  85,903 steps  ~8.5 h      qqp   56,851 steps  ~6 h (max length 320)
 #   qnli  16,366 steps  ~2.5 h (512) sst2  50,511 steps  ~4 h
 #   cola   6,679 steps  ~0.5 h       rte    3,890 steps  ~0.4 h (320)
