@@ -373,15 +373,15 @@ def time_interleaved(
     return out
 
 
-def profile_variant(variant: Variant, batches: list, rows: int = 25) -> None:
+def profile_variant(variant: Variant, batches: list, run: Callable, rows: int = 25) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     for i in range(2):
-        variant.step(batches[i % len(batches)])
+        run(variant, batches[i % len(batches)])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(3):
             with record_function(f"{variant.name}_step"):
-                variant.step(batches[i % len(batches)])
+                run(variant, batches[i % len(batches)])
     print(f"\n== torch.profiler, 3 steps of {variant.name!r} ==")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     run = step_runner(args.device, args.precision)
     if args.profile:
         for name in names:
-            profile_variant(variants[name], train_batches)
+            profile_variant(variants[name], train_batches, run)
         return 0
 
     for v in variants.values():

@@ -89,7 +89,7 @@ class LoraGates:
         self._layers = [lora_layer(peft_model, c.name) for c in candidates]
         self._scales = [float(layer.scaling[ADAPTER]) for layer in self._layers]
         self._scale_vector: torch.Tensor | None = None
-        self._grad_gates: dict[torch.dtype | None, torch.Tensor] = {}  # by lora_A output dtype
+        self._grad_gates: torch.Tensor | None = None  # gates with grad, for the hooks
         self._handles = [
             layer.lora_A[ADAPTER].register_forward_hook(self._hook(index))
             for index, layer in enumerate(self._layers)
@@ -99,12 +99,11 @@ class LoraGates:
 
     def _hook(self, index: int):
         def scale(_module, _inputs, output):
-            if not self._grad_gates:
+            if self._grad_gates is None:
                 return None  # the gate is in the scaling
-            gates = self._grad_gates.get(output.dtype)
-            if gates is None:  # one cast for all modules (bf16 under autocast)
-                gates = self._grad_gates[output.dtype] = self._grad_gates[None].to(output.dtype)
-            return output * gates[index]
+            if self._grad_gates.dtype != output.dtype:  # cast once for all (bf16 under autocast)
+                self._grad_gates = self._grad_gates.to(output.dtype)
+            return output * self._grad_gates[index]
 
         return scale
 
@@ -113,11 +112,11 @@ class LoraGates:
         if len(flat) != len(self._layers):
             raise ValueError(f"{len(flat)} gates for {len(self._layers)} gated modules")
         if flat.requires_grad:
-            self._grad_gates = {None: flat, flat.dtype: flat}
+            self._grad_gates = flat
             for layer, scale in zip(self._layers, self._scales):
                 layer.scaling[ADAPTER] = scale
             return
-        self._grad_gates = {}
+        self._grad_gates = None
         vector = self._scale_vector
         if vector is None or vector.device != flat.device or vector.dtype != flat.dtype:
             vector = torch.tensor(self._scales, dtype=flat.dtype, device=flat.device)
@@ -131,7 +130,7 @@ class LoraGates:
             handle.remove()
         for layer, scale in zip(self._layers, self._scales):
             layer.scaling[ADAPTER] = scale
-        self._handles, self._layers, self._grad_gates = [], [], {}
+        self._handles, self._layers, self._grad_gates = [], [], None
         self._scale_vector = None
 
 

@@ -425,7 +425,7 @@ class DiffoRAModule(pl.LightningModule):
             state.append(self.dam.logits.detach().double().flatten())
         if self.mask is not None:
             state.append(torch.tensor(self.mask.kept, dtype=torch.float64, device=self.device))
-        local = torch.cat([t.to(self.device) for t in state])
+        local = torch.cat(state)  # parameters and mask, all on this rank's device
         gathered = self.trainer.strategy.all_gather(local)
         return bool(torch.all(gathered == gathered[0:1]).item())
 
