@@ -57,6 +57,9 @@ class SearchSettings:
     order: str
     budget: float
     budget_penalty: float
+    progressive: bool
+    prune_start: int
+    prune_end: int
     fold_gates: bool
     weight_sharing: bool
     merge_search_split: bool
@@ -112,8 +115,15 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             _fail("dam.search_split", frac, "the fraction of train held out for search: (0, 1).")
         if _number(cfg, "dam.tau", float) <= 0 or _number(cfg, "dam.tau_end", float) <= 0:
             _fail("dam.tau", cfg.dam.tau, "temperatures must be > 0.")
-        if cfg.dam.relaxation not in ("sigmoid", "softmax_row"):
-            _fail("dam.relaxation", cfg.dam.relaxation, "choose sigmoid or softmax_row.")
+        if cfg.dam.relaxation not in ("sigmoid", "softmax_row", "topk"):
+            _fail("dam.relaxation", cfg.dam.relaxation, "choose sigmoid, softmax_row or topk.")
+        prune_end = _number(cfg, "dam.prune_end", float)
+        if not 0.0 < prune_end <= 1.0:
+            _fail(
+                "dam.prune_end",
+                prune_end,
+                "the share of the search after which only k modules remain: (0, 1].",
+            )
         if cfg.dam.order not in ("first", "second"):
             _fail("dam.order", cfg.dam.order, "choose first (DARTS-1st) or second.")
         if _number(cfg, "dam.budget_penalty", float) < 0:
@@ -138,6 +148,13 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
                 f"weight-only steps must leave architecture steps in the {steps}-step search; "
                 "use 0 <= dam.warmup_steps < the search length.",
             )
+    if cfg.method.get("scaling") is not None:
+        from diffora_lab.adapters import SCALINGS
+
+        if cfg.method.scaling not in SCALINGS:
+            _fail("method.scaling", cfg.method.scaling, f"choose one of {list(SCALINGS)}.")
+        if _number(cfg, "method.scale", float) <= 0:
+            _fail("method.scale", cfg.method.scale, "the LoRA update scale s must be > 0.")
     # --- baselines/export: parameter matching (matching.py) and AdaLoRA (adalora.py) --------
     match = cfg.get("match")
     if match is not None and match.get("target_rank") is not None:
@@ -186,10 +203,14 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         if cfg.dam.get("search_steps") is not None
         else max(1, round(float(cfg.dam.search_ratio) * int(cfg.train.max_steps)))
     )
+    warmup = int(cfg.dam.warmup_steps)
+    prune_start = cfg.dam.get("prune_start")
+    prune_start = warmup if prune_start is None else int(prune_start)
+    prune_end = max(prune_start + 1, round(float(cfg.dam.get("prune_end", 0.75)) * steps))
     return SearchSettings(
         enabled=enabled,
         steps=steps if enabled else 0,
-        warmup_steps=int(cfg.dam.warmup_steps),
+        warmup_steps=warmup,
         arch_lr=float(cfg.dam.arch_lr),
         arch_betas=tuple(float(b) for b in cfg.dam.arch_betas),
         arch_weight_decay=float(cfg.dam.arch_weight_decay),
@@ -199,6 +220,9 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         order=str(cfg.dam.order),
         budget=float(cfg.budget),
         budget_penalty=float(cfg.dam.get("budget_penalty", 0.0)),
+        progressive=bool(cfg.dam.get("progressive", False)),
+        prune_start=prune_start,
+        prune_end=prune_end,
         fold_gates=bool(cfg.dam.fold_gates),
         weight_sharing=bool(cfg.dam.weight_sharing),
         merge_search_split=bool(cfg.dam.merge_search_split),

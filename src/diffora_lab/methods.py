@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from diffora_lab.adapters import apply_mask, attach_lora
+from diffora_lab.adapters import apply_mask, attach_lora, lora_alpha_for
 from diffora_lab.backbones import Candidate
 from diffora_lab.dam import DAM, Mask, num_kept
 
@@ -80,13 +80,20 @@ def build(cfg: DictConfig, backbone: nn.Module, candidates: list[Candidate]) -> 
 
         return Built(attach_adalora(cfg, backbone, candidates), None, None)
 
+    lora_alpha, use_rslora = lora_alpha_for(
+        str(cfg.method.get("scaling", "alpha")),
+        int(cfg.rank),
+        float(cfg.method.get("scale", 2.0)),
+        float(cfg.method.lora_alpha),
+    )
     model = attach_lora(
         backbone,
         candidates,
         rank=int(cfg.rank),
-        lora_alpha=float(cfg.method.lora_alpha),
+        lora_alpha=lora_alpha,
         lora_dropout=float(cfg.method.lora_dropout),
         head_modules=list(cfg.backbone.head_modules),
+        use_rslora=use_rslora,
     )
     n = len(candidates)
     if name == "lora":
@@ -115,5 +122,11 @@ def build(cfg: DictConfig, backbone: nn.Module, candidates: list[Candidate]) -> 
         apply_mask(model, candidates, mask.kept)
         return Built(model, None, mask)
     layers, types = _layer_grid(candidates, module_types)
-    dam = DAM(layers, module_types, relaxation=str(cfg.dam.relaxation), init=float(cfg.dam.init))
+    dam = DAM(
+        layers,
+        module_types,
+        relaxation=str(cfg.dam.relaxation),
+        init=float(cfg.dam.init),
+        k=num_kept(float(cfg.budget), n),
+    )
     return Built(model, dam, None)
