@@ -252,6 +252,13 @@ class DAMMonitor(pl.Callback):
     def _draw(self, trainer, module, step: int, gates: torch.Tensor, kept: Mask | None) -> None:
         values = gates.float().cpu()
         title = f"DAM step {step}" + (f" (kept {kept.k}, budget {kept.budget})" if kept else "")
+        disc = module.discretization
+        if kept is not None and disc.get("val_before") is not None:
+            # The discretization gap, on the figure a researcher looks at first.
+            title += (
+                f"\ndev {module.spec.primary_metric} {disc['val_before']:.4f} -> "
+                f"{disc['val_after']:.4f} at the cut"
+            )
         figure = plotting.dam_heatmap(
             values.numpy(),
             module.dam.module_types,
