@@ -15,15 +15,16 @@ from peft.tuners.adalora import AdaLoraModel
 from peft.tuners.lora import LoraLayer
 
 from diffora_lab import backbones, methods, train
-from diffora_lab.adalora import (
+from diffora_lab.backbones import Candidate
+from diffora_lab.dam import Mask, num_kept
+from diffora_lab.methods import Built
+from diffora_lab.methods.adalora import (
     allocator_state,
     attach_adalora,
     load_allocator_state,
     rank_summary,
 )
-from diffora_lab.backbones import Candidate
-from diffora_lab.dam import Mask, num_kept
-from diffora_lab.methods import Built
+from diffora_lab.methods.random_mask import random_mask as draw_random_mask
 
 STEPS = 10
 HEAD = ("classifier.", "pooler.")
@@ -69,8 +70,8 @@ def run_method(tmp_path: Path, monkeypatch, method: str, *overrides: str) -> Tra
     captured: dict[str, Any] = {}
     real_build = methods.build
 
-    def build(cfg, backbone, candidates):
-        built = real_build(cfg, backbone, candidates)
+    def build(cfg, backbone, candidates, *args):
+        built = real_build(cfg, backbone, candidates, *args)
         captured.update(built=built, candidates=candidates, before=snapshot(built.model))
         return built
 
@@ -110,7 +111,8 @@ def test_full_trains_the_backbone(tmp_path, monkeypatch):
     )
     # A run without adapter/ is scored from its checkpoint, with the config stored there, and
     # a full model "merged" is the model itself.
-    from diffora_lab.evaluate import evaluate, export_merged
+    from diffora_lab.adapters import export_merged
+    from diffora_lab.evaluate import evaluate
 
     assert evaluate(trained.out) == trained.results["metrics"]
     export_merged(trained.built.model, trained.out / "merged")
@@ -150,11 +152,11 @@ def test_random_masks_differ_across_seeds():
     )
     types = list(cfg.backbone.module_types)
     masks = [
-        methods.random_mask(candidates, types, 0.5, seed, "tiny_deberta").kept for seed in range(4)
+        draw_random_mask(candidates, types, 0.5, seed, "tiny_deberta").kept for seed in range(4)
     ]
     assert all(sum(m) == num_kept(0.5, len(candidates)) for m in masks)
     assert len({tuple(m) for m in masks}) > 1
-    again = methods.random_mask(candidates, types, 0.5, 0, "tiny_deberta").kept
+    again = draw_random_mask(candidates, types, 0.5, 0, "tiny_deberta").kept
     assert again == masks[0]
 
 

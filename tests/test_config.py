@@ -19,8 +19,8 @@ import yaml
 from conftest import SHARED_GLUE, compose_config
 from omegaconf import OmegaConf
 
-from diffora_lab.__main__ import config_dir
 from diffora_lab.config import optim_settings, search_settings, validate
+from diffora_lab.runtime import config_dir
 from diffora_lab.tasks import get_task, load_hub
 from diffora_lab.train import ConfigError, prepare
 

@@ -22,17 +22,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffora_lab.adalora import allocator_state, load_allocator_state
 from diffora_lab.adapters import LoraGates, apply_mask, count_parameters
 from diffora_lab.backbones import Candidate
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask, gate_entropy
+from diffora_lab.methods import Method
 from diffora_lab.metrics import build_metrics, predictions_from_logits
 from diffora_lab.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
 SEARCH, FINETUNE = "search", "finetune"
+STATE_KEY = "diffora_lab"  # our entry in a Lightning checkpoint
+STATE_FORMAT = 2  # 2: the method's state under "method"; part of the search-cache key
 
 
 def _numpy_state() -> list:
@@ -57,6 +59,7 @@ class DiffoRAModule(pl.LightningModule):
         dam: The gate logits (None without a search).
         mask: A mask already applied to ``model`` (methods without a search), or None.
         hparams: The resolved run config, stored in every checkpoint.
+        method: The run's method: its per-step hook and checkpoint state (None: neither).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class DiffoRAModule(pl.LightningModule):
         dam: DAM | None = None,
         mask: Mask | None = None,
         hparams: dict[str, Any] | None = None,
+        method: Method | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -79,6 +83,7 @@ class DiffoRAModule(pl.LightningModule):
         self.search = search
         self.dam = dam
         self.mask = mask
+        self.method = method if method is not None else Method()
         self.phase = SEARCH if search.enabled else FINETUNE
         self.lora_gates = LoraGates(model, candidates) if self.phase == SEARCH else None
         self.step = 0  # weight-optimizer steps taken
@@ -86,7 +91,6 @@ class DiffoRAModule(pl.LightningModule):
         self.search_batches_seen = 0
         self.discretization: dict[str, Any] = {}
         self.search_reused = False  # resumed from a shared end-of-search snapshot
-        self._adalora_state: dict | None = None  # AdaLoRA allocator state awaiting restore
         self.ranks_consistent: bool | None = None  # checked at the end of multi-process runs
         self.val_metrics = nn.ModuleList(build_metrics(spec) for _ in spec.dev_splits)
         self.arch_optimizer: torch.optim.Optimizer | None = None
@@ -192,13 +196,8 @@ class DiffoRAModule(pl.LightningModule):
         return loss.detach()
 
     def _after_weight_step(self) -> None:
-        """AdaLoRA's rank allocation needs the gradients of the step just taken."""
-        allocate = getattr(getattr(self.model, "base_model", None), "update_and_allocate", None)
-        if allocate is not None:
-            if self._adalora_state is not None:
-                load_allocator_state(self.model, self._adalora_state)
-                self._adalora_state = None
-            allocate(self.step)
+        """The method's per-step hook (e.g. AdaLoRA's allocation reads this step's gradients)."""
+        self.method.after_weight_step(self.model, self.step)
 
     def _architecture_step(self, train_batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """One architecture step on a search batch: only the gate logits move."""
@@ -371,7 +370,7 @@ class DiffoRAModule(pl.LightningModule):
     # ------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["diffora"] = {
+        checkpoint[STATE_KEY] = {
             "phase": self.phase,
             "step": self.step,
             "batches_seen": self.batches_seen,
@@ -379,7 +378,7 @@ class DiffoRAModule(pl.LightningModule):
             "arch_optimizer": self.arch_optimizer.state_dict() if self.arch_optimizer else None,
             "mask": None if self.mask is None else vars(self.mask).copy(),
             "discretization": dict(self.discretization),
-            "adalora": allocator_state(self.model),
+            "method": self.method.checkpoint_state(self.model),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -389,15 +388,18 @@ class DiffoRAModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("diffora")
+        state = checkpoint.get(STATE_KEY)
         if state is None:
-            raise ValueError("ckpt_path: this checkpoint was not written by diffora_lab")
+            raise ValueError(
+                "ckpt_path: this checkpoint was not written by this version of diffora_lab; "
+                "start a new run (or resume with the version that wrote it)."
+            )
         self.step = state["step"]
         self.batches_seen = state["batches_seen"]
         self.search_batches_seen = state["search_batches_seen"]
         self.discretization = dict(state["discretization"])
         self._arch_state = state["arch_optimizer"]
-        self._adalora_state = state.get("adalora")  # restored at the first step, on device
+        self.method.load_checkpoint_state(state.get("method"))
         if state["phase"] == FINETUNE and self.phase == SEARCH:
             # Restore the structure only: the state dict that follows holds the folded weights.
             self._enter_finetune(Mask(**state["mask"]), None, fold_gates=False, reinit=False)
