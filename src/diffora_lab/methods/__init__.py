@@ -11,20 +11,20 @@ here says what its method trains and everything the harness asks of it (the prot
 - ``adalora``: peft's AdaLoRA on every candidate;
 - ``full``: every parameter trains; ``bitfit``: biases and the head train.
 
-A new method is a new file with a registered class (and a ``conf/method/<name>.yaml``); nothing
-else changes.
+A new method is a new file here with a ``@register_method`` class (and a
+``conf/method/<name>.yaml``); every module in this folder is imported, so nothing else changes.
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
+import pkgutil
 from collections.abc import Sequence
 
 from omegaconf import DictConfig
 from torch import nn
 
 from diffora_lab.backbones import Candidate
-from diffora_lab.methods import adalora, bitfit, diffora, full, lora, random_mask  # noqa: F401
 from diffora_lab.methods.diffora import check_mask_fits
 from diffora_lab.methods.registry import (
     Built,
@@ -47,7 +47,9 @@ __all__ = [
     "resolve_rank",
 ]
 
-log = logging.getLogger(__name__)
+# Every module in this folder registers its method on import: a new file is a new method.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build(
