@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from diffora_lab.architect import get_architect
+from diffora_lab.dam import RELAXATIONS
 from diffora_lab.methods import get_method, method_for
 
 
@@ -106,10 +108,9 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             _fail("dam.search_split", frac, "the fraction of train held out for search: (0, 1).")
         if _number(cfg, "dam.tau", float) <= 0 or _number(cfg, "dam.tau_end", float) <= 0:
             _fail("dam.tau", cfg.dam.tau, "temperatures must be > 0.")
-        if cfg.dam.relaxation not in ("sigmoid", "softmax_row"):
-            _fail("dam.relaxation", cfg.dam.relaxation, "choose sigmoid or softmax_row.")
-        if cfg.dam.order not in ("first", "second"):
-            _fail("dam.order", cfg.dam.order, "choose first (DARTS-1st) or second.")
+        if cfg.dam.relaxation not in RELAXATIONS:
+            _fail("dam.relaxation", cfg.dam.relaxation, f"choose one of {list(RELAXATIONS)}.")
+        get_architect(cfg.dam.order)  # dam.order names a registered search variant
         if _number(cfg, "dam.budget_penalty", float) < 0:
             _fail("dam.budget_penalty", cfg.dam.budget_penalty, "must be >= 0 (0 disables it).")
         if _number(cfg, "dam.arch_lr", float) <= 0:
