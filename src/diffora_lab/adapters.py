@@ -10,6 +10,7 @@ operation) and onto the rank-r ``lora_A`` output for architecture steps (little 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,13 @@ def attach_lora(
     lora_alpha: float,
     lora_dropout: float,
     head_modules: list[str],
-    use_rslora: bool = False,
+    **peft_options: Any,
 ) -> PeftModel:
     """Wraps ``model`` with peft LoRA adapters on exactly the given candidate modules.
 
     The backbone is frozen by peft; the classifier head (``head_modules``) stays trainable and is
-    saved with the adapter (``modules_to_save``).
+    saved with the adapter (``modules_to_save``). ``peft_options`` are further ``LoraConfig``
+    fields (a peft variant of LoRA, e.g. ``use_dora=True``).
     """
     if rank < 1:
         raise ValueError(f"rank={rank} must be >= 1 (the LoRA rank r).")
@@ -67,10 +69,10 @@ def attach_lora(
         r=rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        use_rslora=use_rslora,
         target_modules=[c.name for c in candidates],
         modules_to_save=list(head_modules),
         task_type="SEQ_CLS",
+        **peft_options,
     )
     return get_peft_model(model, config)
 
@@ -238,4 +240,29 @@ def export_adapter(peft_model: PeftModel, folder: str | Path, **extra: Any) -> P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(folder), **extra)
+    return folder
+
+
+def export_merged(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
+    """Writes the model with its adapter merged into the base weights (``save_pretrained``).
+
+    The trained model is left as it is (a copy is merged). Works for LoRA adapters (DiffoRA's
+    kept modules, LoRA, random masks) and AdaLoRA (pruned singular values are zero, so they merge
+    as nothing); the head (``modules_to_save``) is the trained one. A model without adapters
+    (``full``, ``bitfit``) is written as it is.
+
+    Args:
+        model: A peft model, or a plain ``transformers`` model.
+        folder: Output folder; created if missing.
+        tokenizer: Saved alongside when given, so the folder is self-contained.
+
+    Returns:
+        The folder; load it with ``AutoModelForSequenceClassification.from_pretrained(folder)``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
+    plain.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
     return folder

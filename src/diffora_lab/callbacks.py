@@ -50,13 +50,13 @@ class Discretization(pl.Callback):
     def on_train_start(self, trainer, module) -> None:
         # A run resumed from a search snapshot (or stopped right at the end of the search)
         # discretizes before its first fine-tuning step.
-        if module.searching and module.step >= module.search.steps:
+        if module.search_finished:
             self.discretize(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if module.searching and module.search.progressive:
             self.prune(trainer, module)
-        if module.searching and module.step >= module.search.steps:
+        if module.search_finished:
             if self.search_cache is not None and not module.search_reused:
                 # The state at the end of the search, shared by runs that differ only in what
                 # happens after it (budget, folding, ...): see train.search_key.
@@ -88,47 +88,23 @@ class Discretization(pl.Callback):
     def discretize(self, trainer: pl.Trainer, module) -> Mask:
         """Scores dev, freezes the top-k mask into the model, scores dev again."""
         val_before = module.evaluate()
-        gates = module.current_gates().detach()
-        mask = Mask.from_scores(
-            gates,
-            [c.name for c in module.candidates],
-            module.dam.module_types,
-            module.search.budget,
-            module.step,
-            backbone=self.backbone,
-        )
+        mask, gates = module.propose_mask(self.backbone)
         # Ranks hold identical gates, but the mask must be identical bit for bit: rank 0 decides.
         mask = trainer.strategy.broadcast(mask, src=0)
         module.discretize(mask, gates)
         val_after = module.evaluate()
-        primary = f"val/{module.spec.primary_metric}"
-        module.discretization = {
-            "step": module.step,
-            "val_before": val_before.get(primary),
-            "val_after": val_after.get(primary),
-            "before": val_before,
-            "after": val_after,
-        }
-        params = module.trainable_parameters()
-        metrics = {
-            "dam/val_before": val_before[primary],
-            "dam/val_after": val_after[primary],
-            "dam/gap": val_before[primary] - val_after[primary],
-            "dam/kept": float(mask.k),
-            "params/trainable": float(params["total"]),
-        }
+        metrics = module.record_discretization(val_before, val_after)
         for logger in trainer.loggers:  # direct: this may run in on_train_start
             logger.log_metrics(metrics, step=module.step)
         if trainer.is_global_zero:
             mask.save(self.output_dir / "dam" / "mask.json")
         log.info(
-            "discretized at step %d: kept %d/%d modules, %s %.4f -> %.4f",
+            "discretized at step %d: kept %d/%d modules, dev %.4f -> %.4f",
             module.step,
             mask.k,
             len(mask.modules),
-            primary,
-            val_before[primary],
-            val_after[primary],
+            metrics["dam/val_before"],
+            metrics["dam/val_after"],
         )
         return mask
 
