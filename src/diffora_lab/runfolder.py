@@ -244,8 +244,11 @@ class FolderState:
 
     def restore(self) -> None:
         if self.log_file is not None and self.log_file.is_file():
-            with self.log_file.open("r+b") as handle:
-                handle.truncate(self.log_size or 0)
+            if self.log_size is None:  # written since capture (Hydra opens it lazily)
+                self.log_file.unlink()
+            else:
+                with self.log_file.open("r+b") as handle:
+                    handle.truncate(self.log_size)
         if self.was_empty and self.folder.is_dir():
             leftovers = [p for p in self.folder.iterdir() if p != self.log_file]
             if not leftovers:
