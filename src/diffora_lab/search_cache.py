@@ -77,9 +77,9 @@ def _hash_files(files: list[Path], root: Path, digest) -> None:
                 digest.update(block)
 
 
-def source_fingerprint() -> str:
-    """Hash of the package's Python source (``diffora_lab/**/*.py``)."""
-    root = Path(__file__).resolve().parent
+def source_fingerprint(root: Path | None = None) -> str:
+    """Hash of the package's Python source (``diffora_lab/**/*.py``, or under ``root``)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent
     digest = hashlib.sha256()
     _hash_files(sorted(root.rglob("*.py")), root, digest)
     return digest.hexdigest()
