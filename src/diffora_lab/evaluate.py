@@ -163,6 +163,7 @@ def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> 
 def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int) -> nn.Module:
     """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights."""
     from diffora_lab import backbones
+    from diffora_lab.checkpointing import fill
 
     if source.merged is not None:
         import transformers
@@ -182,7 +183,12 @@ def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int
             f"{source.checkpoint}: a {cfg.method.name} run is scored from its adapter/ folder "
             "(written at the end of training), which this run lacks."
         )
-    state = torch.load(source.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    checkpoint = torch.load(source.checkpoint, map_location="cpu", weights_only=False)
+    # Checkpoints leave the frozen backbone out (checkpointing.py): filled from the one loaded.
+    current = {f"model.{k}": v for k, v in backbone.state_dict().items()}
+    state = checkpoint["state_dict"]
+    record = checkpoint.get("diffora", {}).get("backbone")
+    fill(state, current, list(current), record, source=str(source.checkpoint))
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     backbone.load_state_dict(weights)
     return backbone

@@ -25,6 +25,7 @@ from torch import nn
 from diffora_lab.adalora import allocator_state, load_allocator_state
 from diffora_lab.adapters import LoraGates, apply_mask, count_parameters
 from diffora_lab.backbones import Candidate
+from diffora_lab.checkpointing import BackboneFingerprint, fill, frozen_backbone_keys, prune
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask, gate_entropy
 from diffora_lab.metrics import build_metrics, predictions_from_logits
@@ -371,7 +372,12 @@ class DiffoRAModule(pl.LightningModule):
     # ------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen backbone is reloaded from its source on resume: only a fingerprint is kept.
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = BackboneFingerprint()
+        backbone = prune(checkpoint, self, self._fingerprint)
         checkpoint["diffora"] = {
+            "backbone": backbone,
             "phase": self.phase,
             "step": self.step,
             "batches_seen": self.batches_seen,
@@ -401,6 +407,13 @@ class DiffoRAModule(pl.LightningModule):
         if state["phase"] == FINETUNE and self.phase == SEARCH:
             # Restore the structure only: the state dict that follows holds the folded weights.
             self._enter_finetune(Mask(**state["mask"]), None, fold_gates=False, reinit=False)
+        # In the checkpoint's structure now: put the frozen backbone back (refused if another).
+        fill(
+            checkpoint["state_dict"],
+            self.state_dict(),
+            frozen_backbone_keys(self),
+            state.get("backbone"),
+        )
         datamodule = self.trainer.datamodule
         datamodule.train_start = self.batches_seen
         rng = state["rng"]

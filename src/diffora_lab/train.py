@@ -40,6 +40,7 @@ from diffora_lab.dam import Mask, gate_entropy, num_kept
 from diffora_lab.data import GlueDataModule
 from diffora_lab.matching import achieved, resolve_rank, target_rank_of
 from diffora_lab.module import DiffoRAModule
+from diffora_lab.progress import PhaseProgressBar, progress_callbacks
 from diffora_lab.tasks import TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ AFTER_SEARCH_KEYS = (
     "train.val_every",
     "train.ckpt_every",
     "train.log_every",
+    "train.progress_every",
     "train.eval_batch_size",
     "train.stop_after",
     "dam.fold_gates",
@@ -218,6 +220,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Tr
         # The weight step leaves the gate logits unused and the architecture step the head:
         # DDP must look for unused parameters.
         trainer_args["strategy"] = DDPStrategy(find_unused_parameters=True)
+    # Lightning adds its own bar when enabled; ours (or log lines off a terminal) is in callbacks.
+    trainer_args["enable_progress_bar"] = any(isinstance(c, PhaseProgressBar) for c in callbacks)
     return pl.Trainer(
         max_steps=int(cfg.train.max_steps),
         val_check_interval=int(cfg.train.val_every),
@@ -355,6 +359,10 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 every_n_train_steps=int(cfg.train.ckpt_every),
             ),
             preemption,
+            *progress_callbacks(
+                bool(cfg.trainer.get("enable_progress_bar", True)),
+                float(cfg.train.get("progress_every", 30)),
+            ),
         ]
         if cfg.train.get("stop_after"):
             callbacks.append(StopAfter(int(cfg.train.stop_after)))
