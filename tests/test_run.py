@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, run_cli
 from safetensors.torch import load_file
 
 from diffora_lab.backbones import find_candidates, load_backbone, load_tokenizer
@@ -243,6 +243,27 @@ def test_resume_refuses_a_checkpoint_written_with_another_rank(reference, tmp_pa
     with pytest.raises(ConfigError, match="rank"):
         run(cfg, tmp_path)
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_onto_another_backbone_exits_2_with_the_reason(reference, tmp_path):
+    # Same name, method, task and rank; only the frozen weights differ (another init seed).
+    ckpt = reference.out / "checkpoints" / "last.ckpt"
+    done = run_cli(
+        [
+            "+experiment=smoke",
+            "backbone.init_seed=1",
+            f"ckpt_path={ckpt}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "logger=none",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "made with another backbone" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_saved_mask_fed_back_fine_tunes_exactly_its_modules(reference, tmp_path):
