@@ -442,6 +442,8 @@ def _results(
         ),
         "primary_metric": f"val/{spec.primary_metric}",
         "metrics": dict(module.last_val),
+        # The size of one dev example in the metric: the report's budget curve states it.
+        "dev_examples": len(module.trainer.datamodule.dev[spec.dev_splits[0]]),
         "discretization": {
             "val_before": module.discretization.get("val_before"),
             "val_after": module.discretization.get("val_after"),
