@@ -54,6 +54,9 @@ REFUSED_TRAINER_ARGS = {
 }
 
 
+BUDGETED_METHODS = ("diffora", "random_mask")
+
+
 class ConfigError(ValueError):
     """A setting the user can fix; the CLI prints it without a traceback and exits with 2."""
 
@@ -396,7 +399,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         results["search"] = search_info
         if trainer.is_global_zero:
             if cfg.method.name in PEFT_METHODS:
-                export_adapter(module.model, output_dir / "adapter")
+                export_adapter(
+                    module.model,
+                    output_dir / "adapter",
+                    base_model=backbones.model_reference(cfg.backbone),
+                )
                 results["adapter"] = str(output_dir / "adapter")
             if cfg.get("export") is not None and cfg.export.get("merged"):
                 from diffora_lab.evaluate import export_merged
@@ -440,6 +447,8 @@ def _results(
             if mask is not None and mask.source == "search"
             else None
         ),
+        # The classifier's output size: what a user passes as num_labels to load the adapter.
+        "num_labels": spec.num_labels,
         "primary_metric": f"val/{spec.primary_metric}",
         "metrics": dict(module.last_val),
         # The size of one dev example in the metric: the report's budget curve states it.
@@ -489,9 +498,10 @@ def summary_text(results: dict[str, Any], output_dir: Path) -> str:
     lines = [
         "",
         "=" * 72,
-        f"diffora_lab: {results['method']} on {results['task']} "
-        f"({results['backbone']}, budget {results['budget']}, rank {results['rank']}, "
-        f"seed {results['seed']})",
+        f"diffora_lab: {results['method']} on {results['task']} ({results['backbone']}, "
+        # Only module-selecting methods have a budget; the others adapt every candidate.
+        + (f"budget {results['budget']}, " if results["method"] in BUDGETED_METHODS else "")
+        + f"rank {results['rank']}, seed {results['seed']})",
         f"  steps               {results['steps']}  ({results['wall_seconds']:.0f} s)",
         f"  trainable params    {results['params_trainable']:,} "
         f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,}"
