@@ -105,8 +105,7 @@ def _prepare(command: str, tmp: Path, index: int, default_run: Path | None) -> l
     if "data.dir" in command or "data_dir" in command or "/data/glue" in command:
         if not SHARED_GLUE.is_dir():
             return None
-        command = command.replace("../shared/data/glue", str(SHARED_GLUE))
-        command = command.replace("/data/glue", str(SHARED_GLUE))
+        command = re.sub(r"(?<=[\s=])(\.\./shared)?/data/glue", str(SHARED_GLUE), command)
     args = shlex.split(command)
     if args[0] == "python":
         args[0] = sys.executable

@@ -226,7 +226,10 @@ def evaluate(
         spec,
         cfg.task.get("data_dir") or None,
         seed=int(cfg.seed),
-        synthetic=OmegaConf.to_container(cfg.task.get("synthetic") or {}),
+        # A GLUE task has no `synthetic` node (e.g. a synthetic run's adapter scored on RTE).
+        synthetic=(
+            OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
+        ),
     )
     # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
     # (no tokenization of e.g. MNLI's 393k train pairs).

@@ -25,9 +25,11 @@ LOSS_KEYS = {"loss": "train/loss", "search_loss": "search/loss"}
 
 
 def _losses(trainer: pl.Trainer) -> dict[str, float]:
-    """The last logged train and search losses (the search loss exists only while searching)."""
+    """The last logged train and search losses (the search loss only while searching)."""
     values = {}
     for short, key in LOSS_KEYS.items():
+        if short == "search_loss" and trainer.lightning_module.phase != "search":
+            continue  # Lightning keeps the last value logged; it is stale after the search
         value = trainer.callback_metrics.get(key)
         if value is not None:
             values[short] = float(value)
@@ -63,7 +65,7 @@ class PhaseProgressBar(TQDMProgressBar):
         bar.reset(total=int(trainer.max_steps))
         bar.initial = bar.n = int(module.step)
         bar.unit = "step"
-        bar.set_description(module.phase)
+        bar.set_description_str(module.phase)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         bar = self.train_progress_bar
@@ -71,7 +73,7 @@ class PhaseProgressBar(TQDMProgressBar):
             return
         step = int(pl_module.step)
         if self._should_update(step, bar.total) or bar.desc.strip() != pl_module.phase:
-            bar.set_description(pl_module.phase, refresh=False)
+            bar.set_description_str(pl_module.phase, refresh=False)
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.n = step
             bar.refresh()
