@@ -32,6 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS_FILE = "results.json"
+
+
 GROUP_KEYS = ("backbone", "task", "method", "budget", "rank")
 # Settings that may differ between the seeds of one group without making them different
 # experiments: where files go, how often things are logged or saved, how progress is shown.
@@ -55,9 +57,6 @@ IGNORED_SETTINGS = (
 # results.json fields compared too (a run folder may lack .hydra/).
 COMPARED_RESULTS = ("steps", "world_size", "primary_metric", "dev_examples")
 REQUIRED_KEYS = ("task", "method", "budget", "rank", "seed", "primary_metric", "metrics")
-# Methods that ignore `budget` (every candidate adapted, or none; AdaLoRA budgets ranks, not
-# modules): on the budget curve a single point of theirs is drawn as a horizontal reference line.
-BUDGET_FREE_METHODS = ("lora", "full", "bitfit", "adalora")
 CSV_COLUMNS = (
     "backbone",
     "task",
@@ -76,6 +75,20 @@ CSV_COLUMNS = (
 
 class ReportError(ValueError):
     """A fixable problem (a missing folder, no finished runs); printed without a traceback."""
+
+
+def budget_free(method: str) -> bool:
+    """Whether a method ignores ``budget`` (its registered ``uses_budget`` is False).
+
+    On the budget curve a single point of such a method is drawn as a horizontal reference line.
+    A name no longer registered (an old run folder) counts as budget-dependent: plotted as points.
+    """
+    from diffora_lab.methods import get_method
+
+    try:
+        return not get_method(method).uses_budget
+    except ValueError:
+        return False
 
 
 def find_results(paths: Iterable[str | Path]) -> list[Path]:
@@ -351,7 +364,7 @@ def plot_budget_curve(groups: Sequence[dict[str, Any]]):
     """The primary metric against the budget: one panel per backbone and task, one line per method.
 
     Points are the mean over seeds, error bars the sample standard deviation (the legend says
-    how many seeds). A method that ignores the budget (:data:`BUDGET_FREE_METHODS`) and was run
+    how many seeds). A method that ignores the budget (:func:`budget_free`) and was run
     at a single budget is drawn as a dashed horizontal line with a +-std band, a reference for
     the methods that select modules. The y axis spans at least 10 dev examples' worth of the
     metric (its label states the dev set's size), so a one-example difference is not drawn as
@@ -385,7 +398,7 @@ def plot_budget_curve(groups: Sequence[dict[str, Any]]):
             means = [p["mean"] for p in points]
             stds = [p["std"] or 0.0 for p in points]
             color = colors[method, rank]
-            if method in BUDGET_FREE_METHODS and len(points) == 1 and len(budgets) > 1:
+            if budget_free(method) and len(points) == 1 and len(budgets) > 1:
                 ax.axhline(means[0], color=color, ls="--", lw=1.2, label=f"{label}, budget-free")
                 ax.axhspan(means[0] - stds[0], means[0] + stds[0], color=color, alpha=0.15)
                 continue
