@@ -98,5 +98,6 @@ def test_resuming_says_from_which_step_and_phase(tmp_path, capsys):
     assert stopped["stopped_at"] == 2
     capsys.readouterr()
     smoke(tmp_path, "ckpt_path=last", "trainer.enable_progress_bar=false")
-    notices = [line for line in capsys.readouterr().out.splitlines() if "resuming" in line]
+    out = capsys.readouterr().out.splitlines()
+    notices = [line for line in out if line.startswith("diffora_lab: resuming")]
     assert notices == ["diffora_lab: resuming from checkpoint at step 2 of 8, phase search"]
