@@ -35,6 +35,7 @@ AFTER_SEARCH_KEYS = (
     "train.val_every",
     "train.ckpt_every",
     "train.log_every",
+    "train.progress_every",
     "train.eval_batch_size",
     "train.stop_after",
     "dam.fold_gates",

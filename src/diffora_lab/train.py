@@ -32,6 +32,7 @@ from diffora_lab.dam import Mask, gate_entropy, num_kept
 from diffora_lab.data import GlueDataModule
 from diffora_lab.matching import achieved, target_rank_of
 from diffora_lab.module import STATE_KEY, DiffoRAModule
+from diffora_lab.progress import PhaseProgressBar, progress_callbacks
 from diffora_lab.runfolder import (
     FolderState,
     RunFolderLock,
@@ -209,6 +210,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Tr
         # The weight step leaves the gate logits unused and the architecture step the head:
         # DDP must look for unused parameters.
         trainer_args["strategy"] = DDPStrategy(find_unused_parameters=True)
+    # Lightning adds its own bar when enabled; ours (or log lines off a terminal) is in callbacks.
+    trainer_args["enable_progress_bar"] = any(isinstance(c, PhaseProgressBar) for c in callbacks)
     return pl.Trainer(
         max_steps=int(cfg.train.max_steps),
         val_check_interval=int(cfg.train.val_every),
@@ -447,6 +450,10 @@ def _fit_and_report(
             ),
             preemption,
             clock,
+            *progress_callbacks(
+                bool(cfg.trainer.get("enable_progress_bar", True)),
+                float(cfg.train.get("progress_every", 30)),
+            ),
         ]
         if cfg.train.get("stop_after"):
             callbacks.append(StopAfter(int(cfg.train.stop_after)))
@@ -486,7 +493,8 @@ def _fit_and_report(
         results["fit_seconds"] = round(clock.fit_seconds(), 2)
         results["search"] = search_info
         if trainer.is_global_zero:
-            if module.method.export(module.model, output_dir / "adapter") is not None:
+            reference = backbones.model_reference(cfg.backbone)
+            if module.method.export(module.model, output_dir / "adapter", reference) is not None:
                 results["adapter"] = str(output_dir / "adapter")
             if cfg.get("export") is not None and cfg.export.get("merged"):
                 export_merged(module.model, output_dir / "merged", prepared.tokenizer)
@@ -529,8 +537,12 @@ def _results(
             if mask is not None and mask.source == "search"
             else None
         ),
+        # The classifier's output size: what a user passes as num_labels to load the adapter.
+        "num_labels": spec.num_labels,
         "primary_metric": f"val/{spec.primary_metric}",
         "metrics": dict(module.last_val),
+        # The size of one dev example in the metric: the report's budget curve states it.
+        "dev_examples": len(module.trainer.datamodule.dev[spec.dev_splits[0]]),
         "discretization": {
             "val_before": module.discretization.get("val_before"),
             "val_after": module.discretization.get("val_after"),
@@ -583,6 +595,15 @@ def _summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _uses_budget(method: str) -> bool:
+    from diffora_lab.methods.registry import get_method
+
+    try:
+        return get_method(method).uses_budget
+    except (KeyError, ValueError):
+        return True
+
+
 def summary_text(results: dict[str, Any], output_dir: Path) -> str:
     """The one-screen summary printed at the end of a run."""
     primary = results["primary_metric"]
@@ -590,9 +611,10 @@ def summary_text(results: dict[str, Any], output_dir: Path) -> str:
     lines = [
         "",
         "=" * 72,
-        f"diffora_lab: {results['method']} on {results['task']} "
-        f"({results['backbone']}, budget {results['budget']}, rank {results['rank']}, "
-        f"seed {results['seed']})",
+        f"diffora_lab: {results['method']} on {results['task']} ({results['backbone']}, "
+        # Only module-selecting methods have a budget; the others adapt every candidate.
+        + (f"budget {results['budget']}, " if _uses_budget(results["method"]) else "")
+        + f"rank {results['rank']}, seed {results['seed']})",
         f"  steps               {results['steps']}  ({results['wall_seconds']:.0f} s)",
         f"  trainable params    {results['params_trainable']:,} "
         f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,}"
