@@ -236,6 +236,7 @@ def evaluate(
         search_split=0.0,
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
+        bucketing=int(cfg.data.get("bucketing") or 0),
     )
     module = DiffoRAModule(
         model,

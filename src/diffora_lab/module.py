@@ -93,6 +93,10 @@ class DiffoRAModule(pl.LightningModule):
         self._arch_state: dict | None = None
         self._search_iter = None
         self.last_val: dict[str, float] = {}
+        # First step with a non-finite loss per (phase, step kind), on the loss's device: read
+        # only every optim.finite_check_every steps, so a step needs no host-device sync for it.
+        self._first_nonfinite: dict[tuple[str, str], torch.Tensor] = {}
+        self._checked_at = 0
         if hparams is not None:
             self.save_hyperparameters({"config": hparams})
 
@@ -134,6 +138,7 @@ class DiffoRAModule(pl.LightningModule):
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             lr=self.optim.lr,
+            **self.optim.adamw_options(),
         )
         if self.searching:
             arch = [self.dam.logits]
@@ -188,6 +193,8 @@ class DiffoRAModule(pl.LightningModule):
         if self.searching and self.step >= self.search.warmup_steps:
             logs.update(self._architecture_step(batch))
         self.step += 1
+        if self.step % self.optim.finite_check_every == 0:
+            self.check_finite()
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
         return loss.detach()
 
@@ -291,12 +298,41 @@ class DiffoRAModule(pl.LightningModule):
         return loss
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite {which} loss ({float(loss)}) at step {self.step} in phase "
-                f"{self.phase!r}; the last good checkpoint is in the run's checkpoints/ folder. "
-                "Lower train.lr or dam.arch_lr, or enable train.grad_clip."
-            )
+        if self.optim.finite_check_every <= 1:  # reads the loss now: one sync per step
+            if not torch.isfinite(loss):
+                self._diverged(which, self.phase, self.step, f" ({float(loss)})")
+            return
+        key = (self.phase, which)
+        first = self._first_nonfinite.get(key)
+        if first is None:
+            first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = torch.logical_not(torch.isfinite(loss.detach()))
+        self._first_nonfinite[key] = torch.where(bad & (first < 0), self.step, first)
+
+    def check_finite(self) -> None:
+        """Raises ``FloatingPointError`` if a loss since the last check was not finite.
+
+        Called every ``train.finite_check_every`` steps, before a checkpoint is written and
+        before each evaluation, so a run stops within that many steps of diverging and never
+        saves non-finite weights. This is the only point that waits for the device.
+        """
+        if not self._first_nonfinite:
+            return
+        firsts = torch.stack(list(self._first_nonfinite.values())).tolist()  # the sync
+        bad = [(step, key) for step, key in zip(firsts, self._first_nonfinite) if step >= 0]
+        if bad:
+            step, (phase, which) = min(bad)
+            since = f" (checked every {self.optim.finite_check_every} steps, "
+            since += f"steps {self._checked_at}-{self.step})"
+            self._diverged(which, phase, step, since)
+        self._checked_at = self.step
+
+    def _diverged(self, which: str, phase: str, step: int, detail: str) -> None:
+        raise FloatingPointError(
+            f"non-finite {which} loss at step {step} in phase {phase!r}{detail}; the last good "
+            "checkpoint is in the run's checkpoints/ folder. Lower train.lr or dam.arch_lr, or "
+            "enable train.grad_clip."
+        )
 
     # ------------------------------------------------------------- validation
 
@@ -311,6 +347,7 @@ class DiffoRAModule(pl.LightningModule):
         self.val_metrics[dataloader_idx].update(predictions_from_logits(self.spec, logits), labels)
 
     def on_validation_epoch_end(self) -> None:
+        self.check_finite()
         results = {}
         for index, metrics in enumerate(self.val_metrics):
             for name, value in metrics.compute().items():
@@ -324,6 +361,7 @@ class DiffoRAModule(pl.LightningModule):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Dev metrics of the model as it is now (used around discretization)."""
+        self.check_finite()
         was_training = self.model.training
         self.model.eval()
         loaders = self.trainer.datamodule.val_dataloader()
@@ -371,6 +409,7 @@ class DiffoRAModule(pl.LightningModule):
     # ------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # never write non-finite weights
         checkpoint["diffora"] = {
             "phase": self.phase,
             "step": self.step,

@@ -40,6 +40,7 @@ from diffora_lab.dam import Mask, gate_entropy, num_kept
 from diffora_lab.data import GlueDataModule
 from diffora_lab.matching import achieved, resolve_rank, target_rank_of
 from diffora_lab.module import DiffoRAModule
+from diffora_lab.speed import compile_layers
 from diffora_lab.tasks import TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ AFTER_SEARCH_KEYS = (
     "train.log_every",
     "train.eval_batch_size",
     "train.stop_after",
+    "train.finite_check_every",
     "dam.fold_gates",
     "dam.weight_sharing",
     "dam.merge_search_split",
@@ -186,7 +188,8 @@ AFTER_SEARCH_KEYS = (
     "dam.log_every",
     "dam.reuse_search",
     "dam.search_cache_dir",
-    "data",
+    "data.cache_dir",  # data.bucketing stays in the key: it changes the batches
+    "data.num_workers",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
 )
@@ -262,6 +265,13 @@ def assemble(
         backbone, str(cfg.backbone.layer_pattern), dict(cfg.backbone.module_types)
     )
     built = methods.build(cfg, backbone, candidates)
+    if cfg.train.get("compile"):
+        compile_layers(
+            built.model,
+            str(cfg.backbone.layer_pattern),
+            backend=str(cfg.train.get("compile_backend") or "inductor"),
+            mode=cfg.train.get("compile_mode"),
+        )
     search = search_settings(cfg)
     optim = optim_settings(cfg)
     datamodule = GlueDataModule(
@@ -276,6 +286,7 @@ def assemble(
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
         merge_at=search.steps * optim.accumulate if search.merge_search_split else None,
+        bucketing=int(cfg.data.get("bucketing") or 0),
     )
     module = module_cls(
         built.model,
