@@ -152,13 +152,20 @@ def build(name: str, args: argparse.Namespace, search_batches: list) -> tuple[Va
     module, _ = build_diffora(cfg, search_batches)
     module.optim = replace(module.optim, finite_check_every=every)
     if compiled:
-        compile_layers(module.model, str(cfg.backbone.layer_pattern), mode=args.compile_mode)
+        pattern = str(cfg.backbone.layer_pattern)
+        compile_layers(module.model, pattern, args.compile_backend, args.compile_mode)
     return Variant(name, module, partial(our_step, module)), bucket
 
 
-def time_epochs(variants, streams, widths, rounds, run) -> dict[str, list[float]]:
-    """Per round, each variant's time for one epoch of its stream, interleaved step by step."""
+def time_epochs(
+    variants, streams, widths, rounds, run, time_limit: float = float("inf")
+) -> dict[str, list[float]]:
+    """Per round, each variant's time for one epoch of its stream, interleaved step by step.
+
+    Rounds stop early (after at least 2) when the next one would end past ``time_limit`` s.
+    """
     names = list(variants)
+    start = time.perf_counter()
     times = {n: [] for n in names}
     steps = min(len(s) for s in streams.values())
     for r in range(rounds):
@@ -172,6 +179,10 @@ def time_epochs(variants, streams, widths, rounds, run) -> dict[str, list[float]
         for name in names:
             times[name].append(total[name])
         print(f"  round {r + 1}/{rounds}: " + "  ".join(f"{n}={total[n]:.2f}s" for n in names))
+        elapsed = time.perf_counter() - start
+        if r + 1 >= 2 and r + 1 < rounds and elapsed * (r + 2) / (r + 1) > time_limit:
+            print(f"  stopping after {r + 1} rounds: --time-limit {time_limit:.0f}s")
+            break
     return times
 
 
@@ -207,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=list(VARIANTS[1:]))
     parser.add_argument("--quick", action="store_true", help="2 rounds, 256 sentences, no compile")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="aot_eager: trace only (quick dry runs)"
+    )
+    parser.add_argument("--time-limit", type=float, default=float("inf"), help="s of timing")
     add_omp_flag(parser)
     args = parser.parse_args(argv)
     reexec_with_omp_policy(args.omp_wait_policy)
@@ -248,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     syncs = count_syncs(variants, streams[0], run) if cuda else {}
     if syncs:
         print("host-device syncs per step: " + ", ".join(f"{n} {v:.1f}" for n, v in syncs.items()))
-    times = time_epochs(variants, streams, widths, args.rounds, run)
+    times = time_epochs(variants, streams, widths, args.rounds, run, args.time_limit)
     print("\n| variant | setting | epoch time vs peft (median) | min-max | vs eager | samples/s |")
     print("|---|---|---|---|---|---|")
     results = {}

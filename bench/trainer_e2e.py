@@ -95,7 +95,8 @@ def overrides(args, data_dir: Path, out: Path, fast: bool) -> list[str]:
     ]
     if fast:
         common += ["data.bucketing=8", f"train.optimizer={args.optimizer}"]
-        common += ["train.compile=true"] if args.compile else []
+        compiled = ["train.compile=true", f"train.compile_backend={args.compile_backend}"]
+        common += compiled if args.compile else []
     else:
         common += ["data.bucketing=0", "train.finite_check_every=1", "train.optimizer=default"]
     return common
@@ -117,7 +118,6 @@ def run_ours(args, data_dir: Path, out: Path, fast: bool) -> dict:
 
 def run_trainer(args, data_dir: Path, out: Path) -> dict:
     """transformers.Trainer with a peft LoRA model: what a user writes without diffora_lab."""
-    from datasets import Dataset
     from hydra import compose, initialize_config_dir
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -132,12 +132,11 @@ def run_trainer(args, data_dir: Path, out: Path) -> dict:
     tokenizer = backbones.load_tokenizer(cfg.backbone)
     max_length = 64 if args.task == "sst2" else 128
 
-    def dataset(examples) -> Dataset:
-        texts = (
-            (examples.text_a,) if examples.text_b is None else (examples.text_a, examples.text_b)
-        )
+    def dataset(examples) -> list[dict]:  # a plain list: no dependency on `datasets`
+        texts = [examples.text_a] + ([] if examples.text_b is None else [examples.text_b])
         encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-        return Dataset.from_dict({**encoded, "labels": list(examples.labels)})
+        columns = {**encoded, "labels": list(examples.labels)}
+        return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
     torch.manual_seed(0)
     model = backbones.load_backbone(cfg.backbone, spec.num_labels, vocab_size=len(tokenizer))
@@ -258,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", choices=("fused", "foreach"), default="fused")
     parser.add_argument("--compile", action="store_true", help="ours_fast also compiles layers")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="aot_eager: trace only (quick dry runs)"
+    )
+    parser.add_argument("--time-limit", type=float, default=float("inf"), help="s in all")
     add_omp_flag(parser)
     args = parser.parse_args(argv)
     reexec_with_omp_policy(args.omp_wait_policy)
@@ -287,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     names = list(runners)
     times: dict[str, list[float]] = {n: [] for n in names}
     metrics: dict[str, float] = {}
+    start = time.perf_counter()
     for r in range(args.rounds + 1):
+        if r >= 2 and (time.perf_counter() - start) * (r + 1) / r > args.time_limit:
+            print(f"  stopping after {r - 1} rounds: --time-limit {args.time_limit:.0f}s")
+            break
         order = names[r % 3 :] + names[: r % 3]
         line = []
         for name in order:
