@@ -189,7 +189,9 @@ class DiffoRAModule(pl.LightningModule):
         optimizer.step()
         self._after_weight_step()
         optimizer.zero_grad(set_to_none=True)
-        logs = {"train/loss": loss.detach(), "train/lr": self.optim.lr_at(self.step)}
+        # Python floats would be copied to the device by Lightning at every step, and a blocking
+        # host-to-device copy waits for the GPU: logged as CPU tensors they stay on the host.
+        logs = {"train/loss": loss.detach(), "train/lr": torch.tensor(self.optim.lr_at(self.step))}
         if self.searching and self.step >= self.search.warmup_steps:
             logs.update(self._architecture_step(batch))
         self.step += 1
@@ -222,7 +224,7 @@ class DiffoRAModule(pl.LightningModule):
         gates = self.current_gates().detach()
         return {
             "search/loss": loss.detach(),
-            "search/tau": self.search.tau_at(self.step),
+            "search/tau": torch.tensor(self.search.tau_at(self.step)),  # on the host (see above)
             # Tensors, not floats: logging reads them only every log_every steps, so the search
             # step does not wait for the GPU here.
             "dam/entropy": gate_entropy(gates),
