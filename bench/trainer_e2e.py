@@ -20,7 +20,7 @@ wall time, divided by the matmul rate measured on the same device in the same ru
 
     python bench/trainer_e2e.py                     # SST-2, 60 steps, 3 rounds
     python bench/trainer_e2e.py --task rte --steps 30
-    python bench/trainer_e2e.py --device cuda --backbone minilm_l6_random --compile
+    python bench/trainer_e2e.py --device cuda --compile
 """
 
 from __future__ import annotations

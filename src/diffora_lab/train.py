@@ -26,20 +26,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffora_lab import backbones, methods, tracking
-from diffora_lab.adapters import export_adapter
+from diffora_lab.adapters import export_merged
 from diffora_lab.backbones import Candidate
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, StopAfter
-from diffora_lab.config import (
-    ADAPTER_METHODS,
-    PEFT_METHODS,
-    optim_settings,
-    search_settings,
-    validate,
-)
+from diffora_lab.config import optim_settings, search_settings, validate
 from diffora_lab.dam import Mask, gate_entropy, num_kept
 from diffora_lab.data import GlueDataModule
-from diffora_lab.matching import achieved, resolve_rank, target_rank_of
-from diffora_lab.module import DiffoRAModule
+from diffora_lab.matching import achieved, target_rank_of
+from diffora_lab.module import STATE_FORMAT, DiffoRAModule
 from diffora_lab.speed import compile_layers
 from diffora_lab.tasks import TaskSpec, check_hub_dataset, get_task, load_raw
 
@@ -130,8 +124,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         tokenizer = backbones.load_tokenizer(cfg.backbone)
         candidates = _meta_candidates(cfg, spec, len(tokenizer))
         with open_dict(cfg):
-            cfg.rank = resolve_rank(cfg, candidates)  # match=lora_rN (matching.py)
-        if cfg.method.name in ("random_mask", "diffora"):
+            cfg.rank = methods.resolve_rank(cfg, candidates)  # match=lora_rN (matching.py)
+        if methods.method_for(cfg).uses_budget:
             num_kept(float(cfg.budget), len(candidates))
         if cfg.dam.get("mask_path"):
             mask = Mask.load(cfg.dam.mask_path)
@@ -201,13 +195,19 @@ def search_key(cfg: DictConfig) -> str:
 
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings.pop("hydra", None)
+    dam = cfg.dam
+    budget_shapes_search = (
+        dam.relaxation == "topk" or dam.get("progressive") or float(dam.budget_penalty) > 0
+    )
     for dotted in AFTER_SEARCH_KEYS:
+        if dotted == "budget" and budget_shapes_search:
+            continue  # these searches steer towards k: the budget changes their end state
         parts = dotted.split(".")
         node = settings
         for part in parts[:-1]:
             node = node.get(part, {})
         node.pop(parts[-1], None)
-    payload = json.dumps([__version__, settings], sort_keys=True, default=str)
+    payload = json.dumps([__version__, STATE_FORMAT, settings], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -264,7 +264,8 @@ def assemble(
     candidates = backbones.find_candidates(
         backbone, str(cfg.backbone.layer_pattern), dict(cfg.backbone.module_types)
     )
-    built = methods.build(cfg, backbone, candidates)
+    method = methods.method_for(cfg)
+    built = methods.build(cfg, backbone, candidates, method)
     if cfg.train.get("compile"):
         compile_layers(
             built.model,
@@ -291,12 +292,13 @@ def assemble(
     module = module_cls(
         built.model,
         spec,
-        candidates if cfg.method.name in ADAPTER_METHODS else [],
+        candidates if method.adapts_candidates else [],
         optim,
         search,
         dam=built.dam,
         mask=built.mask,
         hparams=OmegaConf.to_container(cfg, resolve=True),
+        method=method,
     )
     return Assembled(module, datamodule, candidates)
 
@@ -398,12 +400,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         results["fit_seconds"] = round(time.time() - fit_started, 2)
         results["search"] = search_info
         if trainer.is_global_zero:
-            if cfg.method.name in PEFT_METHODS:
-                export_adapter(module.model, output_dir / "adapter")
+            if module.method.export(module.model, output_dir / "adapter") is not None:
                 results["adapter"] = str(output_dir / "adapter")
             if cfg.get("export") is not None and cfg.export.get("merged"):
-                from diffora_lab.evaluate import export_merged
-
                 export_merged(module.model, output_dir / "merged", prepared.tokenizer)
                 results["merged"] = str(output_dir / "merged")
             (output_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -428,6 +427,7 @@ def _results(
     results = {
         "task": spec.name,
         "method": cfg.method.name,
+        "preset": cfg.method.get("preset"),
         "backbone": cfg.backbone.name,
         "budget": float(cfg.budget),
         "rank": int(cfg.rank),
@@ -449,6 +449,11 @@ def _results(
             "val_before": module.discretization.get("val_before"),
             "val_after": module.discretization.get("val_after"),
             "step": module.discretization.get("step"),
+            "gap": (
+                module.discretization["val_before"] - module.discretization["val_after"]
+                if module.discretization.get("val_before") is not None
+                else None
+            ),
         },
         "steps": module.step,
         "world_size": module.trainer.world_size,
@@ -456,13 +461,22 @@ def _results(
         "wall_seconds": round(time.time() - started, 2),
         "output_dir": str(output_dir),
     }
+    if module.search.enabled or cfg.dam.get("mask_path"):
+        dam = cfg.dam
+        results["search_variant"] = {
+            "relaxation": str(dam.relaxation),
+            "budget_penalty": float(dam.budget_penalty),
+            "progressive": bool(dam.get("progressive", False)),
+            "tau": [float(dam.tau), float(dam.tau_end)],
+            "order": str(dam.order),
+        }
+    if cfg.method.get("scaling") is not None:
+        method = cfg.method
+        results["lora_scaling"] = {"rule": str(method.scaling), "scale": method.get("scale")}
     target_rank = target_rank_of(cfg)
     if target_rank is not None and mask is not None:
         results["match"] = achieved(mask.kept, candidates, int(cfg.rank), target_rank).as_dict()
-    if cfg.method.name == "adalora":
-        from diffora_lab.adalora import rank_summary
-
-        results["adalora"] = rank_summary(module.model, candidates)
+    results.update(module.method.results(module.model, candidates))
     return results
 
 
