@@ -43,6 +43,7 @@ from diffora_lab.runfolder import (
     write_hydra_files,
 )
 from diffora_lab.search_cache import SearchCache, open_entry
+from diffora_lab.speed import compile_layers
 from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,13 @@ def assemble(
     )
     method = methods.method_for(cfg)
     built = methods.build(cfg, backbone, candidates, method)
+    if cfg.train.get("compile"):
+        compile_layers(
+            built.model,
+            str(cfg.backbone.layer_pattern),
+            backend=str(cfg.train.get("compile_backend") or "inductor"),
+            mode=cfg.train.get("compile_mode"),
+        )
     search = search_settings(cfg)
     optim = optim_settings(cfg)
     datamodule = GlueDataModule(
@@ -268,6 +276,7 @@ def assemble(
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
         merge_at=search.steps * optim.accumulate if search.merge_search_split else None,
+        bucketing=int(cfg.data.get("bucketing") or 0),
     )
     module = module_cls(
         built.model,
