@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli as cli
 
-from diffora_lab.train import run, search_key
+from diffora_lab.search_cache import search_key
+from diffora_lab.train import run
 
 
 def sweep_results(sweep: Path) -> list[dict]:

@@ -57,7 +57,7 @@ class Discretization(pl.Callback):
         if module.search_finished:
             if self.search_cache is not None and not module.search_reused:
                 # The state at the end of the search, shared by runs that differ only in what
-                # happens after it (budget, folding, ...): see train.search_key.
+                # happens after it (budget, folding, ...): see search_cache.search_key.
                 trainer.save_checkpoint(str(self.search_cache))
                 history = self.output_dir / "dam" / "gates.jsonl"
                 if trainer.is_global_zero and history.is_file():

@@ -1,8 +1,10 @@
-"""Typed settings read from the Hydra config, checked before anything expensive starts.
+"""Typed settings read from the Hydra config, each checked where it is defined.
 
-Every user-facing mistake (a budget outside (0, 1], a rank below 1, an unknown name, a missing data
-folder) becomes a ``ValueError`` that names the setting and the fix, raised by :func:`validate`
-before a model or a dataset loads.
+:class:`OptimSettings` and :class:`SearchSettings` check their own values when they are built
+(``__post_init__``), the method checks ``method.*`` (``Method.validate``), the search variant
+registry checks ``dam.order``; :func:`validate` builds them all once, plus the checks that need
+the file system, so every user-facing mistake becomes a ``ValueError`` that names the setting and
+the fix before a model or a dataset loads.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from diffora_lab.dam import RELAXATIONS
 from diffora_lab.methods import get_method, method_for
 
 
+def _fail(setting: str, value: Any, fix: str) -> None:
+    raise ValueError(f"{setting}={value!r}: {fix}")
+
+
 @dataclass(frozen=True)
 class OptimSettings:
-    """Weight optimizer (AdamW) and step budget."""
+    """Weight optimizer (AdamW) and step budget (``train.*``); checked at construction."""
 
     max_steps: int
     lr: float
@@ -28,6 +34,14 @@ class OptimSettings:
     warmup_ratio: float
     grad_clip: float
     accumulate: int
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            _fail("train.max_steps", self.max_steps, "must be >= 1.")
+        if self.accumulate < 1:
+            _fail("train.accumulate", self.accumulate, "must be >= 1.")
+        if self.lr <= 0:
+            _fail("train.lr", self.lr, "the learning rate must be > 0.")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup then linear decay to zero: a pure function of the step."""
@@ -40,7 +54,10 @@ class OptimSettings:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """The DAM search (METHOD.md, Phases 1-2)."""
+    """The DAM search (METHOD.md, Phases 1-2); checked at construction when ``enabled``.
+
+    ``budget`` is checked always: it sets k for every method that keeps k of n candidates.
+    """
 
     enabled: bool
     steps: int
@@ -57,6 +74,35 @@ class SearchSettings:
     fold_gates: bool
     weight_sharing: bool
     merge_search_split: bool
+    split: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            _fail(
+                "budget", self.budget, "must be in (0, 1]: the fraction of candidate modules kept."
+            )
+        if not self.enabled:
+            return
+        if not 0.0 < self.split < 1.0:
+            _fail(
+                "dam.search_split", self.split, "the fraction of train held out for search: (0, 1)."
+            )
+        if self.tau_start <= 0 or self.tau_end <= 0:
+            _fail("dam.tau", self.tau_start, "temperatures (dam.tau, dam.tau_end) must be > 0.")
+        if self.relaxation not in RELAXATIONS:
+            _fail("dam.relaxation", self.relaxation, f"choose one of {list(RELAXATIONS)}.")
+        get_architect(self.order)  # dam.order names a registered search variant
+        if self.budget_penalty < 0:
+            _fail("dam.budget_penalty", self.budget_penalty, "must be >= 0 (0 disables it).")
+        if self.arch_lr <= 0:
+            _fail("dam.arch_lr", self.arch_lr, "the gate learning rate must be > 0.")
+        if not 0 <= self.warmup_steps < self.steps:
+            _fail(
+                "dam.warmup_steps",
+                self.warmup_steps,
+                f"weight-only steps must leave architecture steps in the {self.steps}-step "
+                "search; use 0 <= dam.warmup_steps < the search length.",
+            )
 
     def tau_at(self, step: int) -> float:
         """Temperature annealed linearly from ``tau_start`` to ``tau_end`` over the search."""
@@ -64,10 +110,6 @@ class SearchSettings:
             return self.tau_end
         frac = min(1.0, step / (self.steps - 1))
         return self.tau_start + frac * (self.tau_end - self.tau_start)
-
-
-def _fail(setting: str, value: Any, fix: str) -> None:
-    raise ValueError(f"{setting}={value!r}: {fix}")
 
 
 def _number(cfg: DictConfig, key: str, kind: type) -> Any:
@@ -79,68 +121,77 @@ def _number(cfg: DictConfig, key: str, kind: type) -> Any:
     return kind(value)
 
 
-def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
+def optim_settings(cfg: DictConfig) -> OptimSettings:
+    """The ``train.*`` settings, typed and checked."""
+    return OptimSettings(
+        max_steps=_number(cfg, "train.max_steps", int),
+        lr=_number(cfg, "train.lr", float),
+        weight_decay=float(cfg.train.weight_decay),
+        warmup_ratio=float(cfg.train.warmup_ratio),
+        grad_clip=float(cfg.train.grad_clip or 0.0),
+        accumulate=_number(cfg, "train.accumulate", int),
+    )
+
+
+def _search_steps(cfg: DictConfig, max_steps: int) -> int:
+    if cfg.dam.get("search_steps") is not None:
+        steps = _number(cfg, "dam.search_steps", int)
+    else:
+        ratio = _number(cfg, "dam.search_ratio", float)
+        if not 0.0 < ratio < 1.0:
+            _fail("dam.search_ratio", ratio, "the share of steps spent searching: (0, 1).")
+        steps = max(1, round(ratio * max_steps))
+    if not 1 <= steps < max_steps:
+        _fail(
+            "dam.search_steps",
+            steps,
+            f"the search must end before train.max_steps={max_steps} (and last >= 1 step); "
+            "lower dam.search_steps / dam.search_ratio or raise train.max_steps.",
+        )
+    return steps
+
+
+def search_settings(cfg: DictConfig) -> SearchSettings:
+    """The ``dam.*`` settings (and ``budget``), typed and checked; disabled without a search."""
+    enabled = method_for(cfg).search_enabled(cfg)
+    max_steps = _number(cfg, "train.max_steps", int)
+    return SearchSettings(
+        enabled=enabled,
+        steps=_search_steps(cfg, max_steps) if enabled else 0,
+        warmup_steps=_number(cfg, "dam.warmup_steps", int),
+        arch_lr=_number(cfg, "dam.arch_lr", float),
+        arch_betas=tuple(float(b) for b in cfg.dam.arch_betas),
+        arch_weight_decay=float(cfg.dam.arch_weight_decay),
+        tau_start=_number(cfg, "dam.tau", float),
+        tau_end=_number(cfg, "dam.tau_end", float),
+        relaxation=str(cfg.dam.relaxation),
+        order=str(cfg.dam.order),
+        budget=_number(cfg, "budget", float),
+        budget_penalty=float(cfg.dam.get("budget_penalty", 0.0)),
+        fold_gates=bool(cfg.dam.fold_gates),
+        weight_sharing=bool(cfg.dam.weight_sharing),
+        merge_search_split=bool(cfg.dam.merge_search_split),
+        split=_number(cfg, "dam.search_split", float),
+    )
+
+
+def validate(cfg: DictConfig) -> None:
     """Checks the composed config; raises ``ValueError`` naming the setting and the fix."""
     from diffora_lab.tasks import TASKS, check_data_dir
 
-    budget = _number(cfg, "budget", float)
-    if not 0.0 < budget <= 1.0:
-        _fail("budget", cfg.budget, "must be in (0, 1]: the fraction of candidate modules kept.")
-    rank = _number(cfg, "rank", int)
-    if rank < 1:
+    if _number(cfg, "rank", int) < 1:
         _fail("rank", cfg.rank, "the LoRA rank must be an integer >= 1.")
     method = get_method(cfg.method.name)()  # unknown: ValueError listing the registered names
     if cfg.task.name not in TASKS:
         _fail("task", cfg.task.name, f"unknown task; choose one of {sorted(TASKS)}.")
-    max_steps = _number(cfg, "train.max_steps", int)
-    if max_steps < 1:
-        _fail("train.max_steps", max_steps, "must be >= 1.")
-    if _number(cfg, "train.accumulate", int) < 1:
-        _fail("train.accumulate", cfg.train.accumulate, "must be >= 1.")
-    if _number(cfg, "train.lr", float) <= 0:
-        _fail("train.lr", cfg.train.lr, "the learning rate must be > 0.")
-    if method.search_enabled(cfg):
-        ratio = _number(cfg, "dam.search_ratio", float)
-        if not 0.0 < ratio < 1.0:
-            _fail("dam.search_ratio", ratio, "the share of steps spent searching: (0, 1).")
-        frac = _number(cfg, "dam.search_split", float)
-        if not 0.0 < frac < 1.0:
-            _fail("dam.search_split", frac, "the fraction of train held out for search: (0, 1).")
-        if _number(cfg, "dam.tau", float) <= 0 or _number(cfg, "dam.tau_end", float) <= 0:
-            _fail("dam.tau", cfg.dam.tau, "temperatures must be > 0.")
-        if cfg.dam.relaxation not in RELAXATIONS:
-            _fail("dam.relaxation", cfg.dam.relaxation, f"choose one of {list(RELAXATIONS)}.")
-        get_architect(cfg.dam.order)  # dam.order names a registered search variant
-        if _number(cfg, "dam.budget_penalty", float) < 0:
-            _fail("dam.budget_penalty", cfg.dam.budget_penalty, "must be >= 0 (0 disables it).")
-        if _number(cfg, "dam.arch_lr", float) <= 0:
-            _fail("dam.arch_lr", cfg.dam.arch_lr, "the gate learning rate must be > 0.")
-        if cfg.dam.get("search_steps") is not None:
-            _number(cfg, "dam.search_steps", int)
-        steps = search_settings(cfg).steps
-        if not 1 <= steps < max_steps:
-            _fail(
-                "dam.search_steps",
-                steps,
-                f"the search must end before train.max_steps={max_steps} (and last >= 1 step); "
-                "lower dam.search_steps / dam.search_ratio or raise train.max_steps.",
-            )
-        warmup = _number(cfg, "dam.warmup_steps", int)
-        if not 0 <= warmup < steps:
-            _fail(
-                "dam.warmup_steps",
-                warmup,
-                f"weight-only steps must leave architecture steps in the {steps}-step search; "
-                "use 0 <= dam.warmup_steps < the search length.",
-            )
-    # --- baselines/export: parameter matching (matching.py) and AdaLoRA (adalora.py) --------
+    optim_settings(cfg)
+    search_settings(cfg)
     match = cfg.get("match")
     if match is not None and match.get("target_rank") is not None:
         if _number(cfg, "match.target_rank", int) < 1:
             _fail("match.target_rank", match.target_rank, "the reference LoRA rank must be >= 1.")
         if _number(cfg, "match.tolerance", float) <= 0:
             _fail("match.tolerance", match.tolerance, "a relative tolerance > 0, e.g. 0.05.")
-    # --- end baselines/export ---------------------------------------------------------------
     method.validate(cfg)
     data_dir = cfg.task.get("data_dir")
     if data_dir:
@@ -151,40 +202,3 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt and ckpt != "last" and not Path(str(ckpt)).is_file():
         _fail("ckpt_path", ckpt, "no such checkpoint file; use a path or ckpt_path=last.")
-
-
-def optim_settings(cfg: DictConfig) -> OptimSettings:
-    return OptimSettings(
-        max_steps=int(cfg.train.max_steps),
-        lr=float(cfg.train.lr),
-        weight_decay=float(cfg.train.weight_decay),
-        warmup_ratio=float(cfg.train.warmup_ratio),
-        grad_clip=float(cfg.train.grad_clip or 0.0),
-        accumulate=int(cfg.train.accumulate),
-    )
-
-
-def search_settings(cfg: DictConfig) -> SearchSettings:
-    enabled = method_for(cfg).search_enabled(cfg)
-    steps = (
-        int(cfg.dam.search_steps)
-        if cfg.dam.get("search_steps") is not None
-        else max(1, round(float(cfg.dam.search_ratio) * int(cfg.train.max_steps)))
-    )
-    return SearchSettings(
-        enabled=enabled,
-        steps=steps if enabled else 0,
-        warmup_steps=int(cfg.dam.warmup_steps),
-        arch_lr=float(cfg.dam.arch_lr),
-        arch_betas=tuple(float(b) for b in cfg.dam.arch_betas),
-        arch_weight_decay=float(cfg.dam.arch_weight_decay),
-        tau_start=float(cfg.dam.tau),
-        tau_end=float(cfg.dam.tau_end),
-        relaxation=str(cfg.dam.relaxation),
-        order=str(cfg.dam.order),
-        budget=float(cfg.budget),
-        budget_penalty=float(cfg.dam.get("budget_penalty", 0.0)),
-        fold_gates=bool(cfg.dam.fold_gates),
-        weight_sharing=bool(cfg.dam.weight_sharing),
-        merge_search_split=bool(cfg.dam.merge_search_split),
-    )

@@ -7,11 +7,9 @@ fitted, scored, exported and summarised.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -30,10 +28,11 @@ from diffora_lab.adapters import export_merged
 from diffora_lab.backbones import Candidate
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, StopAfter
 from diffora_lab.config import optim_settings, search_settings, validate
-from diffora_lab.dam import Mask, gate_entropy, num_kept
+from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import GlueDataModule
-from diffora_lab.matching import achieved, target_rank_of
-from diffora_lab.module import STATE_FORMAT, DiffoRAModule
+from diffora_lab.module import DiffoRAModule
+from diffora_lab.results import collect_results, summary_for_logger, summary_text
+from diffora_lab.search_cache import shared_search
 from diffora_lab.tasks import TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)
@@ -162,46 +161,6 @@ def _check_ckpt_matches(path: str, cfg: DictConfig) -> None:
             )
 
 
-# Settings that act only after discretization (or not on training at all): runs that differ in
-# nothing else share one search (issue: "search once" budget sweeps).
-AFTER_SEARCH_KEYS = (
-    "budget",
-    "ckpt_path",
-    "logger",
-    "train.val_every",
-    "train.ckpt_every",
-    "train.log_every",
-    "train.eval_batch_size",
-    "train.stop_after",
-    "dam.fold_gates",
-    "dam.weight_sharing",
-    "dam.merge_search_split",
-    "dam.mask_path",
-    "dam.log_every",
-    "dam.reuse_search",
-    "dam.search_cache_dir",
-    "data",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-)
-
-
-def search_key(cfg: DictConfig) -> str:
-    """Hash of every setting that can change the state at the end of the search."""
-    from diffora_lab import __version__
-
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    settings.pop("hydra", None)
-    for dotted in AFTER_SEARCH_KEYS:
-        parts = dotted.split(".")
-        node = settings
-        for part in parts[:-1]:
-            node = node.get(part, {})
-        node.pop(parts[-1], None)
-    payload = json.dumps([__version__, STATE_FORMAT, settings], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Trainer:
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("precision") in (None, "auto"):
@@ -267,7 +226,7 @@ def assemble(
         batch_size=int(cfg.train.batch_size),
         eval_batch_size=int(cfg.train.eval_batch_size),
         seed=int(cfg.seed),
-        search_split=float(cfg.dam.search_split) if search.enabled else 0.0,
+        search_split=search.split if search.enabled else 0.0,
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
         merge_at=search.steps * optim.accumulate if search.merge_search_split else None,
@@ -286,21 +245,63 @@ def assemble(
     return Assembled(module, datamodule, candidates)
 
 
-def _shared_search(cfg: DictConfig, output_dir: Path, can_reuse: bool) -> tuple[dict, Path]:
-    """Where this run's end-of-search snapshot lives, and whether another run already made it.
+def _callbacks(
+    cfg: DictConfig, output_dir: Path, preemption: Preemption, search_enabled: bool, snapshot
+) -> list[pl.Callback]:
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(
+            dirpath=str(output_dir / "checkpoints"),
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=int(cfg.train.ckpt_every),
+        ),
+        preemption,
+    ]
+    if cfg.train.get("stop_after"):
+        callbacks.append(StopAfter(int(cfg.train.stop_after)))
+    if search_enabled:
+        callbacks += [
+            Discretization(output_dir, cfg.backbone.name, snapshot),
+            DAMMonitor(output_dir, int(cfg.dam.log_every)),
+        ]
+    return callbacks
 
-    A reused snapshot's gate records are copied into this run, so its figures show the search.
-    """
-    key = search_key(cfg)
-    snapshot = Path(str(cfg.dam.search_cache_dir)).expanduser() / key / "search_end.ckpt"
-    reused = can_reuse and snapshot.is_file()
-    if reused:
-        log.info("search %s already done: starting from %s", key, snapshot)
-        history = snapshot.with_name("gates.jsonl")
-        if history.is_file():
-            (output_dir / "dam").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(history, output_dir / "dam" / "gates.jsonl")
-    return {"reused": reused, "key": key}, snapshot
+
+def _write_run_files(assembled: Assembled, output_dir: Path) -> None:
+    """The search split (when searching) and a mask known before training (other methods)."""
+    module = assembled.module
+    if module.search.enabled:
+        split_file = output_dir / "dam" / "search_split.json"
+        split_file.parent.mkdir(parents=True, exist_ok=True)
+        split_file.write_text(json.dumps({"indices": assembled.datamodule.search_indices}))
+    if module.mask is not None:
+        module.mask.save(output_dir / "dam" / "mask.json")
+
+
+def _publish(
+    cfg: DictConfig, module: DiffoRAModule, tokenizer, results: dict, output_dir: Path, logger
+) -> None:
+    """Exports (adapter, merged model), ``results.json``, the logger's summary, the printout."""
+    if module.method.export(module.model, output_dir / "adapter") is not None:
+        results["adapter"] = str(output_dir / "adapter")
+    if cfg.get("export") is not None and cfg.export.get("merged"):
+        export_merged(module.model, output_dir / "merged", tokenizer)
+        results["merged"] = str(output_dir / "merged")
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    tracking.write_summary(logger, summary_for_logger(results))
+    print(summary_text(results, output_dir))
+
+
+def _stopped(module: DiffoRAModule, preemption: Preemption, output_dir: Path) -> dict[str, Any]:
+    print(
+        f"diffora_lab: stopped at step {module.step} of {module.optim.max_steps}; "
+        f"continue with ckpt_path=last hydra.run.dir={output_dir}"
+    )
+    return {
+        "stopped_at": module.step,
+        "signal": preemption.stopped_by,
+        "output_dir": str(output_dir),
+    }
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
@@ -315,18 +316,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         _check_ckpt_matches(ckpt_path, cfg)
 
     assembled = assemble(cfg, prepared)
-    module, datamodule, candidates = assembled.module, assembled.datamodule, assembled.candidates
-    search, optim = module.search, module.optim
-    if search.enabled:
-        split_file = output_dir / "dam" / "search_split.json"
-        split_file.parent.mkdir(parents=True, exist_ok=True)
-        split_file.write_text(json.dumps({"indices": datamodule.search_indices}))
-    if module.mask is not None:
-        module.mask.save(output_dir / "dam" / "mask.json")
-
+    module, datamodule = assembled.module, assembled.datamodule
+    _write_run_files(assembled, output_dir)
     search_info, snapshot = {"reused": False, "key": None}, None
-    if search.enabled and cfg.dam.reuse_search:
-        search_info, snapshot = _shared_search(cfg, output_dir, can_reuse=ckpt_path is None)
+    if module.search.enabled and cfg.dam.reuse_search:
+        search_info, snapshot = shared_search(cfg, output_dir, can_reuse=ckpt_path is None)
         if search_info["reused"]:
             ckpt_path = str(snapshot)
             module.search_reused = True
@@ -343,22 +337,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             run_id_file.write_text(run_id)
         preemption = Preemption(ckpt_dir / "last.ckpt")
-        callbacks: list[pl.Callback] = [
-            ModelCheckpoint(
-                dirpath=str(ckpt_dir),
-                save_last=True,
-                save_top_k=0,
-                every_n_train_steps=int(cfg.train.ckpt_every),
-            ),
-            preemption,
-        ]
-        if cfg.train.get("stop_after"):
-            callbacks.append(StopAfter(int(cfg.train.stop_after)))
-        if search.enabled:
-            callbacks += [
-                Discretization(output_dir, cfg.backbone.name, snapshot),
-                DAMMonitor(output_dir, int(cfg.dam.log_every)),
-            ]
+        callbacks = _callbacks(cfg, output_dir, preemption, module.search.enabled, snapshot)
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
         fit_started = time.time()
         try:
@@ -367,139 +346,16 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             preemption.stopped_by = preemption.stopped_by or int(signal.SIGTERM)
         else:
             trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
-        if module.step < optim.max_steps:
+        if module.step < module.optim.max_steps:
             failed = False
-            print(
-                f"diffora_lab: stopped at step {module.step} of {optim.max_steps}; "
-                f"continue with ckpt_path=last hydra.run.dir={output_dir}"
-            )
-            return {
-                "stopped_at": module.step,
-                "signal": preemption.stopped_by,
-                "output_dir": str(output_dir),
-            }
+            return _stopped(module, preemption, output_dir)
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        results = _results(cfg, module, candidates, started, output_dir)
+        results = collect_results(cfg, module, assembled.candidates, started, output_dir)
         results["fit_seconds"] = round(time.time() - fit_started, 2)
         results["search"] = search_info
         if trainer.is_global_zero:
-            if module.method.export(module.model, output_dir / "adapter") is not None:
-                results["adapter"] = str(output_dir / "adapter")
-            if cfg.get("export") is not None and cfg.export.get("merged"):
-                export_merged(module.model, output_dir / "merged", prepared.tokenizer)
-                results["merged"] = str(output_dir / "merged")
-            (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-            tracking.write_summary(logger, _summary_for_logger(results))
-            print(summary_text(results, output_dir))
+            _publish(cfg, module, prepared.tokenizer, results, output_dir, logger)
         failed = False
         return results
     finally:
         tracking.finish(logger, failed)
-
-
-def _results(
-    cfg: DictConfig,
-    module: DiffoRAModule,
-    candidates: list[Candidate],
-    started: float,
-    output_dir: Path,
-) -> dict[str, Any]:
-    params = module.trainable_parameters()
-    mask = module.mask
-    spec = module.spec
-    results = {
-        "task": spec.name,
-        "method": cfg.method.name,
-        "backbone": cfg.backbone.name,
-        "budget": float(cfg.budget),
-        "rank": int(cfg.rank),
-        "seed": int(cfg.seed),
-        "params_trainable": params["total"],
-        "params": params,
-        "candidate_modules": len(candidates),
-        "kept_modules": mask.kept_modules if mask is not None else [],
-        "kept_by_type": mask.counts_by_type() if mask is not None else {},
-        "k": mask.k if mask is not None else 0,
-        "dam_entropy": (
-            float(gate_entropy(torch.tensor(mask.gates)))
-            if mask is not None and mask.source == "search"
-            else None
-        ),
-        "primary_metric": f"val/{spec.primary_metric}",
-        "metrics": dict(module.last_val),
-        "discretization": {
-            "val_before": module.discretization.get("val_before"),
-            "val_after": module.discretization.get("val_after"),
-            "step": module.discretization.get("step"),
-        },
-        "steps": module.step,
-        "world_size": module.trainer.world_size,
-        "ranks_consistent": module.ranks_consistent,
-        "wall_seconds": round(time.time() - started, 2),
-        "output_dir": str(output_dir),
-    }
-    target_rank = target_rank_of(cfg)
-    if target_rank is not None and mask is not None:
-        results["match"] = achieved(mask.kept, candidates, int(cfg.rank), target_rank).as_dict()
-    results.update(module.method.results(module.model, candidates))
-    return results
-
-
-def _summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
-    flat = {f"final/{k.split('/', 1)[-1]}": v for k, v in results["metrics"].items()}
-    flat.update(
-        {
-            "params/trainable": results["params_trainable"],
-            "dam/k": results["k"],
-            "dam/sparsity": 1 - results["k"] / max(1, results["candidate_modules"]),
-            "dam/entropy": results["dam_entropy"],
-            "dam/kept_modules": results["kept_modules"],
-            "dam/kept_by_type": results["kept_by_type"],
-            "dam/val_before": results["discretization"]["val_before"],
-            "dam/val_after": results["discretization"]["val_after"],
-        }
-    )
-    return flat
-
-
-def summary_text(results: dict[str, Any], output_dir: Path) -> str:
-    """The one-screen summary printed at the end of a run."""
-    primary = results["primary_metric"]
-    disc = results["discretization"]
-    lines = [
-        "",
-        "=" * 72,
-        f"diffora_lab: {results['method']} on {results['task']} "
-        f"({results['backbone']}, budget {results['budget']}, rank {results['rank']}, "
-        f"seed {results['seed']})",
-        f"  steps               {results['steps']}  ({results['wall_seconds']:.0f} s)",
-        f"  trainable params    {results['params_trainable']:,} "
-        f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,}"
-        + (
-            f", backbone {results['params']['backbone']:,})"
-            if results["params"]["backbone"]
-            else ")"
-        ),
-    ]
-    if results["kept_modules"]:
-        lines.append(
-            f"  kept modules        {results['k']}/{results['candidate_modules']}  "
-            + " ".join(f"{t}:{n}" for t, n in results["kept_by_type"].items())
-        )
-    if disc["val_before"] is not None:
-        lines.append(
-            f"  discretization      {primary} {disc['val_before']:.4f} -> "
-            f"{disc['val_after']:.4f} (step {disc['step']})"
-        )
-    for key, value in results["metrics"].items():
-        lines.append(f"  final {key:<14}{value:.4f}")
-    written = ["results.json", "checkpoints/last.ckpt"]
-    for name in ("dam/mask.json", "dam/heatmaps/", "adapter/", "merged/"):
-        if (output_dir / name).exists():
-            written.append(name)
-    lines += [
-        f"  outputs             {output_dir}",
-        "                      " + ", ".join(written),
-        "=" * 72,
-    ]
-    return "\n".join(lines)
