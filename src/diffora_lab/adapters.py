@@ -24,6 +24,30 @@ from diffora_lab.backbones import Candidate
 ADAPTER = "default"
 
 
+SCALINGS = ("constant", "rslora", "alpha")
+
+
+def lora_alpha_for(scaling: str, rank: int, scale: float, lora_alpha: float) -> tuple[float, bool]:
+    """``(lora_alpha, use_rslora)`` for peft so that the LoRA update scale follows ``scaling``.
+
+    peft multiplies B A x by s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA). A fixed
+    lora_alpha therefore halves the update scale each time the rank doubles, which confounds any
+    comparison across ranks (DiffoRA at r=16 against LoRA at r=8). The rules:
+
+    - ``constant`` (default): lora_alpha = scale * r, so s = ``scale`` at every rank (2.0 equals
+      the common LoRA r=8, lora_alpha=16 recipe);
+    - ``rslora``: s = lora_alpha / sqrt(r) (Kalajdzievski 2023, rank-stabilised LoRA);
+    - ``alpha``: s = lora_alpha / r, peft's default (the harness's behaviour before this option).
+    """
+    if scaling == "constant":
+        return float(scale) * rank, False
+    if scaling == "rslora":
+        return float(lora_alpha), True
+    if scaling == "alpha":
+        return float(lora_alpha), False
+    raise ValueError(f"method.scaling={scaling!r}: choose one of {list(SCALINGS)}.")
+
+
 def attach_lora(
     model: nn.Module,
     candidates: list[Candidate],
@@ -31,6 +55,7 @@ def attach_lora(
     lora_alpha: float,
     lora_dropout: float,
     head_modules: list[str],
+    use_rslora: bool = False,
     **peft_options: Any,
 ) -> PeftModel:
     """Wraps ``model`` with peft LoRA adapters on exactly the given candidate modules.
@@ -45,6 +70,7 @@ def attach_lora(
         r=rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_rslora=use_rslora,
         target_modules=[c.name for c in candidates],
         modules_to_save=list(head_modules),
         task_type="SEQ_CLS",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from diffora_lab import plotting
-from diffora_lab.dam import Mask
+from diffora_lab.dam import Mask, cubic_count
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class Discretization(pl.Callback):
             self.discretize(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if module.searching and module.search.progressive:
+            self.prune(trainer, module)
         if module.search_finished:
             if self.search_cache is not None and not module.search_reused:
                 # The state at the end of the search, shared by runs that differ only in what
@@ -63,6 +65,25 @@ class Discretization(pl.Callback):
                 if trainer.is_global_zero and history.is_file():
                     shutil.copyfile(history, self.search_cache.with_name("gates.jsonl"))
             self.discretize(trainer, module)
+
+    def prune(self, trainer: pl.Trainer, module) -> None:
+        """Progressive discretization: removes modules on the cubic schedule during the search.
+
+        Called after each step; acts only on the steps where the scheduled count falls, so
+        the gates are read from the device a few dozen times per search, not every step. The
+        removed modules' gates are 0 from then on (:meth:`DAM.prune_to`), so the final cut
+        removes nothing the model still uses.
+        """
+        search, dam = module.search, module.dam
+        n = dam.logits.numel()
+        count = cubic_count(module.step, n, dam.k, search.prune_start, search.prune_end)
+        if count >= cubic_count(module.step - 1, n, dam.k, search.prune_start, search.prune_end):
+            return
+        removed = dam.prune_to(count, search.tau_at(module.step))
+        if removed:
+            for logger in trainer.loggers:
+                logger.log_metrics({"dam/active": float(count)}, step=module.step)
+            log.debug("step %d: %d modules active, removed %s", module.step, count, removed)
 
     def discretize(self, trainer: pl.Trainer, module) -> Mask:
         """Scores dev, freezes the top-k mask into the model, scores dev again."""
@@ -207,6 +228,13 @@ class DAMMonitor(pl.Callback):
     def _draw(self, trainer, module, step: int, gates: torch.Tensor, kept: Mask | None) -> None:
         values = gates.float().cpu()
         title = f"DAM step {step}" + (f" (kept {kept.k}, budget {kept.budget})" if kept else "")
+        disc = module.discretization
+        if kept is not None and disc.get("val_before") is not None:
+            # The discretization gap, on the figure a researcher looks at first.
+            title += (
+                f"\ndev {module.spec.primary_metric} {disc['val_before']:.4f} -> "
+                f"{disc['val_after']:.4f} at the cut"
+            )
         figure = plotting.dam_heatmap(
             values.numpy(),
             module.dam.module_types,

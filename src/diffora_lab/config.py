@@ -71,6 +71,9 @@ class SearchSettings:
     order: str
     budget: float
     budget_penalty: float
+    progressive: bool
+    prune_start: int
+    prune_end: int
     fold_gates: bool
     weight_sharing: bool
     merge_search_split: bool
@@ -151,14 +154,31 @@ def _search_steps(cfg: DictConfig, max_steps: int) -> int:
     return steps
 
 
+def _prune_window(cfg: DictConfig, warmup: int, steps: int) -> tuple[int, int]:
+    """Progressive discretization's start and end steps (``dam.prune_start``/``prune_end``)."""
+    prune_start = cfg.dam.get("prune_start")
+    prune_start = warmup if prune_start is None else int(prune_start)
+    ratio = float(cfg.dam.get("prune_end", 0.75))
+    if not 0.0 < ratio <= 1.0:
+        _fail(
+            "dam.prune_end",
+            ratio,
+            "the share of the search after which only k modules remain: (0, 1].",
+        )
+    return prune_start, max(prune_start + 1, round(ratio * steps))
+
+
 def search_settings(cfg: DictConfig) -> SearchSettings:
     """The ``dam.*`` settings (and ``budget``), typed and checked; disabled without a search."""
     enabled = method_for(cfg).search_enabled(cfg)
     max_steps = _number(cfg, "train.max_steps", int)
+    steps = _search_steps(cfg, max_steps) if enabled else 0
+    warmup = _number(cfg, "dam.warmup_steps", int)
+    prune_start, prune_end = _prune_window(cfg, warmup, steps) if enabled else (warmup, warmup + 1)
     return SearchSettings(
         enabled=enabled,
-        steps=_search_steps(cfg, max_steps) if enabled else 0,
-        warmup_steps=_number(cfg, "dam.warmup_steps", int),
+        steps=steps,
+        warmup_steps=warmup,
         arch_lr=_number(cfg, "dam.arch_lr", float),
         arch_betas=tuple(float(b) for b in cfg.dam.arch_betas),
         arch_weight_decay=float(cfg.dam.arch_weight_decay),
@@ -168,6 +188,9 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         order=str(cfg.dam.order),
         budget=_number(cfg, "budget", float),
         budget_penalty=float(cfg.dam.get("budget_penalty", 0.0)),
+        progressive=bool(cfg.dam.get("progressive", False)),
+        prune_start=prune_start,
+        prune_end=prune_end,
         fold_gates=bool(cfg.dam.fold_gates),
         weight_sharing=bool(cfg.dam.weight_sharing),
         merge_search_split=bool(cfg.dam.merge_search_split),
@@ -186,6 +209,13 @@ def validate(cfg: DictConfig) -> None:
         _fail("task", cfg.task.name, f"unknown task; choose one of {sorted(TASKS)}.")
     optim_settings(cfg)
     search_settings(cfg)
+    if cfg.method.get("scaling") is not None:
+        from diffora_lab.adapters import SCALINGS
+
+        if cfg.method.scaling not in SCALINGS:
+            _fail("method.scaling", cfg.method.scaling, f"choose one of {list(SCALINGS)}.")
+        if _number(cfg, "method.scale", float) <= 0:
+            _fail("method.scale", cfg.method.scale, "the LoRA update scale s must be > 0.")
     match = cfg.get("match")
     if match is not None and match.get("target_rank") is not None:
         if _number(cfg, "match.target_rank", int) < 1:

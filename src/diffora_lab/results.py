@@ -28,6 +28,7 @@ def collect_results(
     results = {
         "task": spec.name,
         "method": cfg.method.name,
+        "preset": cfg.method.get("preset"),
         "backbone": cfg.backbone.name,
         "budget": float(cfg.budget),
         "rank": int(cfg.rank),
@@ -49,6 +50,11 @@ def collect_results(
             "val_before": module.discretization.get("val_before"),
             "val_after": module.discretization.get("val_after"),
             "step": module.discretization.get("step"),
+            "gap": (
+                module.discretization["val_before"] - module.discretization["val_after"]
+                if module.discretization.get("val_before") is not None
+                else None
+            ),
         },
         "steps": module.step,
         "world_size": module.trainer.world_size,
@@ -56,6 +62,18 @@ def collect_results(
         "wall_seconds": round(time.time() - started, 2),
         "output_dir": str(output_dir),
     }
+    if module.search.enabled or cfg.dam.get("mask_path"):
+        dam = cfg.dam
+        results["search_variant"] = {
+            "relaxation": str(dam.relaxation),
+            "budget_penalty": float(dam.budget_penalty),
+            "progressive": bool(dam.get("progressive", False)),
+            "tau": [float(dam.tau), float(dam.tau_end)],
+            "order": str(dam.order),
+        }
+    if cfg.method.get("scaling") is not None:
+        method = cfg.method
+        results["lora_scaling"] = {"rule": str(method.scaling), "scale": method.get("scale")}
     target_rank = target_rank_of(cfg)
     if target_rank is not None and mask is not None:
         results["match"] = achieved(mask.kept, candidates, int(cfg.rank), target_rank).as_dict()

@@ -50,7 +50,13 @@ def search_key(cfg: DictConfig) -> str:
 
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings.pop("hydra", None)
+    dam = cfg.dam
+    budget_shapes_search = (
+        dam.relaxation == "topk" or dam.get("progressive") or float(dam.budget_penalty) > 0
+    )
     for dotted in AFTER_SEARCH_KEYS:
+        if dotted == "budget" and budget_shapes_search:
+            continue  # these searches steer towards k: the budget changes their end state
         parts = dotted.split(".")
         node = settings
         for part in parts[:-1]:

@@ -32,7 +32,7 @@ from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import GlueDataModule
 from diffora_lab.module import DiffoRAModule
 from diffora_lab.results import collect_results, summary_for_logger, summary_text
-from diffora_lab.search_cache import shared_search
+from diffora_lab.search_cache import search_key, shared_search  # noqa: F401 (re-exported)
 from diffora_lab.tasks import TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)

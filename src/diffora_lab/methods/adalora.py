@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from diffora_lab.adapters import lora_alpha_for
 from diffora_lab.backbones import Candidate
 from diffora_lab.methods.registry import Built, Method, register_method
 
@@ -99,9 +100,18 @@ def adalora_config(cfg: DictConfig, candidates: list[Candidate]) -> AdaLoraConfi
         float(method.tfinal_ratio),
         float(method.delta_t_ratio),
     )
+    init_r = max(target_r, math.floor(init_ratio * target_r + 0.5))
+    # AdaLoRA scales by lora_alpha / init_r (peft divides by the initial rank): the harness's
+    # scaling rule applies to that rank, as LoRA's applies to r.
+    scaling = str(method.get("scaling", "alpha"))
+    if scaling == "rslora":
+        raise ValueError("method.scaling=rslora: not available for adalora; use constant or alpha.")
+    lora_alpha, _ = lora_alpha_for(
+        scaling, init_r, float(method.get("scale", 2.0)), float(method.lora_alpha)
+    )
     return AdaLoraConfig(
         target_r=target_r,
-        init_r=max(target_r, math.floor(init_ratio * target_r + 0.5)),
+        init_r=init_r,
         tinit=steps.tinit,
         tfinal=steps.tfinal,
         deltaT=steps.delta_t,
@@ -109,7 +119,7 @@ def adalora_config(cfg: DictConfig, candidates: list[Candidate]) -> AdaLoraConfi
         beta2=float(method.beta2),
         orth_reg_weight=float(method.orth_reg_weight),
         total_step=steps.total_step,
-        lora_alpha=float(method.lora_alpha),
+        lora_alpha=lora_alpha,
         lora_dropout=float(method.lora_dropout),
         target_modules=[c.name for c in candidates],
         modules_to_save=list(cfg.backbone.head_modules),

@@ -12,7 +12,7 @@ from torch import nn
 
 from diffora_lab.adapters import apply_mask
 from diffora_lab.backbones import Candidate
-from diffora_lab.dam import DAM, Mask
+from diffora_lab.dam import DAM, Mask, num_kept
 from diffora_lab.methods.lora import layer_grid
 from diffora_lab.methods.random_mask import MaskedLora
 from diffora_lab.methods.registry import Built, register_method
@@ -50,6 +50,10 @@ class DiffoRA(MaskedLora):
         module_types = list(cfg.backbone.module_types)
         layers, _ = layer_grid(candidates, module_types)
         dam = DAM(
-            layers, module_types, relaxation=str(cfg.dam.relaxation), init=float(cfg.dam.init)
+            layers,
+            module_types,
+            relaxation=str(cfg.dam.relaxation),
+            init=float(cfg.dam.init),
+            k=num_kept(float(cfg.budget), len(candidates)),
         )
         return Built(model, dam, None)

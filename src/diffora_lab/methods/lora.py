@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from peft import PeftModel
 from torch import nn
 
-from diffora_lab.adapters import attach_lora
+from diffora_lab.adapters import attach_lora, lora_alpha_for
 from diffora_lab.backbones import Candidate
 from diffora_lab.dam import Mask
 from diffora_lab.methods.registry import Built, Method, register_method
@@ -41,14 +41,24 @@ class Lora(Method):
     def attach(
         self, cfg: DictConfig, backbone: nn.Module, candidates: list[Candidate]
     ) -> PeftModel:
-        """peft LoRA adapters on every candidate (rank ``cfg.rank``), the head trainable."""
+        """peft LoRA adapters on every candidate (rank ``cfg.rank``), the head trainable.
+
+        The update scale follows ``method.scaling`` (:func:`~diffora_lab.adapters.lora_alpha_for`).
+        """
+        lora_alpha, use_rslora = lora_alpha_for(
+            str(cfg.method.get("scaling", "alpha")),
+            int(cfg.rank),
+            float(cfg.method.get("scale", 2.0)),
+            float(cfg.method.lora_alpha),
+        )
         return attach_lora(
             backbone,
             candidates,
             rank=int(cfg.rank),
-            lora_alpha=float(cfg.method.lora_alpha),
+            lora_alpha=lora_alpha,
             lora_dropout=float(cfg.method.lora_dropout),
             head_modules=list(cfg.backbone.head_modules),
+            use_rslora=use_rslora,
             **self.peft_options(),
         )
 
