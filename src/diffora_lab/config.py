@@ -1,14 +1,13 @@
-"""Typed settings read from the Hydra config, each checked where it is defined.
+"""Typed settings read from the Hydra config, checked before anything expensive starts.
 
-:class:`OptimSettings` and :class:`SearchSettings` check their own values when they are built
-(``__post_init__``), the method checks ``method.*`` (``Method.validate``), the search variant
-registry checks ``dam.order``; :func:`validate` builds them all once, plus the checks that need
-the file system, so every user-facing mistake becomes a ``ValueError`` that names the setting and
-the fix before a model or a dataset loads.
+Every user-facing mistake (a budget outside (0, 1], a rank below 1, an unknown name, a missing data
+folder) becomes a ``ValueError`` that names the setting and the fix, raised by :func:`validate`
+before a model or a dataset loads.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,9 @@ from diffora_lab.dam import RELAXATIONS
 from diffora_lab.methods import get_method, method_for
 
 
-def _fail(setting: str, value: Any, fix: str) -> None:
-    raise ValueError(f"{setting}={value!r}: {fix}")
-
-
 @dataclass(frozen=True)
 class OptimSettings:
-    """Weight optimizer (AdamW) and step budget (``train.*``); checked at construction."""
+    """Weight optimizer (AdamW) and step budget."""
 
     max_steps: int
     lr: float
@@ -34,14 +29,6 @@ class OptimSettings:
     warmup_ratio: float
     grad_clip: float
     accumulate: int
-
-    def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            _fail("train.max_steps", self.max_steps, "must be >= 1.")
-        if self.accumulate < 1:
-            _fail("train.accumulate", self.accumulate, "must be >= 1.")
-        if self.lr <= 0:
-            _fail("train.lr", self.lr, "the learning rate must be > 0.")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup then linear decay to zero: a pure function of the step."""
@@ -54,10 +41,7 @@ class OptimSettings:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """The DAM search (METHOD.md, Phases 1-2); checked at construction when ``enabled``.
-
-    ``budget`` is checked always: it sets k for every method that keeps k of n candidates.
-    """
+    """The DAM search (METHOD.md, Phases 1-2)."""
 
     enabled: bool
     steps: int
@@ -77,35 +61,6 @@ class SearchSettings:
     fold_gates: bool
     weight_sharing: bool
     merge_search_split: bool
-    split: float
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.budget <= 1.0:
-            _fail(
-                "budget", self.budget, "must be in (0, 1]: the fraction of candidate modules kept."
-            )
-        if not self.enabled:
-            return
-        if not 0.0 < self.split < 1.0:
-            _fail(
-                "dam.search_split", self.split, "the fraction of train held out for search: (0, 1)."
-            )
-        if self.tau_start <= 0 or self.tau_end <= 0:
-            _fail("dam.tau", self.tau_start, "temperatures (dam.tau, dam.tau_end) must be > 0.")
-        if self.relaxation not in RELAXATIONS:
-            _fail("dam.relaxation", self.relaxation, f"choose one of {list(RELAXATIONS)}.")
-        get_architect(self.order)  # dam.order names a registered search variant
-        if self.budget_penalty < 0:
-            _fail("dam.budget_penalty", self.budget_penalty, "must be >= 0 (0 disables it).")
-        if self.arch_lr <= 0:
-            _fail("dam.arch_lr", self.arch_lr, "the gate learning rate must be > 0.")
-        if not 0 <= self.warmup_steps < self.steps:
-            _fail(
-                "dam.warmup_steps",
-                self.warmup_steps,
-                f"weight-only steps must leave architecture steps in the {self.steps}-step "
-                "search; use 0 <= dam.warmup_steps < the search length.",
-            )
 
     def tau_at(self, step: int) -> float:
         """Temperature annealed linearly from ``tau_start`` to ``tau_end`` over the search."""
@@ -113,6 +68,10 @@ class SearchSettings:
             return self.tau_end
         frac = min(1.0, step / (self.steps - 1))
         return self.tau_start + frac * (self.tau_end - self.tau_start)
+
+
+def _fail(setting: str, value: Any, fix: str) -> None:
+    raise ValueError(f"{setting}={value!r}: {fix}")
 
 
 def _number(cfg: DictConfig, key: str, kind: type) -> Any:
@@ -124,91 +83,69 @@ def _number(cfg: DictConfig, key: str, kind: type) -> Any:
     return kind(value)
 
 
-def optim_settings(cfg: DictConfig) -> OptimSettings:
-    """The ``train.*`` settings, typed and checked."""
-    return OptimSettings(
-        max_steps=_number(cfg, "train.max_steps", int),
-        lr=_number(cfg, "train.lr", float),
-        weight_decay=float(cfg.train.weight_decay),
-        warmup_ratio=float(cfg.train.warmup_ratio),
-        grad_clip=float(cfg.train.grad_clip or 0.0),
-        accumulate=_number(cfg, "train.accumulate", int),
-    )
-
-
-def _search_steps(cfg: DictConfig, max_steps: int) -> int:
-    if cfg.dam.get("search_steps") is not None:
-        steps = _number(cfg, "dam.search_steps", int)
-    else:
-        ratio = _number(cfg, "dam.search_ratio", float)
-        if not 0.0 < ratio < 1.0:
-            _fail("dam.search_ratio", ratio, "the share of steps spent searching: (0, 1).")
-        steps = max(1, round(ratio * max_steps))
-    if not 1 <= steps < max_steps:
-        _fail(
-            "dam.search_steps",
-            steps,
-            f"the search must end before train.max_steps={max_steps} (and last >= 1 step); "
-            "lower dam.search_steps / dam.search_ratio or raise train.max_steps.",
-        )
-    return steps
-
-
-def _prune_window(cfg: DictConfig, warmup: int, steps: int) -> tuple[int, int]:
-    """Progressive discretization's start and end steps (``dam.prune_start``/``prune_end``)."""
-    prune_start = cfg.dam.get("prune_start")
-    prune_start = warmup if prune_start is None else int(prune_start)
-    ratio = float(cfg.dam.get("prune_end", 0.75))
-    if not 0.0 < ratio <= 1.0:
-        _fail(
-            "dam.prune_end",
-            ratio,
-            "the share of the search after which only k modules remain: (0, 1].",
-        )
-    return prune_start, max(prune_start + 1, round(ratio * steps))
-
-
-def search_settings(cfg: DictConfig) -> SearchSettings:
-    """The ``dam.*`` settings (and ``budget``), typed and checked; disabled without a search."""
-    enabled = method_for(cfg).search_enabled(cfg)
-    max_steps = _number(cfg, "train.max_steps", int)
-    steps = _search_steps(cfg, max_steps) if enabled else 0
-    warmup = _number(cfg, "dam.warmup_steps", int)
-    prune_start, prune_end = _prune_window(cfg, warmup, steps) if enabled else (warmup, warmup + 1)
-    return SearchSettings(
-        enabled=enabled,
-        steps=steps,
-        warmup_steps=warmup,
-        arch_lr=_number(cfg, "dam.arch_lr", float),
-        arch_betas=tuple(float(b) for b in cfg.dam.arch_betas),
-        arch_weight_decay=float(cfg.dam.arch_weight_decay),
-        tau_start=_number(cfg, "dam.tau", float),
-        tau_end=_number(cfg, "dam.tau_end", float),
-        relaxation=str(cfg.dam.relaxation),
-        order=str(cfg.dam.order),
-        budget=_number(cfg, "budget", float),
-        budget_penalty=float(cfg.dam.get("budget_penalty", 0.0)),
-        progressive=bool(cfg.dam.get("progressive", False)),
-        prune_start=prune_start,
-        prune_end=prune_end,
-        fold_gates=bool(cfg.dam.fold_gates),
-        weight_sharing=bool(cfg.dam.weight_sharing),
-        merge_search_split=bool(cfg.dam.merge_search_split),
-        split=_number(cfg, "dam.search_split", float),
-    )
-
-
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     """Checks the composed config; raises ``ValueError`` naming the setting and the fix."""
     from diffora_lab.tasks import TASKS, check_data_dir
 
-    if _number(cfg, "rank", int) < 1:
+    budget = _number(cfg, "budget", float)
+    if not 0.0 < budget <= 1.0:
+        _fail("budget", cfg.budget, "must be in (0, 1]: the fraction of candidate modules kept.")
+    rank = _number(cfg, "rank", int)
+    if rank < 1:
         _fail("rank", cfg.rank, "the LoRA rank must be an integer >= 1.")
     method = get_method(cfg.method.name)()  # unknown: ValueError listing the registered names
     if cfg.task.name not in TASKS:
         _fail("task", cfg.task.name, f"unknown task; choose one of {sorted(TASKS)}.")
-    optim_settings(cfg)
-    search_settings(cfg)
+    max_steps = _number(cfg, "train.max_steps", int)
+    if max_steps < 1:
+        _fail("train.max_steps", max_steps, "must be >= 1.")
+    if _number(cfg, "train.accumulate", int) < 1:
+        _fail("train.accumulate", cfg.train.accumulate, "must be >= 1.")
+    if _number(cfg, "train.lr", float) <= 0:
+        _fail("train.lr", cfg.train.lr, "the learning rate must be > 0.")
+    _check_run_settings(cfg)
+    if method.search_enabled(cfg):
+        ratio = _number(cfg, "dam.search_ratio", float)
+        if not 0.0 < ratio < 1.0:
+            _fail("dam.search_ratio", ratio, "the share of steps spent searching: (0, 1).")
+        frac = _number(cfg, "dam.search_split", float)
+        if not 0.0 < frac < 1.0:
+            _fail("dam.search_split", frac, "the fraction of train held out for search: (0, 1).")
+        if _number(cfg, "dam.tau", float) <= 0 or _number(cfg, "dam.tau_end", float) <= 0:
+            _fail("dam.tau", cfg.dam.tau, "temperatures must be > 0.")
+        if cfg.dam.relaxation not in RELAXATIONS:
+            _fail("dam.relaxation", cfg.dam.relaxation, f"choose one of {list(RELAXATIONS)}.")
+        prune_end = _number(cfg, "dam.prune_end", float)
+        if not 0.0 < prune_end <= 1.0:
+            _fail(
+                "dam.prune_end",
+                prune_end,
+                "the share of the search after which only k modules remain: (0, 1].",
+            )
+        get_architect(cfg.dam.order)  # dam.order names a registered search variant
+        if _number(cfg, "dam.budget_penalty", float) < 0:
+            _fail("dam.budget_penalty", cfg.dam.budget_penalty, "must be >= 0 (0 disables it).")
+        if _number(cfg, "dam.arch_lr", float) <= 0:
+            _fail("dam.arch_lr", cfg.dam.arch_lr, "the gate learning rate must be > 0.")
+        _check_search_optimizer(cfg)
+        if cfg.dam.get("search_steps") is not None:
+            _number(cfg, "dam.search_steps", int)
+        steps = search_settings(cfg).steps
+        if not 1 <= steps < max_steps:
+            _fail(
+                "dam.search_steps",
+                steps,
+                f"the search must end before train.max_steps={max_steps} (and last >= 1 step); "
+                "lower dam.search_steps / dam.search_ratio or raise train.max_steps.",
+            )
+        warmup = _number(cfg, "dam.warmup_steps", int)
+        if not 0 <= warmup < steps:
+            _fail(
+                "dam.warmup_steps",
+                warmup,
+                f"weight-only steps must leave architecture steps in the {steps}-step search; "
+                "use 0 <= dam.warmup_steps < the search length.",
+            )
     if cfg.method.get("scaling") is not None:
         from diffora_lab.adapters import SCALINGS
 
@@ -216,12 +153,14 @@ def validate(cfg: DictConfig) -> None:
             _fail("method.scaling", cfg.method.scaling, f"choose one of {list(SCALINGS)}.")
         if _number(cfg, "method.scale", float) <= 0:
             _fail("method.scale", cfg.method.scale, "the LoRA update scale s must be > 0.")
+    # --- baselines/export: parameter matching (matching.py) and AdaLoRA (adalora.py) --------
     match = cfg.get("match")
     if match is not None and match.get("target_rank") is not None:
         if _number(cfg, "match.target_rank", int) < 1:
             _fail("match.target_rank", match.target_rank, "the reference LoRA rank must be >= 1.")
         if _number(cfg, "match.tolerance", float) <= 0:
             _fail("match.tolerance", match.tolerance, "a relative tolerance > 0, e.g. 0.05.")
+    # --- end baselines/export ---------------------------------------------------------------
     method.validate(cfg)
     data_dir = cfg.task.get("data_dir")
     if data_dir:
@@ -232,3 +171,137 @@ def validate(cfg: DictConfig) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt and ckpt != "last" and not Path(str(ckpt)).is_file():
         _fail("ckpt_path", ckpt, "no such checkpoint file; use a path or ckpt_path=last.")
+
+
+# Whole-number settings and their smallest value, with what each one is (issue 11: a 0 or a
+# negative value here was accepted silently or crashed deep inside Lightning).
+_AT_LEAST = (
+    ("train.batch_size", 1, "train examples per step"),
+    ("train.eval_batch_size", 1, "dev examples per evaluation batch"),
+    ("train.val_every", 1, "steps between dev evaluations"),
+    ("train.log_every", 1, "steps between metric log lines"),
+    ("train.ckpt_every", 1, "steps between writes of checkpoints/last.ckpt"),
+    ("task.max_length", 8, "tokens per example, room for the special tokens and some text"),
+    ("data.num_workers", 0, "DataLoader worker processes, 0 loads in the main process"),
+)
+_SEED_MAX = 2**32 - 1  # what numpy and Lightning accept as a seed
+
+
+def _check_run_settings(cfg: DictConfig) -> None:
+    """Step, batch, length, clipping and seed settings (before anything loads)."""
+    seed = _number(cfg, "seed", int)
+    if not 0 <= seed <= _SEED_MAX:
+        _fail("seed", seed, f"use a whole number in [0, {_SEED_MAX}].")
+    for key, least, what in _AT_LEAST:
+        if _number(cfg, key, int) < least:
+            _fail(key, OmegaConf.select(cfg, key), f"{what}: a whole number >= {least}.")
+    if cfg.train.get("grad_clip") is not None and _number(cfg, "train.grad_clip", float) < 0:
+        _fail("train.grad_clip", cfg.train.grad_clip, "max gradient norm: > 0, or 0 to disable.")
+    if _number(cfg, "train.weight_decay", float) < 0:
+        _fail("train.weight_decay", cfg.train.weight_decay, "must be >= 0.")
+    if not 0.0 <= _number(cfg, "train.warmup_ratio", float) < 1.0:
+        _fail("train.warmup_ratio", cfg.train.warmup_ratio, "the share of warmup steps: [0, 1).")
+    if cfg.train.get("stop_after") is not None and _number(cfg, "train.stop_after", int) < 1:
+        _fail("train.stop_after", cfg.train.stop_after, "steps before a resumable stop: >= 1.")
+    if not isinstance(cfg.get("overwrite", False), bool):
+        _fail("overwrite", cfg.get("overwrite"), "true or false.")
+    _check_devices(cfg)
+
+
+def _check_search_optimizer(cfg: DictConfig) -> None:
+    betas = cfg.dam.get("arch_betas")
+    valid = OmegaConf.is_list(betas) and len(betas) == 2
+    if valid:
+        valid = all(
+            not isinstance(b, bool) and isinstance(b, (int, float)) and 0.0 <= b < 1.0
+            for b in betas
+        )
+    if not valid:
+        shown = OmegaConf.to_container(betas) if OmegaConf.is_list(betas) else betas
+        _fail("dam.arch_betas", shown, "Adam's two betas on the gates, each in [0, 1).")
+    if _number(cfg, "dam.arch_weight_decay", float) < 0:
+        _fail("dam.arch_weight_decay", cfg.dam.arch_weight_decay, "must be >= 0.")
+    if _number(cfg, "dam.log_every", int) < 1:
+        _fail("dam.log_every", cfg.dam.log_every, "steps between gate records: >= 1.")
+
+
+def _available_devices(accelerator: str) -> tuple[int, str] | None:
+    """How many devices of the accelerator's kind this machine has (None: not checked here)."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.device_count(), "GPU(s)"
+    if accelerator in ("cpu", "auto"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return int(cores or 1), "CPU core(s)"
+    return None
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    devices = cfg.trainer.get("devices")
+    if devices is None or devices in ("auto", -1, "-1"):
+        return
+    if OmegaConf.is_list(devices):
+        wanted = len(devices)
+    elif isinstance(devices, str) and devices.replace(",", "").strip().isdigit():
+        wanted = int(devices) if "," not in devices else len([d for d in devices.split(",") if d])
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        wanted = devices
+    else:
+        _fail("trainer.devices", devices, "a number of devices >= 1, a list of ids, or auto.")
+    if wanted < 1:
+        _fail("trainer.devices", devices, "a number of devices >= 1 (or auto).")
+    accelerator = str(cfg.trainer.get("accelerator") or "auto")
+    available = _available_devices(accelerator)
+    if available is not None and wanted > available[0]:
+        count, kind = available
+        _fail(
+            "trainer.devices",
+            devices,
+            f"this machine has {count} {kind} for trainer.accelerator={accelerator}; use "
+            f"trainer.devices<={count} (or trainer.devices=auto).",
+        )
+
+
+def optim_settings(cfg: DictConfig) -> OptimSettings:
+    return OptimSettings(
+        max_steps=int(cfg.train.max_steps),
+        lr=float(cfg.train.lr),
+        weight_decay=float(cfg.train.weight_decay),
+        warmup_ratio=float(cfg.train.warmup_ratio),
+        grad_clip=float(cfg.train.grad_clip or 0.0),
+        accumulate=int(cfg.train.accumulate),
+    )
+
+
+def search_settings(cfg: DictConfig) -> SearchSettings:
+    enabled = method_for(cfg).search_enabled(cfg)
+    steps = (
+        int(cfg.dam.search_steps)
+        if cfg.dam.get("search_steps") is not None
+        else max(1, round(float(cfg.dam.search_ratio) * int(cfg.train.max_steps)))
+    )
+    warmup = int(cfg.dam.warmup_steps)
+    prune_start = cfg.dam.get("prune_start")
+    prune_start = warmup if prune_start is None else int(prune_start)
+    prune_end = max(prune_start + 1, round(float(cfg.dam.get("prune_end", 0.75)) * steps))
+    return SearchSettings(
+        enabled=enabled,
+        steps=steps if enabled else 0,
+        warmup_steps=warmup,
+        arch_lr=float(cfg.dam.arch_lr),
+        arch_betas=tuple(float(b) for b in cfg.dam.arch_betas),
+        arch_weight_decay=float(cfg.dam.arch_weight_decay),
+        tau_start=float(cfg.dam.tau),
+        tau_end=float(cfg.dam.tau_end),
+        relaxation=str(cfg.dam.relaxation),
+        order=str(cfg.dam.order),
+        budget=float(cfg.budget),
+        budget_penalty=float(cfg.dam.get("budget_penalty", 0.0)),
+        progressive=bool(cfg.dam.get("progressive", False)),
+        prune_start=prune_start,
+        prune_end=prune_end,
+        fold_gates=bool(cfg.dam.fold_gates),
+        weight_sharing=bool(cfg.dam.weight_sharing),
+        merge_search_split=bool(cfg.dam.merge_search_split),
+    )

@@ -23,6 +23,7 @@ from torch import nn
 from diffora_lab.adapters import LoraGates, apply_mask, count_parameters
 from diffora_lab.architect import Architect, get_architect
 from diffora_lab.backbones import Candidate
+from diffora_lab.checkpointing import BackboneFingerprint, fill, frozen_backbone_keys, prune
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask
 from diffora_lab.methods import Method
@@ -233,8 +234,7 @@ class DiffoRAModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite {which} loss ({float(loss)}) at step {self.step} in phase "
-                f"{self.phase!r}; the last good checkpoint is in the run's checkpoints/ folder. "
-                "Lower train.lr or dam.arch_lr, or enable train.grad_clip."
+                f"{self.phase!r}"  # train.run adds where to resume from and what to change
             )
 
     # ------------------------------------------------------------- validation
@@ -347,7 +347,12 @@ class DiffoRAModule(pl.LightningModule):
     # ------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen backbone is reloaded from its source on resume: only a fingerprint is kept.
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = BackboneFingerprint()
+        backbone = prune(checkpoint, self, self._fingerprint)
         checkpoint[STATE_KEY] = {
+            "backbone": backbone,
             "phase": self.phase,
             "step": self.step,
             "batches_seen": self.batches_seen,
@@ -375,6 +380,13 @@ class DiffoRAModule(pl.LightningModule):
         if state["phase"] == FINETUNE and self.phase == SEARCH:
             # Restore the structure only: the state dict that follows holds the folded weights.
             self._enter_finetune(Mask(**state["mask"]), None, fold_gates=False, reinit=False)
+        # In the checkpoint's structure now: put the frozen backbone back (refused if another).
+        fill(
+            checkpoint["state_dict"],
+            self.state_dict(),
+            frozen_backbone_keys(self),
+            state.get("backbone"),
+        )
         datamodule = self.trainer.datamodule
         datamodule.train_start = self.batches_seen
         restore_rng_state(state["rng"])

@@ -44,8 +44,12 @@ def collect_results(
             if mask is not None and mask.source == "search"
             else None
         ),
+        # The classifier's output size: what a user passes as num_labels to load the adapter.
+        "num_labels": spec.num_labels,
         "primary_metric": f"val/{spec.primary_metric}",
         "metrics": dict(module.last_val),
+        # The size of one dev example in the metric: the report's budget curve states it.
+        "dev_examples": len(module.trainer.datamodule.dev[spec.dev_splits[0]]),
         "discretization": {
             "val_before": module.discretization.get("val_before"),
             "val_after": module.discretization.get("val_after"),
@@ -98,6 +102,15 @@ def summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _uses_budget(method: str) -> bool:
+    from diffora_lab.methods.registry import get_method
+
+    try:
+        return get_method(method).uses_budget
+    except (KeyError, ValueError):
+        return True
+
+
 def summary_text(results: dict[str, Any], output_dir: Path) -> str:
     """The one-screen summary printed at the end of a run."""
     primary = results["primary_metric"]
@@ -105,9 +118,10 @@ def summary_text(results: dict[str, Any], output_dir: Path) -> str:
     lines = [
         "",
         "=" * 72,
-        f"diffora_lab: {results['method']} on {results['task']} "
-        f"({results['backbone']}, budget {results['budget']}, rank {results['rank']}, "
-        f"seed {results['seed']})",
+        f"diffora_lab: {results['method']} on {results['task']} ({results['backbone']}, "
+        # Only module-selecting methods have a budget; the others adapt every candidate.
+        + (f"budget {results['budget']}, " if _uses_budget(results["method"]) else "")
+        + f"rank {results['rank']}, seed {results['seed']})",
         f"  steps               {results['steps']}  ({results['wall_seconds']:.0f} s)",
         f"  trainable params    {results['params_trainable']:,} "
         f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,}"

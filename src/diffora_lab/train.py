@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +26,24 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from diffora_lab import backbones, methods, tracking
 from diffora_lab.adapters import export_merged
 from diffora_lab.backbones import Candidate
-from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, StopAfter
+from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
 from diffora_lab.config import optim_settings, search_settings, validate
 from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import GlueDataModule
-from diffora_lab.module import DiffoRAModule
+from diffora_lab.module import STATE_KEY, DiffoRAModule
+from diffora_lab.progress import PhaseProgressBar, progress_callbacks
 from diffora_lab.results import collect_results, summary_for_logger, summary_text
-from diffora_lab.search_cache import search_key, shared_search  # noqa: F401 (re-exported)
-from diffora_lab.tasks import TaskSpec, check_hub_dataset, get_task, load_raw
+from diffora_lab.runfolder import (
+    FolderState,
+    RunFolderLock,
+    check_not_finished,
+    clear_outputs,
+    global_rank,
+    remove_stale_temporaries,
+    write_hydra_files,
+)
+from diffora_lab.search_cache import SearchCache, open_entry
+from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)
 
@@ -128,37 +138,66 @@ def prepare(cfg: DictConfig) -> Prepared:
         if cfg.dam.get("mask_path"):
             mask = Mask.load(cfg.dam.mask_path)
             methods.check_mask_fits(mask, candidates, cfg.backbone.name, str(cfg.dam.mask_path))
+            if methods.method_for(cfg).searches and float(cfg.budget) != mask.budget:
+                # A fine-tuned mask is the run's budget: results, names and reports say so.
+                log.info("budget=%s: the mask's budget %s is used", cfg.budget, mask.budget)
+                with open_dict(cfg):
+                    cfg.budget = mask.budget
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return Prepared(spec, tokenizer, candidates)
 
 
-def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path, overwrite: bool = False) -> str | None:
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
         return None
     if ckpt == "last":
         last = ckpt_dir / "last.ckpt"
-        if last.is_file():
+        if last.is_file() and not overwrite:
             return str(last)
-        log.info("ckpt_path=last: no checkpoint in %s yet, starting fresh", ckpt_dir)
+        log.info("ckpt_path=last: no checkpoint in %s to resume, starting fresh", ckpt_dir)
         return None
     return str(ckpt)
 
 
-def _check_ckpt_matches(path: str, cfg: DictConfig) -> None:
-    # mmap: only the hyper-parameters are read here; Lightning loads the tensors later.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+def _check_ckpt(path: str, cfg: DictConfig) -> int:
+    """Checks a checkpoint to resume before anything loads; returns its step.
+
+    Raises:
+        ConfigError: A damaged file, one written with other settings, or one past
+            ``train.max_steps``.
+    """
+    setting = f"ckpt_path={cfg.get('ckpt_path')}"
+    try:
+        # mmap: only the small entries are read here; Lightning loads the tensors later.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        step = int(checkpoint[STATE_KEY]["step"])
+    except Exception as error:
+        size = Path(path).stat().st_size
+        what = "empty (0 bytes)" if size == 0 else f"truncated or not a checkpoint ({size} bytes)"
+        raise ConfigError(
+            f"{setting}: {path} is damaged: {what}, {type(error).__name__}. Delete it to start "
+            "this run over, or pass ckpt_path=null to start fresh without reading it."
+        ) from None
     saved = checkpoint.get("hyper_parameters", {})
-    saved_cfg = saved.get("config") or {}
+    saved_cfg = OmegaConf.create(saved.get("config") or {})
     for key in ("method.name", "backbone.name", "task.name", "rank"):
         mine = OmegaConf.select(cfg, key)
-        theirs = OmegaConf.select(OmegaConf.create(saved_cfg), key) if saved_cfg else None
+        theirs = OmegaConf.select(saved_cfg, key)
         if theirs is not None and theirs != mine:
             raise ConfigError(
                 f"ckpt_path={path!r} was written with {key}={theirs!r}, this run has "
                 f"{key}={mine!r}; resume with the same settings or start a new run."
             )
+    max_steps = int(cfg.train.max_steps)
+    if step > max_steps:
+        raise ConfigError(
+            f"train.max_steps={max_steps} is below the step of the checkpoint to resume "
+            f"({path}, step {step}); raise train.max_steps to at least {step}, or start a new "
+            "run folder."
+        )
+    return step
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Trainer:
@@ -171,6 +210,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Tr
         # The weight step leaves the gate logits unused and the architecture step the head:
         # DDP must look for unused parameters.
         trainer_args["strategy"] = DDPStrategy(find_unused_parameters=True)
+    # Lightning adds its own bar when enabled; ours (or log lines off a terminal) is in callbacks.
+    trainer_args["enable_progress_bar"] = any(isinstance(c, PhaseProgressBar) for c in callbacks)
     return pl.Trainer(
         max_steps=int(cfg.train.max_steps),
         val_check_interval=int(cfg.train.val_every),
@@ -196,18 +237,15 @@ class Assembled:
 
 
 def assemble(
-    cfg: DictConfig, prepared: Prepared, module_cls: type[DiffoRAModule] = DiffoRAModule
+    cfg: DictConfig,
+    prepared: Prepared,
+    module_cls: type[DiffoRAModule] = DiffoRAModule,
+    raw: RawSplits | None = None,
 ) -> Assembled:
-    """Loads data and weights and builds the method's model, the data module and the module."""
+    """Loads data (unless given) and weights and builds the model, data module and module."""
     spec = prepared.spec
-    raw = load_raw(
-        spec,
-        cfg.task.get("data_dir") or None,
-        seed=int(cfg.seed),
-        synthetic=(
-            OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
-        ),
-    )
+    if raw is None:
+        raw = _load_data(cfg, spec)
     backbone = backbones.load_backbone(
         cfg.backbone, spec.num_labels, vocab_size=len(prepared.tokenizer)
     )
@@ -226,7 +264,7 @@ def assemble(
         batch_size=int(cfg.train.batch_size),
         eval_batch_size=int(cfg.train.eval_batch_size),
         seed=int(cfg.seed),
-        search_split=search.split if search.enabled else 0.0,
+        search_split=float(cfg.dam.search_split) if search.enabled else 0.0,
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
         merge_at=search.steps * optim.accumulate if search.merge_search_split else None,
@@ -245,91 +283,156 @@ def assemble(
     return Assembled(module, datamodule, candidates)
 
 
-def _callbacks(
-    cfg: DictConfig, output_dir: Path, preemption: Preemption, search_enabled: bool, snapshot
-) -> list[pl.Callback]:
-    callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
-            dirpath=str(output_dir / "checkpoints"),
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=int(cfg.train.ckpt_every),
-        ),
-        preemption,
-    ]
-    if cfg.train.get("stop_after"):
-        callbacks.append(StopAfter(int(cfg.train.stop_after)))
-    if search_enabled:
-        callbacks += [
-            Discretization(output_dir, cfg.backbone.name, snapshot),
-            DAMMonitor(output_dir, int(cfg.dam.log_every)),
-        ]
-    return callbacks
+@dataclass
+class Checked:
+    """What the checks of a run produced, before anything was written to its folder."""
+
+    prepared: Prepared
+    raw: RawSplits
+    ckpt_path: str | None
+    start_step: int
 
 
-def _write_run_files(assembled: Assembled, output_dir: Path) -> None:
-    """The search split (when searching) and a mask known before training (other methods)."""
-    module = assembled.module
-    if module.search.enabled:
+def _load_data(cfg: DictConfig, spec: TaskSpec) -> RawSplits:
+    """The task's splits; a file that cannot be read is a user error (exit 2)."""
+    try:
+        return load_raw(
+            spec,
+            cfg.task.get("data_dir") or None,
+            seed=int(cfg.seed),
+            synthetic=(
+                OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
+            ),
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
+    """Everything that can refuse a run, with its folder still untouched.
+
+    Settings (:func:`prepare`), a finished folder, the checkpoint to resume (readable, same
+    method/backbone/task/rank, not past ``train.max_steps``) and the data files.
+
+    Raises:
+        ConfigError: With the setting and the fix.
+    """
+    prepared = prepare(cfg)
+    overwrite = bool(cfg.get("overwrite", False))
+    try:
+        check_not_finished(output_dir, overwrite)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    ckpt_path = _resolve_ckpt(cfg, output_dir / "checkpoints", overwrite)
+    start_step = _check_ckpt(ckpt_path, cfg) if ckpt_path else 0
+    raw = _load_data(cfg, prepared.spec)
+    return Checked(prepared, raw, ckpt_path, start_step)
+
+
+def run(
+    cfg: DictConfig, output_dir: str | Path, task_cfg: DictConfig | None = None
+) -> dict[str, Any]:
+    """Runs one job end to end and returns its results (also written to ``results.json``).
+
+    Args:
+        cfg: The composed config.
+        output_dir: The run folder.
+        task_cfg: The config as composed, written to ``.hydra/config.yaml`` once the run is
+            accepted (the CLI passes it; Hydra itself writes nothing there).
+
+    Raises:
+        ConfigError: A refused run (bad setting, data, checkpoint, a busy or finished folder);
+            the folder is left as it was found.
+    """
+    started = time.time()
+    output_dir = Path(output_dir)
+    found = FolderState.capture(output_dir)
+    lock = RunFolderLock(output_dir)
+    try:
+        lock.acquire()
+        checked = check_run(cfg, output_dir)
+    except ValueError as error:
+        lock.release()
+        found.restore()
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(str(error)) from error
+    try:
+        if global_rank() == 0:
+            if cfg.get("overwrite"):
+                clear_outputs(output_dir)
+            remove_stale_temporaries(output_dir / "checkpoints")
+            write_hydra_files(output_dir, task_cfg)
+        return _fit_and_report(cfg, output_dir, checked, started)
+    finally:
+        lock.release()
+
+
+def _reuse_search(output_dir: Path, entry: SearchCache, search_steps: int) -> dict | None:
+    """The cache entry's record when this run can start from it; copies its gate history."""
+    source = entry.usable(search_steps)
+    if source is None:
+        return None
+    log.info("search %s already done: starting from %s", entry.key, entry.snapshot)
+    history = entry.folder / "gates.jsonl"
+    if history.is_file():
+        (output_dir / "dam").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(history, output_dir / "dam" / "gates.jsonl")
+    return source
+
+
+def _divergence(error: FloatingPointError, ckpt_dir: Path, grad_clip: float) -> str:
+    """The non-finite-loss message with advice that matches this run."""
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file():
+        try:
+            saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+            where = f"the last checkpoint is {last} (step {saved[STATE_KEY]['step']})"
+        except Exception:
+            where = f"the last checkpoint is {last}"
+    else:
+        where = "no checkpoint was written before it"
+    fixes = "lower train.lr or dam.arch_lr"
+    if grad_clip <= 0:
+        fixes += ", or enable train.grad_clip (e.g. train.grad_clip=1.0)"
+    return f"{error}; {where}. To go on, {fixes}."
+
+
+def _fit_and_report(
+    cfg: DictConfig, output_dir: Path, checked: Checked, started: float
+) -> dict[str, Any]:
+    """Builds, fits, scores and exports an accepted run."""
+    prepared, ckpt_path = checked.prepared, checked.ckpt_path
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ckpt_dir = output_dir / "checkpoints"
+    assembled = assemble(cfg, prepared, raw=checked.raw)
+    module, datamodule, candidates = assembled.module, assembled.datamodule, assembled.candidates
+    search, optim = module.search, module.optim
+    if search.enabled:
         split_file = output_dir / "dam" / "search_split.json"
         split_file.parent.mkdir(parents=True, exist_ok=True)
-        split_file.write_text(json.dumps({"indices": assembled.datamodule.search_indices}))
+        split_file.write_text(json.dumps({"indices": datamodule.search_indices}))
     if module.mask is not None:
         module.mask.save(output_dir / "dam" / "mask.json")
 
-
-def _publish(
-    cfg: DictConfig, module: DiffoRAModule, tokenizer, results: dict, output_dir: Path, logger
-) -> None:
-    """Exports (adapter, merged model), ``results.json``, the logger's summary, the printout."""
-    if module.method.export(module.model, output_dir / "adapter") is not None:
-        results["adapter"] = str(output_dir / "adapter")
-    if cfg.get("export") is not None and cfg.export.get("merged"):
-        export_merged(module.model, output_dir / "merged", tokenizer)
-        results["merged"] = str(output_dir / "merged")
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    tracking.write_summary(logger, summary_for_logger(results))
-    print(summary_text(results, output_dir))
-
-
-def _stopped(module: DiffoRAModule, preemption: Preemption, output_dir: Path) -> dict[str, Any]:
-    print(
-        f"diffora_lab: stopped at step {module.step} of {module.optim.max_steps}; "
-        f"continue with ckpt_path=last hydra.run.dir={output_dir}"
-    )
-    return {
-        "stopped_at": module.step,
-        "signal": preemption.stopped_by,
-        "output_dir": str(output_dir),
-    }
-
-
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Runs one job end to end and returns its results (also written to ``results.json``)."""
-    started = time.time()
-    output_dir = Path(output_dir)
-    prepared = prepare(cfg)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    ckpt_dir = output_dir / "checkpoints"
-    ckpt_path = _resolve_ckpt(cfg, ckpt_dir)
-    if ckpt_path:
-        _check_ckpt_matches(ckpt_path, cfg)
-
-    assembled = assemble(cfg, prepared)
-    module, datamodule = assembled.module, assembled.datamodule
-    _write_run_files(assembled, output_dir)
-    search_info, snapshot = {"reused": False, "key": None}, None
-    if module.search.enabled and cfg.dam.reuse_search:
-        search_info, snapshot = shared_search(cfg, output_dir, can_reuse=ckpt_path is None)
-        if search_info["reused"]:
-            ckpt_path = str(snapshot)
+    search_info: dict[str, Any] = {"reused": False, "key": None}
+    entry = None
+    if search.enabled and cfg.dam.reuse_search:
+        entry = open_entry(cfg, checked.raw.train, datamodule.search_indices)
+        remove_stale_temporaries(entry.folder)
+        search_info["key"] = entry.key
+        source = None if ckpt_path else _reuse_search(output_dir, entry, search.steps)
+        if source is not None:
+            ckpt_path = source["path"]
             module.search_reused = True
+            search_info.update(reused=True, source=source)
 
     run_id_file = ckpt_dir / "wandb_run_id"
     resume_id = None
     if ckpt_path and not search_info["reused"] and run_id_file.is_file():
         resume_id = run_id_file.read_text().strip()
-    logger = tracking.build_logger(cfg, output_dir, resume_id)
+    start_step = search.steps if search_info["reused"] else checked.start_step
+    logger = tracking.build_logger(cfg, output_dir, resume_id, start_step)
     failed = True
     try:
         run_id = tracking.wandb_run_id(logger)
@@ -337,24 +440,68 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             run_id_file.write_text(run_id)
         preemption = Preemption(ckpt_dir / "last.ckpt")
-        callbacks = _callbacks(cfg, output_dir, preemption, module.search.enabled, snapshot)
+        clock = RunClock(started, restore=not search_info["reused"])
+        callbacks: list[pl.Callback] = [
+            ModelCheckpoint(
+                dirpath=str(ckpt_dir),
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=int(cfg.train.ckpt_every),
+            ),
+            preemption,
+            clock,
+            *progress_callbacks(
+                bool(cfg.trainer.get("enable_progress_bar", True)),
+                float(cfg.train.get("progress_every", 30)),
+            ),
+        ]
+        if cfg.train.get("stop_after"):
+            callbacks.append(StopAfter(int(cfg.train.stop_after)))
+        if search.enabled:
+            callbacks += [
+                Discretization(output_dir, cfg.backbone.name, entry),
+                DAMMonitor(output_dir, int(cfg.dam.log_every)),
+            ]
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
-        fit_started = time.time()
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:  # Lightning's exit after SIGTERM; Preemption saved first
-            preemption.stopped_by = preemption.stopped_by or int(signal.SIGTERM)
+            preemption.stopped_by = preemption.stopped_by or preemption.stop_signal()
+        except FloatingPointError as error:
+            raise FloatingPointError(_divergence(error, ckpt_dir, optim.grad_clip)) from None
         else:
             trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
-        if module.step < module.optim.max_steps:
+        if module.step < optim.max_steps:
             failed = False
-            return _stopped(module, preemption, output_dir)
+            print(
+                f"diffora_lab: stopped at step {module.step} of {optim.max_steps}; "
+                f"continue with ckpt_path=last hydra.run.dir={output_dir}"
+            )
+            return {
+                "stopped_at": module.step,
+                "signal": preemption.stopped_by,
+                "output_dir": str(output_dir),
+            }
+        if search.enabled and module.mask is None:  # never report a search as a DiffoRA result
+            raise ConfigError(
+                f"the search in {output_dir} ended at step {module.step} without a "
+                f"discretization (dam.search_steps={search.steps}); start a new run folder."
+            )
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        results = collect_results(cfg, module, assembled.candidates, started, output_dir)
-        results["fit_seconds"] = round(time.time() - fit_started, 2)
+        results = collect_results(cfg, module, candidates, started, output_dir)
+        results["wall_seconds"] = round(clock.wall_seconds(), 2)
+        results["fit_seconds"] = round(clock.fit_seconds(), 2)
         results["search"] = search_info
         if trainer.is_global_zero:
-            _publish(cfg, module, prepared.tokenizer, results, output_dir, logger)
+            reference = backbones.model_reference(cfg.backbone)
+            if module.method.export(module.model, output_dir / "adapter", reference) is not None:
+                results["adapter"] = str(output_dir / "adapter")
+            if cfg.get("export") is not None and cfg.export.get("merged"):
+                export_merged(module.model, output_dir / "merged", prepared.tokenizer)
+                results["merged"] = str(output_dir / "merged")
+            (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+            tracking.write_summary(logger, summary_for_logger(results))
+            print(summary_text(results, output_dir))
         failed = False
         return results
     finally:

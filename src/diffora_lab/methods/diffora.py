@@ -54,6 +54,6 @@ class DiffoRA(MaskedLora):
             module_types,
             relaxation=str(cfg.dam.relaxation),
             init=float(cfg.dam.init),
-            k=num_kept(float(cfg.budget), len(candidates)),
+            k=num_kept(float(cfg.budget), len(candidates)),  # the topk relaxation's sum
         )
         return Built(model, dam, None)

@@ -43,7 +43,9 @@ class Lora(Method):
     ) -> PeftModel:
         """peft LoRA adapters on every candidate (rank ``cfg.rank``), the head trainable.
 
-        The update scale follows ``method.scaling`` (:func:`~diffora_lab.adapters.lora_alpha_for`).
+        The update scale follows ``method.scaling`` (:func:`~diffora_lab.adapters.lora_alpha_for`):
+        by default s = ``method.scale`` at every rank, so methods at different ranks compare at
+        the same scale.
         """
         lora_alpha, use_rslora = lora_alpha_for(
             str(cfg.method.get("scaling", "alpha")),
