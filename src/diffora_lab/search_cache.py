@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,18 @@ class SearchCache:
         if step != search_steps:
             return self._skip(f"it ends at step {step}, this search at step {search_steps}")
         return {"path": str(self.snapshot), "key": self.key, "run_folder": meta.get("run_folder")}
+
+    def reuse(self, output_dir: Path, search_steps: int) -> dict[str, Any] | None:
+        """The cache entry's record when this run can start from it; copies its gate history."""
+        source = self.usable(search_steps)
+        if source is None:
+            return None
+        log.info("search %s already done: starting from %s", self.key, self.snapshot)
+        history = self.folder / "gates.jsonl"
+        if history.is_file():
+            (output_dir / "dam").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(history, output_dir / "dam" / "gates.jsonl")
+        return source
 
     def _skip(self, why: str) -> None:
         log.warning("search cache entry %s not reused: %s; searching afresh.", self.folder, why)
