@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from diffora_lab.__main__ import config_dir, quiet_libraries  # noqa: E402
+from diffora_lab.runtime import config_dir, quiet_libraries  # noqa: E402
 
 quiet_libraries()
 

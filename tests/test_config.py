@@ -19,8 +19,9 @@ import yaml
 from conftest import SHARED_GLUE, compose_config
 from omegaconf import OmegaConf
 
-from diffora_lab.__main__ import config_dir
 from diffora_lab.config import optim_settings, search_settings, validate
+from diffora_lab.methods import get_method
+from diffora_lab.runtime import config_dir
 from diffora_lab.tasks import get_task, load_hub
 from diffora_lab.train import ConfigError, prepare
 
@@ -69,10 +70,10 @@ def test_every_experiment_composes_and_validates(name):
 
 def test_smoke_experiment_is_small_and_offline():
     cfg = compose_config(["+experiment=smoke"])
-    assert cfg.backbone.name == "tiny_deberta" and cfg.backbone.config is not None
-    assert cfg.task.name == "synthetic" and cfg.logger.name == "csv"
-    assert cfg.train.max_steps == 40
-    assert search_settings(cfg).steps == 20
+    prepared = prepare(cfg)  # the tests run with HF_HUB_OFFLINE=1: nothing may be downloaded
+    assert len(prepared.candidates) == 12  # 2 layers x 6 module types
+    search = search_settings(cfg)
+    assert 0 < search.warmup_steps < search.steps < optim_settings(cfg).max_steps
 
 
 @pytest.mark.parametrize(("group", "option"), group_options())
@@ -81,20 +82,27 @@ def test_every_group_option_composes_and_validates(group, option):
     cfg = compose_config([f"{prefix}{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True)
     validate(cfg)
-    source = (CONF / group / f"{option}.yaml").read_text()
-    raw = yaml.safe_load(source) or {}
-    if "@package" not in source and "defaults" not in raw:
-        assert OmegaConf.to_container(cfg[group], resolve=False) == raw
-    if "name" in raw:
-        assert cfg[group].name == raw["name"]
+    # The file name is the name the code knows it by (what `group=option` promises); a preset
+    # of a method (diffora_faithful) is named after it and says which preset it is.
+    if group == "method":
+        name = get_method(cfg.method.name).name
+        assert option == name or option == f"{name}_{cfg.method.preset}"
+    elif group == "task":
+        assert get_task(cfg.task.name).name == option
+    elif group in ("backbone", "logger"):
+        assert cfg[group].name == option
+    elif group == "match":
+        expected = None if option == "none" else int(option.rsplit("_r", 1)[1])
+        assert cfg.match.get("target_rank") == expected
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "method").glob("*.yaml")))
 def test_every_method_composes_with_the_smoke_experiment(option):
     cfg = compose_config(["+experiment=smoke", f"method={option}"])
     validate(cfg)
-    assert cfg.method.name == option
-    assert search_settings(cfg).enabled == (option == "diffora")
+    # Presets of one method (diffora, diffora_faithful) share its name.
+    assert option.startswith(cfg.method.name)
+    assert search_settings(cfg).enabled == get_method(cfg.method.name).searches
 
 
 # ------------------------------------------------------------------------- derived settings
@@ -216,8 +224,12 @@ def test_prepare_accepts_the_smoke_config():
 
 
 def test_prepare_accepts_edge_budgets():
-    prepare(compose_config(["+experiment=smoke", "budget=1.0"]))
-    prepare(compose_config(["+experiment=smoke", "budget=0.01"]))  # keeps one module
+    from diffora_lab.dam import num_kept
+
+    everything = prepare(compose_config(["+experiment=smoke", "budget=1.0"]))
+    assert num_kept(1.0, len(everything.candidates)) == len(everything.candidates) == 12
+    one = prepare(compose_config(["+experiment=smoke", "budget=0.01"]))
+    assert num_kept(0.01, len(one.candidates)) == 1  # rounds to 0: still keeps one module
 
 
 @pytest.mark.skipif(not (SHARED_GLUE / "RTE").is_dir(), reason="no shared GLUE folder")

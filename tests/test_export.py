@@ -15,10 +15,10 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from diffora_lab import backbones, methods, train
-from diffora_lab.adalora import rank_summary
-from diffora_lab.adapters import export_adapter
+from diffora_lab.adapters import export_adapter, export_merged
 from diffora_lab.dam import Mask
-from diffora_lab.evaluate import evaluate, export_merged, main
+from diffora_lab.evaluate import evaluate, main
+from diffora_lab.methods.adalora import rank_summary
 
 STEPS = 16
 
@@ -48,8 +48,8 @@ def smoke_run(tmp: Path, *overrides: str) -> Run:
     captured: dict[str, Any] = {}
     real_build = methods.build
 
-    def build(cfg, backbone, candidates):
-        built = real_build(cfg, backbone, candidates)
+    def build(cfg, backbone, candidates, *args):
+        built = real_build(cfg, backbone, candidates, *args)
         captured.update(model=built.model, candidates=candidates)
         return built
 

@@ -15,8 +15,8 @@ from diffora_lab.matching import (
     lora_params,
     matched_rank,
     matched_table,
-    resolve_rank,
 )
+from diffora_lab.methods import resolve_rank
 
 MINILM = grid_candidates(layers=6, hidden=384, intermediate=1536)
 DEBERTA = grid_candidates(layers=12, hidden=768, intermediate=3072)
@@ -102,7 +102,7 @@ def test_resolve_rank_per_method():
 def test_match_group_composes(tmp_path):
     from conftest import compose_config
 
-    from diffora_lab.__main__ import config_dir
+    from diffora_lab.runtime import config_dir
 
     has_slot = "- match:" in (Path(config_dir()) / "config.yaml").read_text()
     override = "match=lora_r8" if has_slot else "+match=lora_r8"

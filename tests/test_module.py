@@ -239,12 +239,15 @@ def test_discretization_keeps_top_k_of_the_final_gates(searched):
     mask = module.mask
     n = len(module.candidates)
     assert mask.step == SEARCH_STEPS and mask.k == num_kept(0.5, n) == sum(mask.kept)
-    gates = module.dam.gates(module.search.tau_at(SEARCH_STEPS))
-    assert mask.gates == pytest.approx(gates.flatten().tolist(), abs=1e-7)
-    assert mask.kept == top_k_mask(gates, mask.k).flatten().tolist()
+    # tau anneals linearly from 2.0 at step 0 to 0.5 at step SEARCH_STEPS - 1 (the fixture's
+    # settings); the mask is taken at step SEARCH_STEPS, past the end: tau = 0.5.
+    logits = module.dam.logits.detach().flatten()
+    assert mask.gates == pytest.approx(torch.sigmoid(logits / 0.5).tolist(), abs=1e-6)
+    assert mask.gates != pytest.approx(torch.sigmoid(logits / 2.0).tolist(), abs=1e-3)
+    kept = [g for g, k in zip(mask.gates, mask.kept) if k]
+    dropped = [g for g, k in zip(mask.gates, mask.kept) if not k]
+    assert min(kept) >= max(dropped)
     assert mask.modules == [c.name for c in module.candidates]
-    # Annealed temperature: the mask used tau_end-side gates, not tau_start ones.
-    assert module.search.tau_at(SEARCH_STEPS) != module.search.tau_at(0)
     assert (out / "dam" / "mask.json").is_file()
 
 

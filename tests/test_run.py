@@ -17,7 +17,6 @@ from conftest import compose_config
 from safetensors.torch import load_file
 
 from diffora_lab.backbones import find_candidates, load_backbone, load_tokenizer
-from diffora_lab.dam import top_k_mask
 from diffora_lab.train import ConfigError, run
 
 STEPS, SEARCH_STEPS = 40, 20  # the smoke experiment: 40 steps, search_ratio 0.5
@@ -89,11 +88,17 @@ def test_results_json(reference, fresh_backbone):
     assert results["task"] == "synthetic" and results["method"] == "diffora"
     assert results["backbone"] == "tiny_deberta"
     assert (results["budget"], results["rank"], results["seed"]) == (0.5, 8, 42)
-    assert results["steps"] == STEPS and results["wall_seconds"] > 0
+    assert results["steps"] == STEPS
+    # The wall time covers the whole pipeline, of which fitting is one part.
+    assert results["wall_seconds"] >= results["fit_seconds"] > 0
     assert results["candidate_modules"] == 12
     assert results["kept_modules"] == reference.mask["kept_modules"]
     assert len(results["kept_modules"]) == 6
-    assert 0.0 <= results["metrics"]["val/accuracy"] <= 1.0
+    # Accuracy is a count over the whole dev set (not a mean of per-batch accuracies, which
+    # an uneven last batch would skew): accuracy * n_dev is a whole number.
+    n_dev = compose_config(["+experiment=smoke"]).task.synthetic.n_dev
+    correct = results["metrics"]["val/accuracy"] * n_dev
+    assert correct == pytest.approx(round(correct), abs=1e-6)
     disc = results["discretization"]
     assert {"val_before", "val_after"} <= set(disc)
     assert all(isinstance(disc[k], float) for k in ("val_before", "val_after"))
@@ -116,9 +121,14 @@ def test_mask_json(reference):
     assert mask["budget"] == 0.5 and mask["k"] == 6 and mask["step"] == SEARCH_STEPS
     assert len(mask["modules"]) == len(mask["gates"]) == len(mask["kept"]) == 12
     assert sum(mask["kept"]) == 6
-    expected = top_k_mask(torch.tensor(mask["gates"]), 6).tolist()
-    assert mask["kept"] == expected
-    assert all(0.0 <= g <= 1.0 for g in mask["gates"])
+    # Kept are the six largest gates: every kept gate is at least every dropped one.
+    kept = [g for g, k in zip(mask["gates"], mask["kept"]) if k]
+    dropped = [g for g, k in zip(mask["gates"], mask["kept"]) if not k]
+    assert min(kept) >= max(dropped)
+    # The recorded gates are the final logits' sigmoid (tau 1 in the smoke experiment): the
+    # logits are frozen after discretization, so the checkpoint holds the ones that decided.
+    logits = reference.state()["dam.logits"].flatten()
+    assert mask["gates"] == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-6)
     # The search moved the gates away from their common initial value.
     assert len(set(mask["gates"])) == 12
 

@@ -91,7 +91,7 @@ def test_sigterm_saves_checkpoint_and_run_resumes(tmp_path):
     proc.communicate(timeout=120)
     assert proc.returncode != 0  # interrupted, not finished
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    stopped_at = checkpoint["diffora"]["step"]
+    stopped_at = checkpoint["diffora_lab"]["step"]
     assert 1 <= stopped_at < 120
     assert not (run / "results.json").exists()
 

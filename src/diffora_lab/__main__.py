@@ -1,41 +1,23 @@
-"""Command line: ``python -m diffora_lab [overrides]`` (a Hydra app; ``-m`` for multirun)."""
+"""Command line: ``python -m diffora_lab [overrides]`` (a Hydra app; ``-m`` for multirun).
+
+``config_dir`` and ``quiet_libraries`` live in :mod:`diffora_lab.runtime` (re-exported here).
+"""
 
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import sys
-import warnings
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from diffora_lab.runtime import config_dir, quiet_libraries
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def quiet_libraries() -> None:
-    """Silences library chatter that says nothing about the run (kept: real warnings)."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    for pattern in (
-        ".*pre-optimization state.*",  # Lightning: we checkpoint after the step on purpose
-        ".*LeafSpec.*",
-        ".*is_gradient_checkpointing.*",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-
-
-def config_dir() -> str:
-    """The packaged configs (wheel install) or the repository's ``conf/`` (editable install)."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    if packaged.is_dir():
-        return str(packaged)
-    return str(Path(__file__).resolve().parents[2] / "conf")
+__all__ = ["config_dir", "main", "quiet_libraries"]
 
 
 def _job_log(hydra_cfg) -> str | None:

@@ -10,6 +10,7 @@ operation) and onto the rank-r ``lora_A`` output for architecture steps (little 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,30 @@ from diffora_lab.backbones import Candidate
 ADAPTER = "default"
 
 
+SCALINGS = ("constant", "rslora", "alpha")
+
+
+def lora_alpha_for(scaling: str, rank: int, scale: float, lora_alpha: float) -> tuple[float, bool]:
+    """``(lora_alpha, use_rslora)`` for peft so that the LoRA update scale follows ``scaling``.
+
+    peft multiplies B A x by s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA). A fixed
+    lora_alpha therefore halves the update scale each time the rank doubles, which confounds any
+    comparison across ranks (DiffoRA at r=16 against LoRA at r=8). The rules:
+
+    - ``constant`` (default): lora_alpha = scale * r, so s = ``scale`` at every rank (2.0 equals
+      the common LoRA r=8, lora_alpha=16 recipe);
+    - ``rslora``: s = lora_alpha / sqrt(r) (Kalajdzievski 2023, rank-stabilised LoRA);
+    - ``alpha``: s = lora_alpha / r, peft's default (the harness's behaviour before this option).
+    """
+    if scaling == "constant":
+        return float(scale) * rank, False
+    if scaling == "rslora":
+        return float(lora_alpha), True
+    if scaling == "alpha":
+        return float(lora_alpha), False
+    raise ValueError(f"method.scaling={scaling!r}: choose one of {list(SCALINGS)}.")
+
+
 def attach_lora(
     model: nn.Module,
     candidates: list[Candidate],
@@ -30,11 +55,13 @@ def attach_lora(
     lora_alpha: float,
     lora_dropout: float,
     head_modules: list[str],
+    **peft_options: Any,
 ) -> PeftModel:
     """Wraps ``model`` with peft LoRA adapters on exactly the given candidate modules.
 
     The backbone is frozen by peft; the classifier head (``head_modules``) stays trainable and is
-    saved with the adapter (``modules_to_save``).
+    saved with the adapter (``modules_to_save``). ``peft_options`` are further ``LoraConfig``
+    fields (a peft variant of LoRA, e.g. ``use_dora=True``).
     """
     if rank < 1:
         raise ValueError(f"rank={rank} must be >= 1 (the LoRA rank r).")
@@ -45,6 +72,7 @@ def attach_lora(
         target_modules=[c.name for c in candidates],
         modules_to_save=list(head_modules),
         task_type="SEQ_CLS",
+        **peft_options,
     )
     return get_peft_model(model, config)
 
@@ -212,4 +240,29 @@ def export_adapter(peft_model: PeftModel, folder: str | Path, **extra: Any) -> P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(folder), **extra)
+    return folder
+
+
+def export_merged(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
+    """Writes the model with its adapter merged into the base weights (``save_pretrained``).
+
+    The trained model is left as it is (a copy is merged). Works for LoRA adapters (DiffoRA's
+    kept modules, LoRA, random masks) and AdaLoRA (pruned singular values are zero, so they merge
+    as nothing); the head (``modules_to_save``) is the trained one. A model without adapters
+    (``full``, ``bitfit``) is written as it is.
+
+    Args:
+        model: A peft model, or a plain ``transformers`` model.
+        folder: Output folder; created if missing.
+        tokenizer: Saved alongside when given, so the folder is self-contained.
+
+    Returns:
+        The folder; load it with ``AutoModelForSequenceClassification.from_pretrained(folder)``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
+    plain.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
     return folder

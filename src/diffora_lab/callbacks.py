@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from diffora_lab import plotting
-from diffora_lab.dam import Mask
+from diffora_lab.dam import Mask, cubic_count
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,16 @@ class Discretization(pl.Callback):
     def on_train_start(self, trainer, module) -> None:
         # A run resumed from a search snapshot (or stopped right at the end of the search)
         # discretizes before its first fine-tuning step.
-        if module.searching and module.step >= module.search.steps:
+        if module.search_finished:
             self.discretize(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if module.searching and module.step >= module.search.steps:
+        if module.searching and module.search.progressive:
+            self.prune(trainer, module)
+        if module.search_finished:
             if self.search_cache is not None and not module.search_reused:
                 # The state at the end of the search, shared by runs that differ only in what
-                # happens after it (budget, folding, ...): see train.search_key.
+                # happens after it (budget, folding, ...): see search_cache.search_key.
                 # search_cache.SearchCache: the snapshot, then its record (key, split, source).
                 trainer.save_checkpoint(str(self.search_cache.snapshot))
                 history = self.output_dir / "dam" / "gates.jsonl"
@@ -67,50 +69,45 @@ class Discretization(pl.Callback):
                     self.search_cache.record(self.output_dir)
             self.discretize(trainer, module)
 
+    def prune(self, trainer: pl.Trainer, module) -> None:
+        """Progressive discretization: removes modules on the cubic schedule during the search.
+
+        Called after each step; acts only on the steps where the scheduled count falls, so
+        the gates are read from the device a few dozen times per search, not every step. The
+        removed modules' gates are 0 from then on (:meth:`DAM.prune_to`), so the final cut
+        removes nothing the model still uses.
+        """
+        search, dam = module.search, module.dam
+        n = dam.logits.numel()
+        count = cubic_count(module.step, n, dam.k, search.prune_start, search.prune_end)
+        if count >= cubic_count(module.step - 1, n, dam.k, search.prune_start, search.prune_end):
+            return
+        removed = dam.prune_to(count, search.tau_at(module.step))
+        if removed:
+            for logger in trainer.loggers:
+                logger.log_metrics({"dam/active": float(count)}, step=module.step)
+            log.debug("step %d: %d modules active, removed %s", module.step, count, removed)
+
     def discretize(self, trainer: pl.Trainer, module) -> Mask:
         """Scores dev, freezes the top-k mask into the model, scores dev again."""
         val_before = module.evaluate()
-        gates = module.current_gates().detach()
-        mask = Mask.from_scores(
-            gates,
-            [c.name for c in module.candidates],
-            module.dam.module_types,
-            module.search.budget,
-            module.step,
-            backbone=self.backbone,
-        )
+        mask, gates = module.propose_mask(self.backbone)
         # Ranks hold identical gates, but the mask must be identical bit for bit: rank 0 decides.
         mask = trainer.strategy.broadcast(mask, src=0)
         module.discretize(mask, gates)
         val_after = module.evaluate()
-        primary = f"val/{module.spec.primary_metric}"
-        module.discretization = {
-            "step": module.step,
-            "val_before": val_before.get(primary),
-            "val_after": val_after.get(primary),
-            "before": val_before,
-            "after": val_after,
-        }
-        params = module.trainable_parameters()
-        metrics = {
-            "dam/val_before": val_before[primary],
-            "dam/val_after": val_after[primary],
-            "dam/gap": val_before[primary] - val_after[primary],
-            "dam/kept": float(mask.k),
-            "params/trainable": float(params["total"]),
-        }
+        metrics = module.record_discretization(val_before, val_after)
         for logger in trainer.loggers:  # direct: this may run in on_train_start
             logger.log_metrics(metrics, step=module.step)
         if trainer.is_global_zero:
             mask.save(self.output_dir / "dam" / "mask.json")
         log.info(
-            "discretized at step %d: kept %d/%d modules, %s %.4f -> %.4f",
+            "discretized at step %d: kept %d/%d modules, dev %.4f -> %.4f",
             module.step,
             mask.k,
             len(mask.modules),
-            primary,
-            val_before[primary],
-            val_after[primary],
+            metrics["dam/val_before"],
+            metrics["dam/val_after"],
         )
         return mask
 
@@ -316,6 +313,13 @@ class DAMMonitor(pl.Callback):
     def _draw(self, trainer, module, step: int, gates: torch.Tensor, kept: Mask | None) -> None:
         values = gates.float().cpu()
         title = f"DAM step {step}" + (f" (kept {kept.k}, budget {kept.budget})" if kept else "")
+        disc = module.discretization
+        if kept is not None and disc.get("val_before") is not None:
+            # The discretization gap, on the figure a researcher looks at first.
+            title += (
+                f"\ndev {module.spec.primary_metric} {disc['val_before']:.4f} -> "
+                f"{disc['val_after']:.4f} at the cut"
+            )
         figure = plotting.dam_heatmap(
             values.numpy(),
             module.dam.module_types,

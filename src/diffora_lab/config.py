@@ -14,12 +14,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-METHODS = ("diffora", "lora", "random_mask", "full", "bitfit", "adalora")
-ADAPTER_METHODS = ("diffora", "lora", "random_mask")
-# --- baselines/export (adalora.py, evaluate.py) ---------------------------------------------
-PEFT_METHODS = (*ADAPTER_METHODS, "adalora")
-"""Methods whose model is a peft model: exported as an ``adapter/`` folder."""
-# --- end baselines/export --------------------------------------------------------------------
+from diffora_lab.architect import get_architect
+from diffora_lab.dam import RELAXATIONS
+from diffora_lab.methods import get_method, method_for
 
 
 @dataclass(frozen=True)
@@ -58,6 +55,9 @@ class SearchSettings:
     order: str
     budget: float
     budget_penalty: float
+    progressive: bool
+    prune_start: int
+    prune_end: int
     fold_gates: bool
     weight_sharing: bool
     merge_search_split: bool
@@ -93,8 +93,7 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     rank = _number(cfg, "rank", int)
     if rank < 1:
         _fail("rank", cfg.rank, "the LoRA rank must be an integer >= 1.")
-    if cfg.method.name not in METHODS:
-        _fail("method", cfg.method.name, f"unknown method; choose one of {list(METHODS)}.")
+    method = get_method(cfg.method.name)()  # unknown: ValueError listing the registered names
     if cfg.task.name not in TASKS:
         _fail("task", cfg.task.name, f"unknown task; choose one of {sorted(TASKS)}.")
     max_steps = _number(cfg, "train.max_steps", int)
@@ -105,7 +104,7 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     if _number(cfg, "train.lr", float) <= 0:
         _fail("train.lr", cfg.train.lr, "the learning rate must be > 0.")
     _check_run_settings(cfg)
-    if cfg.method.get("search", False) and not cfg.dam.get("mask_path"):
+    if method.search_enabled(cfg):
         ratio = _number(cfg, "dam.search_ratio", float)
         if not 0.0 < ratio < 1.0:
             _fail("dam.search_ratio", ratio, "the share of steps spent searching: (0, 1).")
@@ -114,10 +113,16 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             _fail("dam.search_split", frac, "the fraction of train held out for search: (0, 1).")
         if _number(cfg, "dam.tau", float) <= 0 or _number(cfg, "dam.tau_end", float) <= 0:
             _fail("dam.tau", cfg.dam.tau, "temperatures must be > 0.")
-        if cfg.dam.relaxation not in ("sigmoid", "softmax_row"):
-            _fail("dam.relaxation", cfg.dam.relaxation, "choose sigmoid or softmax_row.")
-        if cfg.dam.order not in ("first", "second"):
-            _fail("dam.order", cfg.dam.order, "choose first (DARTS-1st) or second.")
+        if cfg.dam.relaxation not in RELAXATIONS:
+            _fail("dam.relaxation", cfg.dam.relaxation, f"choose one of {list(RELAXATIONS)}.")
+        prune_end = _number(cfg, "dam.prune_end", float)
+        if not 0.0 < prune_end <= 1.0:
+            _fail(
+                "dam.prune_end",
+                prune_end,
+                "the share of the search after which only k modules remain: (0, 1].",
+            )
+        get_architect(cfg.dam.order)  # dam.order names a registered search variant
         if _number(cfg, "dam.budget_penalty", float) < 0:
             _fail("dam.budget_penalty", cfg.dam.budget_penalty, "must be >= 0 (0 disables it).")
         if _number(cfg, "dam.arch_lr", float) <= 0:
@@ -141,6 +146,13 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
                 f"weight-only steps must leave architecture steps in the {steps}-step search; "
                 "use 0 <= dam.warmup_steps < the search length.",
             )
+    if cfg.method.get("scaling") is not None:
+        from diffora_lab.adapters import SCALINGS
+
+        if cfg.method.scaling not in SCALINGS:
+            _fail("method.scaling", cfg.method.scaling, f"choose one of {list(SCALINGS)}.")
+        if _number(cfg, "method.scale", float) <= 0:
+            _fail("method.scale", cfg.method.scale, "the LoRA update scale s must be > 0.")
     # --- baselines/export: parameter matching (matching.py) and AdaLoRA (adalora.py) --------
     match = cfg.get("match")
     if match is not None and match.get("target_rank") is not None:
@@ -148,18 +160,8 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             _fail("match.target_rank", match.target_rank, "the reference LoRA rank must be >= 1.")
         if _number(cfg, "match.tolerance", float) <= 0:
             _fail("match.tolerance", match.tolerance, "a relative tolerance > 0, e.g. 0.05.")
-    if cfg.method.name == "adalora":
-        from diffora_lab.adalora import schedule
-
-        if _number(cfg, "method.init_ratio", float) < 1.0:
-            _fail("method.init_ratio", cfg.method.init_ratio, "the initial budget must be >= 1x.")
-        schedule(
-            max_steps,
-            _number(cfg, "method.tinit_ratio", float),
-            _number(cfg, "method.tfinal_ratio", float),
-            _number(cfg, "method.delta_t_ratio", float),
-        )
     # --- end baselines/export ---------------------------------------------------------------
+    method.validate(cfg)
     data_dir = cfg.task.get("data_dir")
     if data_dir:
         check_data_dir(TASKS[cfg.task.name], Path(str(data_dir)).expanduser())
@@ -273,16 +275,20 @@ def optim_settings(cfg: DictConfig) -> OptimSettings:
 
 
 def search_settings(cfg: DictConfig) -> SearchSettings:
-    enabled = bool(cfg.method.get("search", False)) and not cfg.dam.get("mask_path")
+    enabled = method_for(cfg).search_enabled(cfg)
     steps = (
         int(cfg.dam.search_steps)
         if cfg.dam.get("search_steps") is not None
         else max(1, round(float(cfg.dam.search_ratio) * int(cfg.train.max_steps)))
     )
+    warmup = int(cfg.dam.warmup_steps)
+    prune_start = cfg.dam.get("prune_start")
+    prune_start = warmup if prune_start is None else int(prune_start)
+    prune_end = max(prune_start + 1, round(float(cfg.dam.get("prune_end", 0.75)) * steps))
     return SearchSettings(
         enabled=enabled,
         steps=steps if enabled else 0,
-        warmup_steps=int(cfg.dam.warmup_steps),
+        warmup_steps=warmup,
         arch_lr=float(cfg.dam.arch_lr),
         arch_betas=tuple(float(b) for b in cfg.dam.arch_betas),
         arch_weight_decay=float(cfg.dam.arch_weight_decay),
@@ -292,6 +298,9 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         order=str(cfg.dam.order),
         budget=float(cfg.budget),
         budget_penalty=float(cfg.dam.get("budget_penalty", 0.0)),
+        progressive=bool(cfg.dam.get("progressive", False)),
+        prune_start=prune_start,
+        prune_end=prune_end,
         fold_gates=bool(cfg.dam.fold_gates),
         weight_sharing=bool(cfg.dam.weight_sharing),
         merge_search_split=bool(cfg.dam.merge_search_split),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-RELAXATIONS = ("sigmoid", "softmax_row")
+RELAXATIONS = ("sigmoid", "softmax_row", "topk")
 
 
 def num_kept(budget: float, n: int) -> int:
@@ -43,6 +43,59 @@ def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
     return -(g * g.log() + (1 - g) * (1 - g).log()).mean()
 
 
+def budget_sigmoid(
+    scaled: torch.Tensor, k: float, active: torch.Tensor | None = None, rounds: int = 4
+) -> torch.Tensor:
+    """Sigmoid gates shifted by one threshold so that they sum to ``k`` (a soft top-k).
+
+    gamma_i = sigmoid(x_i - mu) with mu chosen so that sum(gamma) = k: the relaxation meets the
+    budget by construction, so the gates compete (raising one lowers the others) instead of all
+    drifting towards 1 together. mu is located without autograd by ``rounds`` refinements of a
+    64-point grid, all on the tensors' device (no host sync); one Newton step through autograd
+    then gives it the implicit gradient d mu / d x_i = g'_i / sum(g') and removes what is left of
+    the grid's error.
+
+    Args:
+        scaled: Logits divided by the temperature, any shape.
+        k: Target sum, 0 < k <= the number of active entries.
+        active: Boolean mask of the entries that take part (others get gate 0); all by default.
+        rounds: Grid refinements (4 resolve mu to ~1e-5 of the logits' range before Newton).
+    """
+    flat = scaled.flatten()
+    on = torch.ones_like(flat, dtype=torch.bool) if active is None else active.flatten()
+    with torch.no_grad():
+        x = flat.detach().double()
+        lo = torch.where(on, x, torch.full_like(x, float("inf"))).min() - 20.0
+        hi = torch.where(on, x, torch.full_like(x, float("-inf"))).max() + 20.0
+        points = torch.linspace(0.0, 1.0, 64, dtype=x.dtype, device=x.device)
+        for _ in range(rounds):
+            mus = lo + (hi - lo) * points  # increasing: sums decrease along the grid
+            sums = (torch.sigmoid(x[None, :] - mus[:, None]) * on).sum(dim=1)
+            # The last grid point whose sum is still >= k brackets the threshold from below.
+            below = (sums >= k).sum().clamp(1, 63) - 1
+            lo, hi = mus[below], mus[below + 1]
+        mu0 = (0.5 * (lo + hi)).to(flat.dtype)
+    gates0 = torch.sigmoid(flat - mu0) * on
+    slope = (gates0 * (1 - gates0)).sum().detach().clamp_min(1e-12)
+    mu = mu0 + (gates0.sum() - k) / slope  # the implicit threshold's value and gradient
+    return (torch.sigmoid(flat - mu) * on).view_as(scaled)
+
+
+def cubic_count(step: int, n: int, k: int, start: int, end: int) -> int:
+    """Modules still active at ``step`` under progressive discretization.
+
+    AdaLoRA's cubic budget schedule applied to module counts: all n until ``start``, then
+    k + (n - k) (1 - t)^3 with t the progress from ``start`` to ``end``, then k. The count only
+    falls, quickly at first, so late cuts remove modules whose gates have already decayed.
+    """
+    if step <= start:
+        return n
+    if step >= end:
+        return k
+    progress = (step - start) / max(1, end - start)
+    return k + math.floor((n - k) * (1.0 - progress) ** 3)
+
+
 class DAM(nn.Module):
     """Learnable gate logits over a layers x module-types grid.
 
@@ -52,9 +105,14 @@ class DAM(nn.Module):
     Args:
         layers: Number of transformer layers (rows).
         module_types: Module type names (columns), in config order.
-        relaxation: ``"sigmoid"`` (independent gates, one global ranking) or ``"softmax_row"``
-            (the types of a layer compete).
+        relaxation: ``"sigmoid"`` (independent gates, one global ranking), ``"softmax_row"``
+            (the types of a layer compete) or ``"topk"`` (sigmoid gates whose sum is held at
+            ``k`` by a shared threshold: :func:`budget_sigmoid`).
         init: Initial logit value for every entry.
+        k: Modules the discretization will keep (the target sum of ``topk`` gates).
+
+    The buffer ``active`` marks modules not yet removed by progressive discretization
+    (:meth:`prune_to`); removed modules have gate 0 from then on.
     """
 
     def __init__(
@@ -63,6 +121,7 @@ class DAM(nn.Module):
         module_types: list[str],
         relaxation: str = "sigmoid",
         init: float = 0.0,
+        k: int | None = None,
     ) -> None:
         super().__init__()
         if relaxation not in RELAXATIONS:
@@ -70,17 +129,47 @@ class DAM(nn.Module):
         self.module_types = list(module_types)
         self.relaxation = relaxation
         self.logits = nn.Parameter(torch.full((layers, len(module_types)), float(init)))
+        self.k = layers * len(module_types) if k is None else int(k)
+        # In the state dict (so a resumed search knows what was pruned), not trained.
+        self.register_buffer("active", torch.ones(layers, len(module_types), dtype=torch.bool))
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.logits.shape)
 
     def gates(self, tau: float = 1.0) -> torch.Tensor:
-        """Relaxed gates gamma in [0, 1], shape (layers, types)."""
+        """Relaxed gates gamma in [0, 1], shape (layers, types); 0 for pruned modules."""
         scaled = self.logits / tau
         if self.relaxation == "sigmoid":
-            return torch.sigmoid(scaled)
-        return torch.softmax(scaled, dim=-1)
+            gates = torch.sigmoid(scaled)
+        elif self.relaxation == "topk":
+            # Pruned entries are out of the competition: the k are shared by the rest.
+            gates = budget_sigmoid(scaled, self.k, self.active)
+        else:
+            # Pruned types leave the row's softmax; a row with none left is all zero.
+            scaled = scaled.masked_fill(~self.active, float("-inf"))
+            gates = torch.nan_to_num(torch.softmax(scaled, dim=-1), nan=0.0)
+        return gates * self.active
+
+    @property
+    def num_active(self) -> int:
+        return int(self.active.sum())
+
+    @torch.no_grad()
+    def prune_to(self, count: int, tau: float = 1.0) -> list[int]:
+        """Progressive discretization: keeps the ``count`` largest gates active, drops the rest.
+
+        Ties go to the earlier module, as in :func:`top_k_mask`. Returns the flat indices of the
+        modules removed by this call (none when ``count`` >= the active count).
+        """
+        if count >= self.num_active:
+            return []
+        gates = self.gates(tau).detach().flatten().float().cpu()
+        gates[~self.active.flatten().cpu()] = -1.0  # already removed: never chosen again
+        keep = top_k_mask(gates, count)
+        removed = (self.active.flatten().cpu() & ~keep).nonzero().flatten().tolist()
+        self.active.copy_(keep.view(self.active.shape).to(self.active.device))
+        return removed
 
 
 # The keys a mask.json must have (the rest default).

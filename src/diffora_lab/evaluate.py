@@ -15,8 +15,7 @@ of:
 ``--task`` and ``--data-dir`` override the run's task and GLUE folder (e.g. the same adapter on
 a local copy of GLUE).
 
-:func:`export_merged` folds an adapter into its base weights and writes a plain ``transformers``
-model (``save_pretrained`` layout), loadable without peft.
+Merged models are written by :func:`diffora_lab.adapters.export_merged`.
 """
 
 from __future__ import annotations
@@ -38,31 +37,6 @@ from torch import nn
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
-
-
-def export_merged(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
-    """Writes the model with its adapter merged into the base weights (``save_pretrained``).
-
-    The trained model is left as it is (a copy is merged). Works for LoRA adapters (DiffoRA's
-    kept modules, LoRA, random masks) and AdaLoRA (pruned singular values are zero, so they merge
-    as nothing); the head (``modules_to_save``) is the trained one. A model without adapters
-    (``full``, ``bitfit``) is written as it is.
-
-    Args:
-        model: A peft model, or a plain ``transformers`` model.
-        folder: Output folder; created if missing.
-        tokenizer: Saved alongside when given, so the folder is self-contained.
-
-    Returns:
-        The folder; load it with ``AutoModelForSequenceClassification.from_pretrained(folder)``.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    plain = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
-    plain.save_pretrained(str(folder))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 @dataclass
@@ -100,7 +74,7 @@ def _compose(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from diffora_lab.__main__ import config_dir
+    from diffora_lab.runtime import config_dir
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -177,7 +151,9 @@ def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int
             # ranks too, warns that its keys match no module, then resizes correctly anyway.
             warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")
             return PeftModel.from_pretrained(backbone, str(source.adapter))
-    if cfg.method.name not in ("full", "bitfit"):
+    from diffora_lab.methods import get_method
+
+    if get_method(cfg.method.name).exports_adapter:
         raise ValueError(
             f"{source.checkpoint}: a {cfg.method.name} run is scored from its adapter/ folder "
             "(written at the end of training), which this run lacks."
@@ -264,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
 
-    from diffora_lab.__main__ import quiet_libraries
+    from diffora_lab.runtime import quiet_libraries
     from diffora_lab.train import ConfigError
 
     quiet_libraries()

@@ -2,13 +2,15 @@
 
 METHOD.md, "Budgets and fair comparison": a budget in modules is not a budget in parameters, and
 comparisons with LoRA/AdaLoRA are only fair at matched trainable parameters. ``match=lora_r8``
-(``conf/match/``) turns that into a rule applied once the candidate modules are known
-(:func:`resolve_rank`):
+(``conf/match/``) turns that into a rule applied once the candidate modules are known; each
+method states its rule (``Method.matched_rank``, applied by ``methods.resolve_rank``):
 
-- ``lora``: rank = the reference rank (LoRA on all n candidates is the reference);
+- LoRA on all candidates (``lora`` and its peft variants): the reference rank (it is the
+  reference);
 - ``adalora``: target_r = the reference rank (its final rank budget is target_r per module);
-- ``diffora`` / ``random_mask``: the rank whose EXPECTED kept adapter parameters are closest to
-  the reference (below); ``full`` / ``bitfit``: ``rank`` is unused and left as given.
+- methods keeping k of n (``diffora``, ``random_mask``): the rank whose EXPECTED kept adapter
+  parameters are closest to the reference (:func:`masked_rank`, below); ``full`` / ``bitfit``:
+  ``rank`` is unused and left as given.
 
 The expectation. A rank-r adapter on module i costs r (d_in_i + d_out_i). DiffoRA keeps
 k = max(1, round(budget * n)) of the n candidates, and which ones is only known after the search.
@@ -43,9 +45,6 @@ from diffora_lab.backbones import Candidate
 from diffora_lab.dam import num_kept
 
 log = logging.getLogger(__name__)
-
-MASKED_METHODS = ("diffora", "random_mask")
-"""Methods whose adapters sit on k of the n candidates, at a rank chosen by matching."""
 
 
 def lora_params(candidates: Sequence[Candidate], rank: int) -> int:
@@ -191,25 +190,22 @@ def target_rank_of(cfg: DictConfig) -> int | None:
     return int(match.target_rank)
 
 
-def resolve_rank(cfg: DictConfig, candidates: Sequence[Candidate]) -> int:
-    """The rank this run uses: ``cfg.rank``, or the matched rank under ``match=lora_rN``.
+def masked_rank(
+    method: str,
+    candidates: Sequence[Candidate],
+    budget: float,
+    target_rank: int,
+    tolerance: float = 0.05,
+) -> int:
+    """The matched rank of a method keeping k of n candidates, logged with its expected count.
 
-    Call once the candidate modules are known and before anything reads ``cfg.rank``; write the
-    result back to ``cfg.rank`` so checkpoints, ``results.json`` and the adapter agree.
+    Each method decides how its rank is matched (``Method.matched_rank`` in ``methods/``); the
+    methods that keep k of the n candidates (DiffoRA, a random mask) call this.
 
     Raises:
-        ValueError: A bad ``match.target_rank`` or ``budget``.
+        ValueError: A bad ``target_rank`` or ``budget``.
     """
-    target_rank = target_rank_of(cfg)
-    if target_rank is None:
-        return int(cfg.rank)
-    method = cfg.method.name
-    if method in ("lora", "adalora"):
-        return target_rank
-    if method not in MASKED_METHODS:
-        return int(cfg.rank)
-    match = matched_rank(candidates, float(cfg.budget), target_rank)
-    tolerance = float(cfg.match.get("tolerance", 0.05))
+    match = matched_rank(candidates, budget, target_rank)
     level = logging.WARNING if abs(match.ratio - 1.0) > tolerance else logging.INFO
     log.log(
         level,

@@ -14,31 +14,27 @@ a resumed run needs no scheduler state.
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import nn
 
-from diffora_lab.adalora import allocator_state, load_allocator_state
 from diffora_lab.adapters import LoraGates, apply_mask, count_parameters
+from diffora_lab.architect import Architect, get_architect
 from diffora_lab.backbones import Candidate
 from diffora_lab.config import OptimSettings, SearchSettings
-from diffora_lab.dam import DAM, Mask, gate_entropy
+from diffora_lab.dam import DAM, Mask
+from diffora_lab.methods import Method
 from diffora_lab.metrics import build_metrics, predictions_from_logits
+from diffora_lab.rng import restore_rng_state, rng_state
 from diffora_lab.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
 SEARCH, FINETUNE = "search", "finetune"
-
-
-def _numpy_state() -> list:
-    # Plain Python values: Lightning loads checkpoints with weights_only=True.
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+STATE_KEY = "diffora_lab"  # our entry in a Lightning checkpoint
+STATE_FORMAT = 2  # 2: the method's state under "method"; part of the search-cache key
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -57,6 +53,7 @@ class DiffoRAModule(pl.LightningModule):
         dam: The gate logits (None without a search).
         mask: A mask already applied to ``model`` (methods without a search), or None.
         hparams: The resolved run config, stored in every checkpoint.
+        method: The run's method: its per-step hook and checkpoint state (None: neither).
     """
 
     def __init__(
@@ -69,6 +66,7 @@ class DiffoRAModule(pl.LightningModule):
         dam: DAM | None = None,
         mask: Mask | None = None,
         hparams: dict[str, Any] | None = None,
+        method: Method | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -79,6 +77,7 @@ class DiffoRAModule(pl.LightningModule):
         self.search = search
         self.dam = dam
         self.mask = mask
+        self.method = method if method is not None else Method()
         self.phase = SEARCH if search.enabled else FINETUNE
         self.lora_gates = LoraGates(model, candidates) if self.phase == SEARCH else None
         self.step = 0  # weight-optimizer steps taken
@@ -86,10 +85,9 @@ class DiffoRAModule(pl.LightningModule):
         self.search_batches_seen = 0
         self.discretization: dict[str, Any] = {}
         self.search_reused = False  # resumed from a shared end-of-search snapshot
-        self._adalora_state: dict | None = None  # AdaLoRA allocator state awaiting restore
         self.ranks_consistent: bool | None = None  # checked at the end of multi-process runs
         self.val_metrics = nn.ModuleList(build_metrics(spec) for _ in spec.dev_splits)
-        self.arch_optimizer: torch.optim.Optimizer | None = None
+        self.architect: Architect | None = None  # built with the optimizers while searching
         self._arch_state: dict | None = None
         self._search_iter = None
         self.last_val: dict[str, float] = {}
@@ -103,7 +101,17 @@ class DiffoRAModule(pl.LightningModule):
         return self.phase == SEARCH
 
     def current_gates(self) -> torch.Tensor:
-        return self.dam.gates(self.search.tau_at(self.step))
+        return self.dam.gates(self.tau())
+
+    @property
+    def search_finished(self) -> bool:
+        """Still searching, but the search's steps are done: time to discretize."""
+        return self.searching and self.step >= self.search.steps
+
+    @property
+    def arch_optimizer(self) -> torch.optim.Optimizer | None:
+        """The architect's optimizer (Adam on the gate logits), None outside the search."""
+        return None if self.architect is None else self.architect.optimizer
 
     def forward(self, batch: dict[str, torch.Tensor], gate_grad: bool = False):
         """Runs the model; while searching, the gates enter the LoRA branches first."""
@@ -136,18 +144,12 @@ class DiffoRAModule(pl.LightningModule):
             lr=self.optim.lr,
         )
         if self.searching:
-            arch = [self.dam.logits]
-            shared = {id(p) for p in arch} & {id(p) for _, p in named}
+            shared = {id(self.dam.logits)} & {id(p) for _, p in named}
             if shared:
                 raise RuntimeError("weight and architecture parameter sets overlap")
-            self.arch_optimizer = torch.optim.Adam(
-                arch,
-                lr=self.search.arch_lr,
-                betas=self.search.arch_betas,
-                weight_decay=self.search.arch_weight_decay,
-            )
+            self.architect = get_architect(self.search.order)(self.dam, self.search, self)
             if self._arch_state is not None:
-                self.arch_optimizer.load_state_dict(self._arch_state)
+                self.architect.load_state_dict(self._arch_state)
                 self._arch_state = None
         return weights
 
@@ -192,103 +194,40 @@ class DiffoRAModule(pl.LightningModule):
         return loss.detach()
 
     def _after_weight_step(self) -> None:
-        """AdaLoRA's rank allocation needs the gradients of the step just taken."""
-        allocate = getattr(getattr(self.model, "base_model", None), "update_and_allocate", None)
-        if allocate is not None:
-            if self._adalora_state is not None:
-                load_allocator_state(self.model, self._adalora_state)
-                self._adalora_state = None
-            allocate(self.step)
+        """The method's per-step hook (e.g. AdaLoRA's allocation reads this step's gradients)."""
+        self.method.after_weight_step(self.model, self.step)
 
     def _architecture_step(self, train_batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """One architecture step on a search batch: only the gate logits move."""
-        batch = self._next_search_batch()
-        if self.search.order == "second":
-            loss = self._second_order_gate_grad(train_batch, batch)
-        else:
-            loss = self._first_order_gate_grad(batch)
-        if self.search.budget_penalty > 0:
-            self._add_budget_penalty_grad()
-        self.arch_optimizer.step()
-        self.arch_optimizer.zero_grad(set_to_none=True)
+        """One architecture step on the next search batch (the :class:`Architect`'s rule)."""
+        logs = self.architect.step(train_batch, self._next_search_batch())
+        # The architect's forward passes leave weight gradients behind: not for the next step.
         self.optimizers().zero_grad(set_to_none=True)
-        gates = self.current_gates().detach()
-        return {
-            "search/loss": loss.detach(),
-            "search/tau": self.search.tau_at(self.step),
-            # Tensors, not floats: logging reads them only every log_every steps, so the search
-            # step does not wait for the GPU here.
-            "dam/entropy": gate_entropy(gates),
-            "dam/mean": gates.mean(),
-        }
+        return logs
 
-    def _add_budget_penalty_grad(self) -> None:
-        """Adds the gradient of ``budget_penalty * (mean(gamma) - budget)^2`` to theta.
+    # The SearchHost interface (architect.py): what the architecture step needs from this loop.
 
-        Our option, not the paper's: without it the gates drift towards 1 together (the
-        search loss prefers more adaptation), so the top-k cut drops modules that were still
-        active and the discretization gap grows. The penalty is the same on every rank.
-        """
-        gates = self.current_gates()
-        penalty = self.search.budget_penalty * (gates.mean() - self.search.budget) ** 2
-        (grad,) = torch.autograd.grad(penalty, self.dam.logits)
-        if self.dam.logits.grad is None:
-            self.dam.logits.grad = grad
-        else:
-            self.dam.logits.grad += grad
-
-    def _first_order_gate_grad(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """DARTS-1st: the gradient of the search loss at the current weights."""
+    def gated_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = self(batch, gate_grad=True).loss
         self._check_finite(loss, "architecture")
+        return loss
+
+    def backward_to(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> None:
         if self.trainer.world_size > 1:
             # DDP's reducer expects every used parameter to receive a gradient; a backward
             # restricted to the gate logits would leave it waiting. The adapters' gradients
             # computed here are discarded before the next weight step.
             self.manual_backward(loss)
         else:
-            self.manual_backward(loss, inputs=[self.dam.logits])
-        return loss
+            self.manual_backward(loss, inputs=inputs)
 
-    def _second_order_gate_grad(
-        self, train_batch: dict[str, torch.Tensor], search_batch: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """DARTS-2nd: the search-loss gradient after one virtual weight step.
+    def weight_tensors(self) -> list[nn.Parameter]:
+        return [p for _, p in self.weight_parameters()]
 
-        grad = d/dtheta L_search(w', theta) - xi * (d/dtheta L_train(w+) - d/dtheta L_train(w-))
-        / (2 eps), with w' = w - xi grad_w L_train(w), w+- = w +- eps grad_w' L_search(w') and
-        xi the current weight learning rate (finite-difference Hessian-vector product).
-        """
-        theta = self.dam.logits
-        weights = [p for _, p in self.weight_parameters()]
-        saved = [w.detach().clone() for w in weights]
-        xi = self.optim.lr_at(self.step)
+    def weight_lr(self) -> float:
+        return self.optim.lr_at(self.step)
 
-        def shift(direction: list[torch.Tensor], scale: float) -> None:
-            with torch.no_grad():
-                for w, w0, d in zip(weights, saved, direction):
-                    w.copy_(w0 + scale * d)
-
-        train_loss = self(train_batch, gate_grad=True).loss
-        train_grads = torch.autograd.grad(train_loss, weights, allow_unused=True)
-        train_grads = [
-            torch.zeros_like(w) if g is None else g for w, g in zip(weights, train_grads)
-        ]
-        shift(train_grads, -xi)  # the virtual step w'
-        loss = self(search_batch, gate_grad=True).loss
-        self._check_finite(loss, "architecture")
-        grads = torch.autograd.grad(loss, [theta, *weights], allow_unused=True)
-        theta_grad = grads[0]
-        search_grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads[1:])]
-        eps = 0.01 / (torch.sqrt(sum((g * g).sum() for g in search_grads)) + 1e-12)
-        curvature = []
-        for sign in (1.0, -1.0):
-            shift(search_grads, sign * float(eps))
-            loss_shifted = self(train_batch, gate_grad=True).loss
-            curvature.append(torch.autograd.grad(loss_shifted, theta)[0])
-        shift(search_grads, 0.0)  # restore w
-        theta.grad = theta_grad - xi * (curvature[0] - curvature[1]) / (2 * float(eps))
-        return loss
+    def tau(self) -> float:
+        return self.search.tau_at(self.step)
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
         if not torch.isfinite(loss):
@@ -309,12 +248,16 @@ class DiffoRAModule(pl.LightningModule):
         logits = self(batch).logits
         self.val_metrics[dataloader_idx].update(predictions_from_logits(self.spec, logits), labels)
 
-    def on_validation_epoch_end(self) -> None:
+    def _compute_val_metrics(self) -> dict[str, float]:
         results = {}
         for index, metrics in enumerate(self.val_metrics):
             for name, value in metrics.compute().items():
                 results[self._metric_key(index, name)] = float(value)
             metrics.reset()
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        results = self._compute_val_metrics()
         self.last_val = results
         if not self.trainer.sanity_checking:
             # torchmetrics already synced the states: every rank holds the same values.
@@ -322,23 +265,56 @@ class DiffoRAModule(pl.LightningModule):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Dev metrics of the model as it is now (used around discretization)."""
+        """Dev metrics of the model as it is now, from inside training (around discretization).
+
+        Lightning's validation loop cannot run within a training step, so this drives the same
+        :meth:`validation_step` and reduction over the dev loaders itself.
+        """
         was_training = self.model.training
         self.model.eval()
-        loaders = self.trainer.datamodule.val_dataloader()
-        results = {}
-        for index, loader in enumerate(loaders):
-            metrics = build_metrics(self.spec).to(self.device)
+        for metrics in self.val_metrics:
+            metrics.reset()
+        for index, loader in enumerate(self.trainer.datamodule.val_dataloader()):
             for batch in loader:
-                batch = self.trainer.strategy.batch_to_device(batch)
-                labels = batch.pop("labels")
-                metrics.update(predictions_from_logits(self.spec, self(batch).logits), labels)
-            for name, value in metrics.compute().items():
-                results[self._metric_key(index, name)] = float(value)
+                self.validation_step(self.trainer.strategy.batch_to_device(batch), 0, index)
+        results = self._compute_val_metrics()
         self.model.train(was_training)
         return results
 
     # --------------------------------------------------------- discretization
+
+    def propose_mask(self, backbone: str) -> tuple[Mask, torch.Tensor]:
+        """The top-k mask of the current gates under the budget, and those gates."""
+        gates = self.current_gates().detach()
+        mask = Mask.from_scores(
+            gates,
+            [c.name for c in self.candidates],
+            self.dam.module_types,
+            self.search.budget,
+            self.step,
+            backbone=backbone,
+        )
+        return mask, gates
+
+    def record_discretization(
+        self, val_before: dict[str, float], val_after: dict[str, float]
+    ) -> dict[str, float]:
+        """Keeps the dev metrics around the discretization; returns the ``dam/`` metrics to log."""
+        primary = f"val/{self.spec.primary_metric}"
+        self.discretization = {
+            "step": self.step,
+            "val_before": val_before.get(primary),
+            "val_after": val_after.get(primary),
+            "before": val_before,
+            "after": val_after,
+        }
+        return {
+            "dam/val_before": val_before[primary],
+            "dam/val_after": val_after[primary],
+            "dam/gap": val_before[primary] - val_after[primary],
+            "dam/kept": float(self.mask.k),
+            "params/trainable": float(self.trainable_parameters()["total"]),
+        }
 
     def discretize(self, mask: Mask, gates: torch.Tensor) -> None:
         """Freezes ``mask`` into the model (METHOD.md, Phase 2) and switches to fine-tuning.
@@ -350,7 +326,7 @@ class DiffoRAModule(pl.LightningModule):
         self._enter_finetune(
             mask, gates, fold_gates=self.search.fold_gates, reinit=not self.search.weight_sharing
         )
-        self.arch_optimizer = None
+        self.architect = None
         self._search_iter = None
         self.trainer.strategy.optimizers = [self.configure_optimizers()]
 
@@ -370,48 +346,37 @@ class DiffoRAModule(pl.LightningModule):
     # ------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["diffora"] = {
+        checkpoint[STATE_KEY] = {
             "phase": self.phase,
             "step": self.step,
             "batches_seen": self.batches_seen,
             "search_batches_seen": self.search_batches_seen,
-            "arch_optimizer": self.arch_optimizer.state_dict() if self.arch_optimizer else None,
+            "arch_optimizer": self.architect.state_dict() if self.architect else None,
             "mask": None if self.mask is None else vars(self.mask).copy(),
             "discretization": dict(self.discretization),
-            "adalora": allocator_state(self.model),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": _numpy_state(),
-                "python": random.getstate(),
-            },
+            "method": self.method.checkpoint_state(self.model),
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("diffora")
+        state = checkpoint.get(STATE_KEY)
         if state is None:
-            raise ValueError("ckpt_path: this checkpoint was not written by diffora_lab")
+            raise ValueError(
+                "ckpt_path: this checkpoint was not written by this version of diffora_lab; "
+                "start a new run (or resume with the version that wrote it)."
+            )
         self.step = state["step"]
         self.batches_seen = state["batches_seen"]
         self.search_batches_seen = state["search_batches_seen"]
         self.discretization = dict(state["discretization"])
         self._arch_state = state["arch_optimizer"]
-        self._adalora_state = state.get("adalora")  # restored at the first step, on device
+        self.method.load_checkpoint_state(state.get("method"))
         if state["phase"] == FINETUNE and self.phase == SEARCH:
             # Restore the structure only: the state dict that follows holds the folded weights.
             self._enter_finetune(Mask(**state["mask"]), None, fold_gates=False, reinit=False)
         datamodule = self.trainer.datamodule
         datamodule.train_start = self.batches_seen
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(
-            tuple(rng["numpy"][:1])
-            + (np.array(rng["numpy"][1], dtype=np.uint32),)
-            + tuple(rng["numpy"][2:])
-        )
-        random.setstate(rng["python"])
+        restore_rng_state(state["rng"])
 
     def on_train_end(self) -> None:
         if self.trainer.world_size > 1:

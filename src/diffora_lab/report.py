@@ -30,11 +30,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS_FILE = "results.json"
+
+
 GROUP_KEYS = ("task", "method", "budget", "rank")
 REQUIRED_KEYS = ("task", "method", "budget", "rank", "seed", "primary_metric", "metrics")
-# Methods that ignore `budget` (every candidate adapted, or none; AdaLoRA budgets ranks, not
-# modules): on the budget curve a single point of theirs is drawn as a horizontal reference line.
-BUDGET_FREE_METHODS = ("lora", "full", "bitfit", "adalora")
 CSV_COLUMNS = (
     "task",
     "method",
@@ -51,6 +50,20 @@ CSV_COLUMNS = (
 
 class ReportError(ValueError):
     """A fixable problem (a missing folder, no finished runs); printed without a traceback."""
+
+
+def budget_free(method: str) -> bool:
+    """Whether a method ignores ``budget`` (its registered ``uses_budget`` is False).
+
+    On the budget curve a single point of such a method is drawn as a horizontal reference line.
+    A name no longer registered (an old run folder) counts as budget-dependent: plotted as points.
+    """
+    from diffora_lab.methods import get_method
+
+    try:
+        return not get_method(method).uses_budget
+    except ValueError:
+        return False
 
 
 def find_results(paths: Iterable[str | Path]) -> list[Path]:
@@ -219,7 +232,7 @@ def plot_budget_curve(groups: Sequence[dict[str, Any]]):
     """The primary metric against the budget: one panel per task, one line per method (and rank).
 
     Error bars are the sample standard deviation over seeds. A method that ignores the budget
-    (:data:`BUDGET_FREE_METHODS`) and was run at a single budget is drawn as a dashed horizontal
+    (:func:`budget_free`) and was run at a single budget is drawn as a dashed horizontal
     line with a +-std band, a reference for the methods that select modules.
 
     Args:
@@ -248,7 +261,7 @@ def plot_budget_curve(groups: Sequence[dict[str, Any]]):
             label = method if len(ranks) == 1 else f"{method} r={rank}"
             means = [p["mean"] for p in points]
             stds = [p["std"] or 0.0 for p in points]
-            if method in BUDGET_FREE_METHODS and len(points) == 1 and len(budgets) > 1:
+            if budget_free(method) and len(points) == 1 and len(budgets) > 1:
                 color = colors[method, rank]
                 ax.axhline(means[0], color=color, ls="--", lw=1.2, label=f"{label} (budget-free)")
                 ax.axhspan(means[0] - stds[0], means[0] + stds[0], color=color, alpha=0.15)

@@ -58,15 +58,24 @@ def search_key(cfg: DictConfig, inputs: str = "") -> str:
         cfg: The run's config.
         inputs: :func:`inputs_fingerprint` of the data, backbone and source (empty: settings only).
     """
+    from diffora_lab import __version__
+    from diffora_lab.module import STATE_FORMAT
+
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings.pop("hydra", None)
+    dam = cfg.dam
+    budget_shapes_search = (
+        dam.relaxation == "topk" or dam.get("progressive") or float(dam.budget_penalty) > 0
+    )
     for dotted in AFTER_SEARCH_KEYS:
+        if dotted == "budget" and budget_shapes_search:
+            continue  # these searches steer towards k: the budget changes their end state
         parts = dotted.split(".")
         node = settings
         for part in parts[:-1]:
             node = node.get(part, {})
         node.pop(parts[-1], None)
-    payload = json.dumps([settings, inputs], sort_keys=True, default=str)
+    payload = json.dumps([__version__, STATE_FORMAT, settings, inputs], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -23,19 +23,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffora_lab import backbones, methods, tracking
-from diffora_lab.adapters import export_adapter
+from diffora_lab.adapters import export_merged
 from diffora_lab.backbones import Candidate
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
-from diffora_lab.config import (
-    ADAPTER_METHODS,
-    PEFT_METHODS,
-    optim_settings,
-    search_settings,
-    validate,
-)
+from diffora_lab.config import optim_settings, search_settings, validate
 from diffora_lab.dam import Mask, gate_entropy, num_kept
 from diffora_lab.data import GlueDataModule
-from diffora_lab.matching import achieved, resolve_rank, target_rank_of
+from diffora_lab.matching import achieved, target_rank_of
 from diffora_lab.module import DiffoRAModule
 from diffora_lab.runfolder import (
     FolderState,
@@ -138,8 +132,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         tokenizer = backbones.load_tokenizer(cfg.backbone)
         candidates = _meta_candidates(cfg, spec, len(tokenizer))
         with open_dict(cfg):
-            cfg.rank = resolve_rank(cfg, candidates)  # match=lora_rN (matching.py)
-        if cfg.method.name in ("random_mask", "diffora"):
+            cfg.rank = methods.resolve_rank(cfg, candidates)  # match=lora_rN (matching.py)
+        if methods.method_for(cfg).uses_budget:
             num_kept(float(cfg.budget), len(candidates))
         if cfg.dam.get("mask_path"):
             mask = Mask.load(cfg.dam.mask_path)
@@ -217,7 +211,8 @@ def assemble(
     candidates = backbones.find_candidates(
         backbone, str(cfg.backbone.layer_pattern), dict(cfg.backbone.module_types)
     )
-    built = methods.build(cfg, backbone, candidates)
+    method = methods.method_for(cfg)
+    built = methods.build(cfg, backbone, candidates, method)
     search = search_settings(cfg)
     optim = optim_settings(cfg)
     datamodule = GlueDataModule(
@@ -236,12 +231,13 @@ def assemble(
     module = module_cls(
         built.model,
         spec,
-        candidates if cfg.method.name in ADAPTER_METHODS else [],
+        candidates if method.adapts_candidates else [],
         optim,
         search,
         dam=built.dam,
         mask=built.mask,
         hparams=OmegaConf.to_container(cfg, resolve=True),
+        method=method,
     )
     return Assembled(module, datamodule, candidates)
 
@@ -425,12 +421,9 @@ def _fit_and_report(
         results["fit_seconds"] = round(clock.fit_seconds(), 2)
         results["search"] = search_info
         if trainer.is_global_zero:
-            if cfg.method.name in PEFT_METHODS:
-                export_adapter(module.model, output_dir / "adapter")
+            if module.method.export(module.model, output_dir / "adapter") is not None:
                 results["adapter"] = str(output_dir / "adapter")
             if cfg.get("export") is not None and cfg.export.get("merged"):
-                from diffora_lab.evaluate import export_merged
-
                 export_merged(module.model, output_dir / "merged", prepared.tokenizer)
                 results["merged"] = str(output_dir / "merged")
             (output_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -455,6 +448,7 @@ def _results(
     results = {
         "task": spec.name,
         "method": cfg.method.name,
+        "preset": cfg.method.get("preset"),
         "backbone": cfg.backbone.name,
         "budget": float(cfg.budget),
         "rank": int(cfg.rank),
@@ -476,6 +470,11 @@ def _results(
             "val_before": module.discretization.get("val_before"),
             "val_after": module.discretization.get("val_after"),
             "step": module.discretization.get("step"),
+            "gap": (
+                module.discretization["val_before"] - module.discretization["val_after"]
+                if module.discretization.get("val_before") is not None
+                else None
+            ),
         },
         "steps": module.step,
         "world_size": module.trainer.world_size,
@@ -483,13 +482,22 @@ def _results(
         "wall_seconds": round(time.time() - started, 2),
         "output_dir": str(output_dir),
     }
+    if module.search.enabled or cfg.dam.get("mask_path"):
+        dam = cfg.dam
+        results["search_variant"] = {
+            "relaxation": str(dam.relaxation),
+            "budget_penalty": float(dam.budget_penalty),
+            "progressive": bool(dam.get("progressive", False)),
+            "tau": [float(dam.tau), float(dam.tau_end)],
+            "order": str(dam.order),
+        }
+    if cfg.method.get("scaling") is not None:
+        method = cfg.method
+        results["lora_scaling"] = {"rule": str(method.scaling), "scale": method.get("scale")}
     target_rank = target_rank_of(cfg)
     if target_rank is not None and mask is not None:
         results["match"] = achieved(mask.kept, candidates, int(cfg.rank), target_rank).as_dict()
-    if cfg.method.name == "adalora":
-        from diffora_lab.adalora import rank_summary
-
-        results["adalora"] = rank_summary(module.model, candidates)
+    results.update(module.method.results(module.model, candidates))
     return results
 
 

@@ -13,7 +13,7 @@ What peft does and this harness relies on (peft 0.21, checked in its source):
   :class:`~diffora_lab.module.DiffoRAModule` includes the orthogonal regularizer with no change
   there; validation (no labels) is unaffected.
 - ``update_and_allocate(step)`` must run after every optimizer step, before ``zero_grad`` (it
-  reads the gradients): ``DiffoRAModule._after_weight_step`` calls it with the 0-based step.
+  reads the gradients): :meth:`AdaLora.after_weight_step` does, with the 0-based step.
   With ``tfinal >= 1`` it forces the final allocation at step ``total_step - tfinal`` (exactly
   the target budget, fewer on ties) and re-applies that rank pattern after every later step.
 - ``save_pretrained`` writes only the kept singular triplets plus ``rank_pattern``;
@@ -35,7 +35,9 @@ from omegaconf import DictConfig
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from diffora_lab.adapters import lora_alpha_for
 from diffora_lab.backbones import Candidate
+from diffora_lab.methods.registry import Built, Method, register_method
 
 ADAPTER = "default"
 
@@ -98,9 +100,18 @@ def adalora_config(cfg: DictConfig, candidates: list[Candidate]) -> AdaLoraConfi
         float(method.tfinal_ratio),
         float(method.delta_t_ratio),
     )
+    init_r = max(target_r, math.floor(init_ratio * target_r + 0.5))
+    # AdaLoRA scales by lora_alpha / init_r (peft divides by the initial rank): the harness's
+    # scaling rule applies to that rank, as LoRA's applies to r.
+    scaling = str(method.get("scaling", "alpha"))
+    if scaling == "rslora":
+        raise ValueError("method.scaling=rslora: not available for adalora; use constant or alpha.")
+    lora_alpha, _ = lora_alpha_for(
+        scaling, init_r, float(method.get("scale", 2.0)), float(method.lora_alpha)
+    )
     return AdaLoraConfig(
         target_r=target_r,
-        init_r=max(target_r, math.floor(init_ratio * target_r + 0.5)),
+        init_r=init_r,
         tinit=steps.tinit,
         tfinal=steps.tfinal,
         deltaT=steps.delta_t,
@@ -108,7 +119,7 @@ def adalora_config(cfg: DictConfig, candidates: list[Candidate]) -> AdaLoraConfi
         beta2=float(method.beta2),
         orth_reg_weight=float(method.orth_reg_weight),
         total_step=steps.total_step,
-        lora_alpha=float(method.lora_alpha),
+        lora_alpha=lora_alpha,
         lora_dropout=float(method.lora_dropout),
         target_modules=[c.name for c in candidates],
         modules_to_save=list(cfg.backbone.head_modules),
@@ -207,3 +218,51 @@ def load_allocator_state(peft_model: nn.Module, state: dict[str, Any] | None) ->
     for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
         setattr(allocator, key, {n: t.to(devices.get(n, t.device)) for n, t in state[key].items()})
     tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+
+
+@register_method
+class AdaLora(Method):
+    """``method=adalora``: peft's AdaLoRA on every candidate, ranks allocated by importance.
+
+    Its rank budget is ``rank`` per module (matched: the reference rank), its allocator runs
+    after every weight step and its state travels in checkpoints.
+    """
+
+    name = "adalora"
+    exports_adapter = True
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None  # allocator state awaiting its device
+
+    def validate(self, cfg: DictConfig) -> None:
+        if float(cfg.method.init_ratio) < 1.0:
+            raise ValueError(
+                f"method.init_ratio={cfg.method.init_ratio!r}: the initial budget must be >= 1x."
+            )
+        schedule(
+            int(cfg.train.max_steps),
+            float(cfg.method.tinit_ratio),
+            float(cfg.method.tfinal_ratio),
+            float(cfg.method.delta_t_ratio),
+        )
+
+    def matched_rank(self, rank, target_rank, candidates, budget, tolerance) -> int:
+        return target_rank  # target_r is the final average rank: LoRA's at the same rank
+
+    def build(self, cfg: DictConfig, backbone: nn.Module, candidates: list[Candidate]) -> Built:
+        return Built(attach_adalora(cfg, backbone, candidates), None, None)
+
+    def after_weight_step(self, model: nn.Module, step: int) -> None:
+        if self._pending is not None:  # restored here: the model is on its device by now
+            load_allocator_state(model, self._pending)
+            self._pending = None
+        model.base_model.update_and_allocate(step)
+
+    def checkpoint_state(self, model: nn.Module) -> dict[str, Any] | None:
+        return allocator_state(model)
+
+    def load_checkpoint_state(self, state: dict[str, Any] | None) -> None:
+        self._pending = state
+
+    def results(self, model: nn.Module, candidates: list[Candidate]) -> dict[str, Any]:
+        return {"adalora": rank_summary(model, candidates)}

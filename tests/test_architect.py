@@ -1,0 +1,96 @@
+"""The Architect: the architecture step as one object, selected by ``dam.order``, extensible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffora_lab import architect, train
+from diffora_lab.config import validate
+from diffora_lab.dam import Mask
+from diffora_lab.train import assemble, prepare
+
+SEARCH_STEPS, WARMUP, MAX_STEPS = 6, 2, 8
+
+
+class ConstantPush(architect.Architect):
+    """A search variant for the test: every gate gradient is 1, whatever the loss says.
+
+    Adam turns a constant gradient into steps of (almost exactly) ``arch_lr``, so after N
+    architecture steps every logit is ``init - N * arch_lr``: only this variant can do that.
+    """
+
+    calls = 0
+
+    def gate_grad(self, train_batch, search_batch):
+        type(self).calls += 1
+        loss = self.host.gated_loss(search_batch)  # still a real forward on the search batch
+        self.dam.logits.grad = torch.ones_like(self.dam.logits)
+        return loss
+
+
+@pytest.fixture
+def constant_push():
+    architect.register_architect("constant_push_test")(ConstantPush)
+    ConstantPush.calls = 0
+    yield ConstantPush
+    architect._ARCHITECTS.pop("constant_push_test")
+
+
+def test_unknown_search_variant_lists_the_registered_ones(smoke_cfg):
+    with pytest.raises(ValueError, match=r"dam\.order='third'.*\['first', 'second'\]"):
+        validate(smoke_cfg("dam.order=third"))
+
+
+def test_a_registered_variant_drives_the_search(constant_push, smoke_cfg, tmp_path):
+    cfg = smoke_cfg(
+        "logger=none",
+        "dam.order=constant_push_test",
+        f"train.max_steps={MAX_STEPS}",
+        f"dam.search_steps={SEARCH_STEPS}",
+        f"dam.warmup_steps={WARMUP}",
+        "dam.arch_lr=0.1",
+        "dam.init=0.0",
+        "dam.reuse_search=false",
+    )
+    results = train.run(cfg, tmp_path / "run")
+    arch_steps = SEARCH_STEPS - WARMUP
+    assert constant_push.calls == arch_steps
+    mask = Mask.load(tmp_path / "run" / "dam" / "mask.json")
+    # Every gate moved the same way by the same amount: the final gates are all equal, at
+    # sigmoid(-arch_steps * arch_lr), and the search loss had no say.
+    expected = torch.sigmoid(torch.tensor(-arch_steps * 0.1)).item()
+    assert mask.gates == pytest.approx([expected] * len(mask.gates), abs=1e-5)
+    assert results["steps"] == MAX_STEPS
+
+
+def test_budget_penalty_gradient_matches_its_closed_form(smoke_cfg):
+    cfg = smoke_cfg("dam.budget_penalty=3.0", "budget=0.25", "dam.tau=2.0", "dam.tau_end=2.0")
+    module = assemble(cfg, prepare(cfg)).module
+    with torch.no_grad():
+        module.dam.logits.copy_(torch.linspace(-2.0, 2.0, module.dam.logits.numel()).view(-1, 6))
+    module.configure_optimizers()
+    module.architect.add_penalty_grads()
+    theta, tau, lam, budget = module.dam.logits.detach(), 2.0, 3.0, 0.25
+    gates = torch.sigmoid(theta / tau)
+    # d/dtheta_i lam (mean(g) - b)^2 = 2 lam (mean(g) - b) g_i (1 - g_i) / (tau n)
+    expected = 2 * lam * (gates.mean() - budget) * gates * (1 - gates) / (tau * gates.numel())
+    torch.testing.assert_close(module.dam.logits.grad, expected)
+    # Off by default: no gradient at all.
+    plain = assemble(smoke_cfg(), prepare(smoke_cfg())).module
+    plain.configure_optimizers()
+    plain.architect.add_penalty_grads()
+    assert plain.dam.logits.grad is None
+
+
+def test_dam_order_selects_the_architect_class(smoke_cfg):
+    cfg = smoke_cfg()
+    module = assemble(cfg, prepare(cfg)).module
+    assert isinstance(module.architect, type(None))  # built with the optimizers
+    module.configure_optimizers()
+    assert type(module.architect) is architect.Architect
+    second = smoke_cfg("dam.order=second")
+    module2 = assemble(second, prepare(second)).module
+    module2.configure_optimizers()
+    assert type(module2.architect) is architect.SecondOrderArchitect
+    assert module2.arch_optimizer is module2.architect.optimizer
