@@ -226,11 +226,13 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int:
     """
     import torch
 
+    from diffora_lab.module import STATE_KEY
+
     setting = f"ckpt_path={cfg.get('ckpt_path')}"
     try:
         # mmap: only the small entries are read here; Lightning loads the tensors later.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        step = int(checkpoint["diffora"]["step"])
+        step = int(checkpoint[STATE_KEY]["step"])
     except Exception as error:
         size = Path(path).stat().st_size
         what = "empty (0 bytes)" if size == 0 else f"truncated or not a checkpoint ({size} bytes)"
@@ -262,11 +264,13 @@ def divergence_message(error: FloatingPointError, ckpt_dir: Path, grad_clip: flo
     """The non-finite-loss message with advice that matches this run."""
     import torch
 
+    from diffora_lab.module import STATE_KEY
+
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
         try:
             saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-            where = f"the last checkpoint is {last} (step {saved['diffora']['step']})"
+            where = f"the last checkpoint is {last} (step {saved[STATE_KEY]['step']})"
         except Exception:
             where = f"the last checkpoint is {last}"
     else:

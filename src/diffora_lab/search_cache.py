@@ -180,10 +180,12 @@ class SearchCache:
         try:
             import torch
 
+            from diffora_lab.module import STATE_KEY
+
             checkpoint = torch.load(
                 self.snapshot, map_location="cpu", weights_only=False, mmap=True
             )
-            step = checkpoint["diffora"]["step"]
+            step = checkpoint[STATE_KEY]["step"]
         except Exception as error:  # truncated, empty, not a checkpoint: search afresh
             return self._skip(f"it cannot be read ({type(error).__name__}: {error})")
         if step != search_steps:
