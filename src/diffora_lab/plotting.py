@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 GATE_RANGE = (0.0, 1.0)
 KEPT_COLOR = "red"
@@ -117,6 +118,7 @@ def gate_trajectories(
         ax.axvline(discretized_at, color="black", ls=":", lw=1.2)
         handles.append(Line2D([], [], color="black", ls=":", label="discretization"))
     ax.set_ylim(GATE_RANGE[0] - 0.02, GATE_RANGE[1] + 0.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("step")
     ax.set_ylabel("gate value")
     ax.set_title(title, fontsize=10)
