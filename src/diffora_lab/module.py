@@ -234,8 +234,7 @@ class DiffoRAModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite {which} loss ({float(loss)}) at step {self.step} in phase "
-                f"{self.phase!r}; the last good checkpoint is in the run's checkpoints/ folder. "
-                "Lower train.lr or dam.arch_lr, or enable train.grad_clip."
+                f"{self.phase!r}"  # train.run adds where to resume from and what to change
             )
 
     # ------------------------------------------------------------- validation
