@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import compose_config
 
-from diffora_lab.module import DiffoRAModule
+from diffora_lab.module import STATE_KEY, DiffoRAModule
 from diffora_lab.speed import compile_layers, layer_modules
 from diffora_lab.train import ConfigError, assemble, prepare, run
 
@@ -123,7 +123,7 @@ def test_nan_weights_stop_the_run_and_no_checkpoint_holds_them(tmp_path, monkeyp
     assert f"non-finite architecture loss at step {poison_at} in phase 'search'" in message
     assert "steps 4-6" in message
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert checkpoint["diffora_lab"]["step"] == 4
+    assert checkpoint[STATE_KEY]["step"] == 4
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
 
 
