@@ -156,11 +156,21 @@ def collect(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (*_group_key(r), r["seed"], r["run_dir"]))
 
 
+def method_label(row: dict[str, Any]) -> str:
+    """The method as a report names it: a preset other than the default is part of it.
+
+    ``method=diffora_faithful`` runs DiffoRA's class with the paper's search; its results say
+    ``method: diffora, preset: faithful`` and must not be averaged with the default search.
+    """
+    preset = row.get("preset")
+    return f"{row['method']}_{preset}" if preset and preset != "default" else str(row["method"])
+
+
 def _group_key(row: dict[str, Any]) -> tuple[str, str, str, float, int]:
     return (
         str(row.get("backbone", "?")),
         str(row["task"]),
-        str(row["method"]),
+        method_label(row),
         float(row["budget"]),
         int(row["rank"]),
     )
