@@ -83,7 +83,9 @@ class SearchSettings:
         if self.steps < 1:
             _fail("dam.search_steps", self.steps, "the search must last >= 1 step.")
         if self.tau_start <= 0 or self.tau_end <= 0:
-            _fail("dam.tau", self.tau_start, "temperatures (dam.tau, dam.tau_end) must be > 0.")
+            # Shown as typed: dam.tau=0, not 0.0.
+            shown = int(self.tau_start) if self.tau_start == int(self.tau_start) else self.tau_start
+            _fail("dam.tau", shown, "temperatures must be > 0.")
         if self.relaxation not in RELAXATIONS:
             _fail("dam.relaxation", self.relaxation, f"choose one of {list(RELAXATIONS)}.")
         get_architect(self.order)  # dam.order names a registered search variant
@@ -162,7 +164,7 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             _fail(
                 "dam.search_steps",
                 steps,
-                f"the search must end before train.max_steps={max_steps}; "
+                f"the search must end before train.max_steps={max_steps} (and last >= 1 step); "
                 "lower dam.search_steps / dam.search_ratio or raise train.max_steps.",
             )
     else:
