@@ -90,7 +90,7 @@ def cola_with_header(ctx: Context) -> None:
 
 def mask_file(edit: Callable[[dict], object]) -> Callable:
     def make(ctx: Context) -> None:
-        mask = json.loads((ctx.stopped / "dam" / "mask.json").read_text())
+        mask = json.loads(ctx.saved_mask.read_text())
         content = edit(mask)
         ctx.mask.write_text(content if isinstance(content, str) else json.dumps(content))
 
@@ -109,10 +109,12 @@ def keep_none(mask: dict) -> dict:
 
 
 def checkpoint(transform: Callable[[bytes], bytes]) -> Callable:
+    """The stopped run's folder (.hydra-less: it ran in-process), its checkpoint transformed."""
+
     def make(ctx: Context) -> None:
-        data = (ctx.stopped / "checkpoints" / "last.ckpt").read_bytes()
-        (ctx.run / "checkpoints").mkdir(parents=True)
-        (ctx.run / "checkpoints" / "last.ckpt").write_bytes(transform(data))
+        shutil.copytree(ctx.stopped, ctx.run, ignore=shutil.ignore_patterns("cache"))
+        last = ctx.run / "checkpoints" / "last.ckpt"
+        last.write_bytes(transform(last.read_bytes()))
 
     return make
 
@@ -146,7 +148,8 @@ SITUATIONS: dict[str, Callable] = {
 @dataclass
 class Context:
     root: Path
-    stopped: Path  # a real run stopped at step 6 (checkpoint, mask)
+    stopped: Path  # a real run folder stopped at step 6 (checkpoint, CSV, search split)
+    saved_mask: Path  # a real dam/mask.json
     lock: RunFolderLock | None = None
 
     @property
@@ -174,15 +177,15 @@ class Context:
 
 
 @pytest.fixture(scope="module")
-def stopped(tmp_path_factory) -> Path:
-    """A smoke run stopped at step 6, and its mask (taken by a second run at budget 0.5)."""
+def stopped(tmp_path_factory) -> tuple[Path, Path]:
+    """A smoke run stopped at step 6, and a mask (from a short run at budget 0.5)."""
     out = tmp_path_factory.mktemp("stopped")
     run(compose_config(["+experiment=smoke", "train.stop_after=6"], out), out)
+    assert (out / "csv" / "metrics.csv").is_file() and (out / "dam" / "search_split.json").is_file()
     masked = tmp_path_factory.mktemp("masked")
     cfg = compose_config(["+experiment=smoke", "train.max_steps=8", "dam.warmup_steps=1"], masked)
     run(cfg, masked)
-    shutil.copytree(masked / "dam", out / "dam", dirs_exist_ok=True)
-    return out
+    return out, masked / "dam" / "mask.json"
 
 
 def snapshot(folder: Path) -> dict[str, bytes] | None:
@@ -214,7 +217,7 @@ def test_the_table_covers_the_issue_cases():
     ids=[" ".join(r.overrides) + (f" [{r.situation}]" if r.situation else "") for r in ROWS],
 )
 def test_bad_input_is_refused_with_the_readme_message(row, tmp_path, stopped):
-    ctx = Context(tmp_path, stopped)
+    ctx = Context(tmp_path, *stopped)
     SITUATIONS[row.situation](ctx)
     overrides = [ctx.substitute(o) for o in row.overrides]
     cfg = compose_config(["+experiment=smoke", *overrides], tmp_path)

@@ -185,6 +185,17 @@ def test_runs_of_two_backbones_are_not_averaged(tmp_path):
     assert titles == ["rte (minilm_l6)", "rte (tiny_deberta)"]
 
 
+def test_the_faithful_preset_is_its_own_row(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path / f"default{seed}", preset="default", seed=seed, metric=0.8)
+        write_run(tmp_path / f"faithful{seed}", preset="faithful", seed=seed, metric=0.6)
+    groups = report.aggregate(report.collect([tmp_path]))
+    assert [(g["method"], g["mean"], g["runs"]) for g in groups] == [
+        ("diffora", pytest.approx(0.8), 2),
+        ("diffora_faithful", pytest.approx(0.6), 2),
+    ]
+
+
 def test_group_warns_about_what_differs_besides_the_seed(tmp_path):
     for seed, steps in ((1, 40), (2, 40), (3, 12)):
         write_run(tmp_path / f"s{seed}", seed=seed, metric=0.6 + seed / 100)

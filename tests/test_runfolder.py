@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import REPO, compose_config
 
+from diffora_lab.module import STATE_KEY
 from diffora_lab.runfolder import RunFolderBusy, RunFolderLock
 from diffora_lab.train import ConfigError, run
 
@@ -177,4 +178,4 @@ def test_divergence_advice_matches_the_run(tmp_path, clip, every, expected, abse
         named = Path(message.split("the last checkpoint is ")[1].split(" (step")[0])
         assert named.is_file()
         step = int(message.split("(step ")[1].split(")")[0])
-        assert torch.load(named, weights_only=False)["diffora_lab"]["step"] == step
+        assert torch.load(named, weights_only=False)[STATE_KEY]["step"] == step

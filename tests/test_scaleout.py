@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import run_cli as cli
 
+from diffora_lab.module import STATE_KEY
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -127,7 +129,7 @@ def test_sigint_checkpoints_and_exits_130_like_sigterm(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["diffora_lab"][
+    stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)[STATE_KEY][
         "step"
     ]
     assert f"stopped at step {stopped_at} of 120; continue with ckpt_path=last" in out

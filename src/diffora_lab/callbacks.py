@@ -59,7 +59,7 @@ class Discretization(pl.Callback):
         if module.search_finished:
             if self.search_cache is not None and not module.search_reused:
                 # The state at the end of the search, shared by runs that differ only in what
-                # happens after it (budget, folding, ...): see train.search_key.
+                # happens after it (budget, folding, ...): see search_cache.search_key.
                 # search_cache.SearchCache: the snapshot, then its record (key, split, source).
                 trainer.save_checkpoint(str(self.search_cache.snapshot))
                 history = self.output_dir / "dam" / "gates.jsonl"

@@ -222,6 +222,7 @@ def evaluate(
         search_split=0.0,
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
+        bucketing=int(cfg.data.get("bucketing") or 0),
     )
     module = DiffoRAModule(
         model,

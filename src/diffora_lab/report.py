@@ -31,6 +31,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from diffora_lab import plotting  # noqa: E402
+
 RESULTS_FILE = "results.json"
 
 
@@ -154,11 +156,21 @@ def collect(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (*_group_key(r), r["seed"], r["run_dir"]))
 
 
+def method_label(row: dict[str, Any]) -> str:
+    """The method as a report names it: a preset other than the default is part of it.
+
+    ``method=diffora_faithful`` runs DiffoRA's class with the paper's search; its results say
+    ``method: diffora, preset: faithful`` and must not be averaged with the default search.
+    """
+    preset = row.get("preset")
+    return f"{row['method']}_{preset}" if preset and preset != "default" else str(row["method"])
+
+
 def _group_key(row: dict[str, Any]) -> tuple[str, str, str, float, int]:
     return (
         str(row.get("backbone", "?")),
         str(row["task"]),
-        str(row["method"]),
+        method_label(row),
         float(row["budget"]),
         int(row["rank"]),
     )
@@ -339,88 +351,16 @@ def write_csv(groups: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def _metric_label(rows: Sequence[dict[str, Any]]) -> str:
-    """The y label: the metric and how many dev examples one point is scored on."""
-    metric = " / ".join(sorted({g["metric"] for g in rows}))
-    sizes = sorted({g["dev_examples"] for g in rows if g.get("dev_examples")})
-    if not sizes:
-        return metric
-    n = sizes[0]
-    per = "" if len(sizes) > 1 else f"; 1 example = {1 / n:.3g}"
-    return f"{metric}\n(dev set: {'-'.join(map(str, sizes))} examples{per})"
-
-
-def _unzoomed_ylim(ax, rows: Sequence[dict[str, Any]]) -> None:
-    """Widens the y range to at least 10 dev examples (and 0.05), so one example is no trend."""
-    sizes = [g["dev_examples"] for g in rows if g.get("dev_examples")]
-    span = max(0.05, 10.0 / min(sizes)) if sizes else 0.05
-    low, high = ax.get_ylim()
-    if high - low < span:
-        middle = (high + low) / 2
-        ax.set_ylim(middle - span / 2, middle + span / 2)
-
-
 def plot_budget_curve(groups: Sequence[dict[str, Any]]):
-    """The primary metric against the budget: one panel per backbone and task, one line per method.
+    """The budget curve of :func:`aggregate`'s groups (:func:`diffora_lab.plotting.budget_curve`).
 
-    Points are the mean over seeds, error bars the sample standard deviation (the legend says
-    how many seeds). A method that ignores the budget (:func:`budget_free`) and was run
-    at a single budget is drawn as a dashed horizontal line with a +-std band, a reference for
-    the methods that select modules. The y axis spans at least 10 dev examples' worth of the
-    metric (its label states the dev set's size), so a one-example difference is not drawn as
-    a trend.
-
-    Args:
-        groups: Rows from :func:`aggregate`.
+    One panel per backbone and task, mean +- std over seeds; methods for which
+    :func:`budget_free` holds are drawn as horizontal reference lines.
 
     Returns:
         The matplotlib figure (the caller saves or shows, then closes it).
     """
-    panels = sorted({(g["backbone"], g["task"]) for g in groups})
-    # One colour per method and rank, the same in every panel.
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    keys = sorted({(g["method"], g["rank"]) for g in groups})
-    colors = {key: palette[i % len(palette)] for i, key in enumerate(keys)}
-    count = max(1, len(panels))
-    fig, axes = plt.subplots(1, count, figsize=(5.0 * count, 4.0), squeeze=False)
-    for ax, (backbone, task) in zip(axes[0], panels):
-        rows = [g for g in groups if (g["backbone"], g["task"]) == (backbone, task)]
-        ranks = {g["rank"] for g in rows}
-        budgets = sorted({g["budget"] for g in rows})
-        series: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for g in rows:
-            series.setdefault((g["method"], g["rank"]), []).append(g)
-        for (method, rank), points in sorted(series.items()):
-            points = sorted(points, key=lambda g: g["budget"])
-            seeds = sorted({p["runs"] for p in points})
-            label = method if len(ranks) == 1 else f"{method} r={rank}"
-            label += f" ({'-'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''})"
-            means = [p["mean"] for p in points]
-            stds = [p["std"] or 0.0 for p in points]
-            color = colors[method, rank]
-            if budget_free(method) and len(points) == 1 and len(budgets) > 1:
-                ax.axhline(means[0], color=color, ls="--", lw=1.2, label=f"{label}, budget-free")
-                ax.axhspan(means[0] - stds[0], means[0] + stds[0], color=color, alpha=0.15)
-                continue
-            ax.errorbar(
-                [p["budget"] for p in points],
-                means,
-                yerr=stds,
-                marker="o",
-                capsize=3,
-                color=color,
-                label=label,
-            )
-        ax.set_title(f"{task} ({backbone})")
-        ax.set_xlabel("budget (fraction of modules kept)")
-        ax.set_ylabel(_metric_label(rows))
-        if budgets:
-            ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
-        _unzoomed_ylim(ax, rows)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title="mean ± std over seeds", title_fontsize=8)
-    fig.tight_layout()
-    return fig
+    return plotting.budget_curve(groups, budget_free)
 
 
 def write_report(

@@ -14,14 +14,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-from diffora_lab.module import STATE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,7 @@ AFTER_SEARCH_KEYS = (
     "train.progress_every",
     "train.eval_batch_size",
     "train.stop_after",
+    "train.finite_check_every",
     "dam.fold_gates",
     "dam.weight_sharing",
     "dam.merge_search_split",
@@ -45,7 +45,8 @@ AFTER_SEARCH_KEYS = (
     "dam.log_every",
     "dam.reuse_search",
     "dam.search_cache_dir",
-    "data",
+    "data.cache_dir",  # data.bucketing stays in the key: it changes the batches
+    "data.num_workers",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
 )
@@ -60,6 +61,9 @@ def search_key(cfg: DictConfig, inputs: str = "") -> str:
         cfg: The run's config.
         inputs: :func:`inputs_fingerprint` of the data, backbone and source (empty: settings only).
     """
+    from diffora_lab import __version__
+    from diffora_lab.module import STATE_FORMAT
+
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings.pop("hydra", None)
     dam = cfg.dam
@@ -74,7 +78,7 @@ def search_key(cfg: DictConfig, inputs: str = "") -> str:
         for part in parts[:-1]:
             node = node.get(part, {})
         node.pop(parts[-1], None)
-    payload = json.dumps([settings, inputs], sort_keys=True, default=str)
+    payload = json.dumps([__version__, STATE_FORMAT, settings, inputs], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -179,6 +183,8 @@ class SearchCache:
         try:
             import torch
 
+            from diffora_lab.module import STATE_KEY
+
             checkpoint = torch.load(
                 self.snapshot, map_location="cpu", weights_only=False, mmap=True
             )
@@ -188,6 +194,18 @@ class SearchCache:
         if step != search_steps:
             return self._skip(f"it ends at step {step}, this search at step {search_steps}")
         return {"path": str(self.snapshot), "key": self.key, "run_folder": meta.get("run_folder")}
+
+    def reuse(self, output_dir: Path, search_steps: int) -> dict[str, Any] | None:
+        """The cache entry's record when this run can start from it; copies its gate history."""
+        source = self.usable(search_steps)
+        if source is None:
+            return None
+        log.info("search %s already done: starting from %s", self.key, self.snapshot)
+        history = self.folder / "gates.jsonl"
+        if history.is_file():
+            (output_dir / "dam").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(history, output_dir / "dam" / "gates.jsonl")
+        return source
 
     def _skip(self, why: str) -> None:
         log.warning("search cache entry %s not reused: %s; searching afresh.", self.folder, why)

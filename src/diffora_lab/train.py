@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +29,22 @@ from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClo
 from diffora_lab.config import optim_settings, search_settings, validate
 from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import GlueDataModule
-from diffora_lab.module import STATE_KEY, DiffoRAModule
+from diffora_lab.module import DiffoRAModule
 from diffora_lab.progress import PhaseProgressBar, progress_callbacks
 from diffora_lab.results import collect_results, summary_for_logger, summary_text
 from diffora_lab.runfolder import (
     FolderState,
     RunFolderLock,
+    check_checkpoint,
     check_not_finished,
     clear_outputs,
+    divergence_message,
     global_rank,
     remove_stale_temporaries,
     write_hydra_files,
 )
-from diffora_lab.search_cache import SearchCache, open_entry
+from diffora_lab.search_cache import open_entry
+from diffora_lab.speed import compile_layers
 from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)
@@ -161,45 +163,6 @@ def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path, overwrite: bool = False) -> s
     return str(ckpt)
 
 
-def _check_ckpt(path: str, cfg: DictConfig) -> int:
-    """Checks a checkpoint to resume before anything loads; returns its step.
-
-    Raises:
-        ConfigError: A damaged file, one written with other settings, or one past
-            ``train.max_steps``.
-    """
-    setting = f"ckpt_path={cfg.get('ckpt_path')}"
-    try:
-        # mmap: only the small entries are read here; Lightning loads the tensors later.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        step = int(checkpoint[STATE_KEY]["step"])
-    except Exception as error:
-        size = Path(path).stat().st_size
-        what = "empty (0 bytes)" if size == 0 else f"truncated or not a checkpoint ({size} bytes)"
-        raise ConfigError(
-            f"{setting}: {path} is damaged: {what}, {type(error).__name__}. Delete it to start "
-            "this run over, or pass ckpt_path=null to start fresh without reading it."
-        ) from None
-    saved = checkpoint.get("hyper_parameters", {})
-    saved_cfg = OmegaConf.create(saved.get("config") or {})
-    for key in ("method.name", "backbone.name", "task.name", "rank"):
-        mine = OmegaConf.select(cfg, key)
-        theirs = OmegaConf.select(saved_cfg, key)
-        if theirs is not None and theirs != mine:
-            raise ConfigError(
-                f"ckpt_path={path!r} was written with {key}={theirs!r}, this run has "
-                f"{key}={mine!r}; resume with the same settings or start a new run."
-            )
-    max_steps = int(cfg.train.max_steps)
-    if step > max_steps:
-        raise ConfigError(
-            f"train.max_steps={max_steps} is below the step of the checkpoint to resume "
-            f"({path}, step {step}); raise train.max_steps to at least {step}, or start a new "
-            "run folder."
-        )
-    return step
-
-
 def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Trainer:
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("precision") in (None, "auto"):
@@ -254,6 +217,13 @@ def assemble(
     )
     method = methods.method_for(cfg)
     built = methods.build(cfg, backbone, candidates, method)
+    if cfg.train.get("compile"):
+        compile_layers(
+            built.model,
+            str(cfg.backbone.layer_pattern),
+            backend=str(cfg.train.get("compile_backend") or "inductor"),
+            mode=cfg.train.get("compile_mode"),
+        )
     search = search_settings(cfg)
     optim = optim_settings(cfg)
     datamodule = GlueDataModule(
@@ -268,6 +238,7 @@ def assemble(
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
         merge_at=search.steps * optim.accumulate if search.merge_search_split else None,
+        bucketing=int(cfg.data.get("bucketing") or 0),
     )
     module = module_cls(
         built.model,
@@ -324,7 +295,10 @@ def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     ckpt_path = _resolve_ckpt(cfg, output_dir / "checkpoints", overwrite)
-    start_step = _check_ckpt(ckpt_path, cfg) if ckpt_path else 0
+    try:
+        start_step = check_checkpoint(ckpt_path, cfg) if ckpt_path else 0
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     raw = _load_data(cfg, prepared.spec)
     return Checked(prepared, raw, ckpt_path, start_step)
 
@@ -368,36 +342,6 @@ def run(
         lock.release()
 
 
-def _reuse_search(output_dir: Path, entry: SearchCache, search_steps: int) -> dict | None:
-    """The cache entry's record when this run can start from it; copies its gate history."""
-    source = entry.usable(search_steps)
-    if source is None:
-        return None
-    log.info("search %s already done: starting from %s", entry.key, entry.snapshot)
-    history = entry.folder / "gates.jsonl"
-    if history.is_file():
-        (output_dir / "dam").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(history, output_dir / "dam" / "gates.jsonl")
-    return source
-
-
-def _divergence(error: FloatingPointError, ckpt_dir: Path, grad_clip: float) -> str:
-    """The non-finite-loss message with advice that matches this run."""
-    last = ckpt_dir / "last.ckpt"
-    if last.is_file():
-        try:
-            saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-            where = f"the last checkpoint is {last} (step {saved[STATE_KEY]['step']})"
-        except Exception:
-            where = f"the last checkpoint is {last}"
-    else:
-        where = "no checkpoint was written before it"
-    fixes = "lower train.lr or dam.arch_lr"
-    if grad_clip <= 0:
-        fixes += ", or enable train.grad_clip (e.g. train.grad_clip=1.0)"
-    return f"{error}; {where}. To go on, {fixes}."
-
-
 def _fit_and_report(
     cfg: DictConfig, output_dir: Path, checked: Checked, started: float
 ) -> dict[str, Any]:
@@ -421,7 +365,7 @@ def _fit_and_report(
         entry = open_entry(cfg, checked.raw.train, datamodule.search_indices)
         remove_stale_temporaries(entry.folder)
         search_info["key"] = entry.key
-        source = None if ckpt_path else _reuse_search(output_dir, entry, search.steps)
+        source = None if ckpt_path else entry.reuse(output_dir, search.steps)
         if source is not None:
             ckpt_path = source["path"]
             module.search_reused = True
@@ -468,7 +412,7 @@ def _fit_and_report(
         except SIGTERMException:  # Lightning's exit after SIGTERM; Preemption saved first
             preemption.stopped_by = preemption.stopped_by or preemption.stop_signal()
         except FloatingPointError as error:
-            raise FloatingPointError(_divergence(error, ckpt_dir, optim.grad_clip)) from None
+            raise FloatingPointError(divergence_message(error, ckpt_dir, optim.grad_clip)) from None
         else:
             trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
         if module.step < optim.max_steps:
