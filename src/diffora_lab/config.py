@@ -2,7 +2,10 @@
 
 Every user-facing mistake (a budget outside (0, 1], a rank below 1, an unknown name, a missing data
 folder) becomes a ``ValueError`` that names the setting and the fix, raised by :func:`validate`
-before a model or a dataset loads.
+before a model or a dataset loads. The typed settings check their own values when built
+(:class:`OptimSettings`, :class:`SearchSettings`); the method checks ``method.*``
+(``Method.validate``) and the search-variant registry ``dam.order``; :func:`validate` parses the
+numbers, builds them and adds the checks that span groups or need the file system.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ class OptimSettings:
 
         return adamw_options(self.optimizer)
 
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            _fail("train.max_steps", self.max_steps, "must be >= 1.")
+        if self.accumulate < 1:
+            _fail("train.accumulate", self.accumulate, "must be >= 1.")
+        if self.lr <= 0:
+            _fail("train.lr", self.lr, "the learning rate must be > 0.")
+
     def lr_at(self, step: int) -> float:
         """Linear warmup then linear decay to zero: a pure function of the step."""
         warmup = max(1, round(self.warmup_ratio * self.max_steps))
@@ -70,6 +81,34 @@ class SearchSettings:
     weight_sharing: bool
     merge_search_split: bool
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            _fail(
+                "budget", self.budget, "must be in (0, 1]: the fraction of candidate modules kept."
+            )
+        if not self.enabled:
+            return
+        if self.steps < 1:
+            _fail("dam.search_steps", self.steps, "the search must last >= 1 step.")
+        if self.tau_start <= 0 or self.tau_end <= 0:
+            # Shown as typed: dam.tau=0, not 0.0.
+            shown = int(self.tau_start) if self.tau_start == int(self.tau_start) else self.tau_start
+            _fail("dam.tau", shown, "temperatures must be > 0.")
+        if self.relaxation not in RELAXATIONS:
+            _fail("dam.relaxation", self.relaxation, f"choose one of {list(RELAXATIONS)}.")
+        get_architect(self.order)  # dam.order names a registered search variant
+        if self.budget_penalty < 0:
+            _fail("dam.budget_penalty", self.budget_penalty, "must be >= 0 (0 disables it).")
+        if self.arch_lr <= 0:
+            _fail("dam.arch_lr", self.arch_lr, "the gate learning rate must be > 0.")
+        if not 0 <= self.warmup_steps < self.steps:
+            _fail(
+                "dam.warmup_steps",
+                self.warmup_steps,
+                f"weight-only steps must leave architecture steps in the {self.steps}-step "
+                "search; use 0 <= dam.warmup_steps < the search length.",
+            )
+
     def tau_at(self, step: int) -> float:
         """Temperature annealed linearly from ``tau_start`` to ``tau_end`` over the search."""
         if self.steps <= 1:
@@ -95,22 +134,16 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     """Checks the composed config; raises ``ValueError`` naming the setting and the fix."""
     from diffora_lab.tasks import TASKS, check_data_dir
 
-    budget = _number(cfg, "budget", float)
-    if not 0.0 < budget <= 1.0:
-        _fail("budget", cfg.budget, "must be in (0, 1]: the fraction of candidate modules kept.")
+    _number(cfg, "budget", float)
     rank = _number(cfg, "rank", int)
     if rank < 1:
         _fail("rank", cfg.rank, "the LoRA rank must be an integer >= 1.")
     method = get_method(cfg.method.name)()  # unknown: ValueError listing the registered names
     if cfg.task.name not in TASKS:
         _fail("task", cfg.task.name, f"unknown task; choose one of {sorted(TASKS)}.")
-    max_steps = _number(cfg, "train.max_steps", int)
-    if max_steps < 1:
-        _fail("train.max_steps", max_steps, "must be >= 1.")
-    if _number(cfg, "train.accumulate", int) < 1:
-        _fail("train.accumulate", cfg.train.accumulate, "must be >= 1.")
-    if _number(cfg, "train.lr", float) <= 0:
-        _fail("train.lr", cfg.train.lr, "the learning rate must be > 0.")
+    _number(cfg, "train.accumulate", int)
+    _number(cfg, "train.lr", float)
+    max_steps = optim_settings(cfg).max_steps  # checks train.max_steps, .accumulate, .lr
     _check_run_settings(cfg)
     _check_speedups(cfg)
     if method.search_enabled(cfg):
@@ -120,10 +153,8 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
         frac = _number(cfg, "dam.search_split", float)
         if not 0.0 < frac < 1.0:
             _fail("dam.search_split", frac, "the fraction of train held out for search: (0, 1).")
-        if _number(cfg, "dam.tau", float) <= 0 or _number(cfg, "dam.tau_end", float) <= 0:
-            _fail("dam.tau", cfg.dam.tau, "temperatures must be > 0.")
-        if cfg.dam.relaxation not in RELAXATIONS:
-            _fail("dam.relaxation", cfg.dam.relaxation, f"choose one of {list(RELAXATIONS)}.")
+        for key in ("dam.tau", "dam.tau_end", "dam.budget_penalty", "dam.arch_lr"):
+            _number(cfg, key, float)
         prune_end = _number(cfg, "dam.prune_end", float)
         if not 0.0 < prune_end <= 1.0:
             _fail(
@@ -131,30 +162,22 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
                 prune_end,
                 "the share of the search after which only k modules remain: (0, 1].",
             )
-        get_architect(cfg.dam.order)  # dam.order names a registered search variant
-        if _number(cfg, "dam.budget_penalty", float) < 0:
-            _fail("dam.budget_penalty", cfg.dam.budget_penalty, "must be >= 0 (0 disables it).")
-        if _number(cfg, "dam.arch_lr", float) <= 0:
-            _fail("dam.arch_lr", cfg.dam.arch_lr, "the gate learning rate must be > 0.")
         _check_search_optimizer(cfg)
         if cfg.dam.get("search_steps") is not None:
             _number(cfg, "dam.search_steps", int)
+        _number(cfg, "dam.warmup_steps", int)
+        # Built here: SearchSettings checks the search's own values (tau, relaxation, order,
+        # penalty, gate lr, warmup within the search).
         steps = search_settings(cfg).steps
-        if not 1 <= steps < max_steps:
+        if steps >= max_steps:
             _fail(
                 "dam.search_steps",
                 steps,
                 f"the search must end before train.max_steps={max_steps} (and last >= 1 step); "
                 "lower dam.search_steps / dam.search_ratio or raise train.max_steps.",
             )
-        warmup = _number(cfg, "dam.warmup_steps", int)
-        if not 0 <= warmup < steps:
-            _fail(
-                "dam.warmup_steps",
-                warmup,
-                f"weight-only steps must leave architecture steps in the {steps}-step search; "
-                "use 0 <= dam.warmup_steps < the search length.",
-            )
+    else:
+        search_settings(cfg)  # the budget, for every method
     if cfg.method.get("scaling") is not None:
         from diffora_lab.adapters import SCALINGS
 
