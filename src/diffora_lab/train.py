@@ -138,7 +138,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         if cfg.dam.get("mask_path"):
             mask = Mask.load(cfg.dam.mask_path)
             methods.check_mask_fits(mask, candidates, cfg.backbone.name, str(cfg.dam.mask_path))
-            if cfg.method.name == "diffora" and float(cfg.budget) != mask.budget:
+            if methods.method_for(cfg).uses_budget and float(cfg.budget) != mask.budget:
                 # A fine-tuned mask is the run's budget: results, names and reports say so.
                 log.info("budget=%s: the mask's budget %s is used", cfg.budget, mask.budget)
                 with open_dict(cfg):
