@@ -9,13 +9,14 @@ import copy
 import os
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from diffora_lab.runtime import config_dir, configure_threads, quiet_libraries
 
-from diffora_lab.runtime import config_dir, quiet_libraries
-
+configure_threads()  # before anything below can import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 __all__ = ["config_dir", "main", "quiet_libraries"]
 
@@ -31,6 +32,7 @@ def _job_log(hydra_cfg) -> str | None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Runs one job and returns its primary dev metric (what Hydra sweepers optimise)."""
+    from diffora_lab.checkpointing import BackboneMismatch
     from diffora_lab.runfolder import FolderState
     from diffora_lab.train import ConfigError, run
 
@@ -42,7 +44,7 @@ def main(cfg: DictConfig) -> float:
     task_cfg = copy.deepcopy(cfg)  # as composed: run() fills in derived settings
     try:
         results = run(cfg, output_dir, task_cfg=task_cfg)
-    except ConfigError as error:
+    except (ConfigError, BackboneMismatch) as error:
         found.restore()
         print(f"diffora_lab: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -84,7 +84,7 @@ class Architect:
         gates = self.dam.gates(self.host.tau()).detach()
         return {
             "search/loss": loss.detach(),
-            "search/tau": self.host.tau(),
+            "search/tau": torch.tensor(self.host.tau()),  # a host tensor: no copy to the device
             # Tensors, not floats: logging reads them only every log_every steps, so the search
             # step does not wait for the GPU here.
             "dam/entropy": gate_entropy(gates),

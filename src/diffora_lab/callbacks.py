@@ -339,8 +339,18 @@ class DAMMonitor(pl.Callback):
             return
         steps = sorted(self.history)
         history = np.array([self.history[s] for s in steps])
-        labels = [c.name.split("layer.")[-1] for c in module.candidates]
-        figure = plotting.gate_trajectories(steps, history, labels)
+        mask = module.mask if module.mask is not None and module.mask.source == "search" else None
+        if mask is not None and mask.step > steps[-1]:  # the gates the mask was taken from
+            steps.append(mask.step)
+            history = np.vstack([history, mask.gates])
+        figure = plotting.gate_trajectories(
+            steps,
+            history,
+            [c.module_type for c in module.candidates],
+            kept=None if mask is None else mask.kept,
+            discretized_at=None if mask is None else mask.step,
+            title=f"DAM gates during the search ({len(module.candidates)} modules)",
+        )
         path = plotting.save(figure, self.output_dir / "dam" / "trajectories.png")
         run = _wandb_run(trainer)
         if run is not None:

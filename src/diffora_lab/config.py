@@ -29,6 +29,14 @@ class OptimSettings:
     warmup_ratio: float
     grad_clip: float
     accumulate: int
+    optimizer: str = "default"  # AdamW kernel: default | foreach | fused (speed.py)
+    finite_check_every: int = 1  # steps between reads of the non-finite-loss flag (1: each step)
+
+    def adamw_options(self) -> dict[str, Any]:
+        """Keyword arguments selecting the AdamW implementation."""
+        from diffora_lab.speed import adamw_options
+
+        return adamw_options(self.optimizer)
 
     def lr_at(self, step: int) -> float:
         """Linear warmup then linear decay to zero: a pure function of the step."""
@@ -104,6 +112,7 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     if _number(cfg, "train.lr", float) <= 0:
         _fail("train.lr", cfg.train.lr, "the learning rate must be > 0.")
     _check_run_settings(cfg)
+    _check_speedups(cfg)
     if method.search_enabled(cfg):
         ratio = _number(cfg, "dam.search_ratio", float)
         if not 0.0 < ratio < 1.0:
@@ -263,7 +272,24 @@ def _check_devices(cfg: DictConfig) -> None:
         )
 
 
+def _check_speedups(cfg: DictConfig) -> None:
+    """The speed-up settings (speed.py, data.bucketing); each is off by default."""
+    from diffora_lab.speed import OPTIMIZER_IMPLS
+
+    if cfg.data.get("bucketing") is not None and _number(cfg, "data.bucketing", int) < 0:
+        _fail("data.bucketing", cfg.data.bucketing, "a width in tokens, e.g. 16; 0 turns it off.")
+    optimizer = cfg.train.get("optimizer", "default")
+    if optimizer not in OPTIMIZER_IMPLS:
+        _fail("train.optimizer", optimizer, f"choose one of {list(OPTIMIZER_IMPLS)}.")
+    if not isinstance(cfg.train.get("compile", False), bool):
+        _fail("train.compile", cfg.train.compile, "true or false.")
+    if cfg.train.get("finite_check_every") is not None:
+        if _number(cfg, "train.finite_check_every", int) < 1:
+            _fail("train.finite_check_every", cfg.train.finite_check_every, "must be >= 1.")
+
+
 def optim_settings(cfg: DictConfig) -> OptimSettings:
+    every = cfg.train.get("finite_check_every")
     return OptimSettings(
         max_steps=int(cfg.train.max_steps),
         lr=float(cfg.train.lr),
@@ -271,6 +297,8 @@ def optim_settings(cfg: DictConfig) -> OptimSettings:
         warmup_ratio=float(cfg.train.warmup_ratio),
         grad_clip=float(cfg.train.grad_clip or 0.0),
         accumulate=int(cfg.train.accumulate),
+        optimizer=str(cfg.train.get("optimizer", "default")),
+        finite_check_every=int(every if every is not None else cfg.train.log_every),
     )
 
 

@@ -5,6 +5,11 @@ configurable, indices saved with the run); the dev set is only for reporting.
 
 Every loader draws its order from its own seeded generator and can start at any batch, so a run
 resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+
+Length bucketing (``data.bucketing=W``, off by default): batches are padded to a multiple of W
+tokens (a bounded set of shapes, so less padding and few recompiles) and each batch is drawn from
+examples of similar length; the epoch's example set, its seeding, rank sharding and resuming are
+those of the plain sampler.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ class TokenizedSplit(Dataset):
     def __len__(self) -> int:
         return self._length
 
+    def lengths(self) -> list[int]:
+        """Tokens per example."""
+        return [len(ids) for ids in self.columns["input_ids"]]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {key: values[index] for key, values in self.columns.items()}
 
@@ -43,15 +52,36 @@ class TokenizedSplit(Dataset):
         return TokenizedSplit({k: [v[i] for i in indices] for k, v in self.columns.items()})
 
 
-class PadCollator:
-    """Dynamic padding: each batch is padded to its own longest sequence."""
+def padded_length(length: int, multiple: int, max_length: int | None = None) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (0: unchanged), at most max_length."""
+    if multiple <= 0:
+        return length
+    rounded = -(-length // multiple) * multiple
+    return min(rounded, max_length) if max_length else rounded
 
-    def __init__(self, pad_token_id: int, regression: bool) -> None:
+
+class PadCollator:
+    """Dynamic padding: each batch is padded to its own longest sequence.
+
+    With ``multiple`` > 0 the width is rounded up to a multiple of it (capped at ``max_length``),
+    so batches take one of a bounded set of shapes.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        regression: bool,
+        multiple: int = 0,
+        max_length: int | None = None,
+    ) -> None:
         self.pad_token_id = pad_token_id
         self.label_dtype = torch.float32 if regression else torch.long
+        self.multiple = multiple
+        self.max_length = max_length
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(row["input_ids"]) for row in rows)
+        longest = max(len(row["input_ids"]) for row in rows)
+        width = padded_length(longest, self.multiple, self.max_length)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         has_types = "token_type_ids" in rows[0]
@@ -76,6 +106,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
     full global batches (the remainder is dropped, so every step has the same batch size). With
     several processes, a global batch is ``batch_size * world_size`` examples and ``rank`` takes
     its own slice. ``start`` skips that many batches, which is how a resumed run continues.
+
+    With ``lengths`` and ``bucket`` > 0 (length bucketing), the epoch keeps the same examples
+    (the first ``per_epoch`` global batches' worth of its permutation), orders them by length
+    bucket (``ceil(length / bucket)``; within a bucket, permutation order), cuts global batches
+    from that order and yields them in a second seeded permutation. A global batch then holds
+    examples of one bucket (only the batches holding one of the boundaries between buckets mix
+    them), and all ranks' slices of it come from the same bucket.
     """
 
     def __init__(
@@ -86,9 +123,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
         start: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        lengths: list[int] | None = None,
+        bucket: int = 0,
     ) -> None:
         if n == 0:
             raise ValueError("cannot sample batches from an empty split")
+        if bucket > 0 and (lengths is None or len(lengths) != n):
+            raise ValueError("length bucketing needs one length per example")
         self.n = n
         self.batch_size = max(1, min(batch_size, n // world_size))
         self.seed = seed
@@ -96,18 +137,36 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.per_epoch = max(1, n // (self.batch_size * world_size))
+        self.buckets = [-(-x // bucket) for x in lengths] if bucket > 0 else None
+
+    def _generator(self, epoch: int, stream: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + stream * 7_919)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=generator)
+        return torch.randperm(self.n, generator=self._generator(epoch))
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The epoch's examples in the order global batches are cut from."""
+        order = self._permutation(epoch).tolist()
+        if self.buckets is None:
+            return order
+        global_batch = self.batch_size * self.world_size
+        kept = order[: self.per_epoch * global_batch]
+        by_bucket = sorted(kept, key=self.buckets.__getitem__)  # stable: permutation order
+        batches = [
+            by_bucket[b * global_batch : (b + 1) * global_batch] for b in range(self.per_epoch)
+        ]
+        # A separate stream, so the batch order is not tied to the example permutation.
+        shuffle = torch.randperm(self.per_epoch, generator=self._generator(epoch, stream=1))
+        return [i for b in shuffle.tolist() for i in batches[b]]
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, offset = divmod(self.start, self.per_epoch)
         while True:
-            order = self._permutation(epoch)
+            order = self._epoch_order(epoch)
             for b in range(offset, self.per_epoch):
                 first = (b * self.world_size + self.rank) * self.batch_size
-                yield order[first : first + self.batch_size].tolist()
+                yield order[first : first + self.batch_size]
             epoch, offset = epoch + 1, 0
 
 
@@ -130,14 +189,20 @@ class TrainBatchSampler(Sampler[list[int]]):
         start: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        lengths: list[int] | None = None,
+        bucket: int = 0,
     ) -> None:
         self.first, self.second, self.switch_at = first, second, switch_at
         self.args = (batch_size, seed, rank, world_size)
         self.start = start
+        self.lengths, self.bucket = lengths, bucket
 
     def _batches(self, pool: list[int], seed: int, start: int) -> Iterator[list[int]]:
         batch_size, _, rank, world = self.args
-        sampler = ResumableBatchSampler(len(pool), batch_size, seed, start, rank, world)
+        lengths = [self.lengths[i] for i in pool] if self.bucket > 0 else None
+        sampler = ResumableBatchSampler(
+            len(pool), batch_size, seed, start, rank, world, lengths, self.bucket
+        )
         for batch in sampler:
             yield [pool[i] for i in batch]
 
@@ -238,6 +303,8 @@ class GlueDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         merge_at: Train batch from which the search split joins the train set
             (``dam.merge_search_split``), or None.
+        bucketing: Length-bucket width in tokens (``data.bucketing``); 0 pads each batch to its
+            longest example and draws batches at random (the default).
     """
 
     def __init__(
@@ -253,10 +320,16 @@ class GlueDataModule(pl.LightningDataModule):
         cache_dir: str | Path | None = None,
         num_workers: int = 0,
         merge_at: int | None = None,
+        bucketing: int = 0,
     ) -> None:
         super().__init__()
+        if bucketing < 0:
+            raise ValueError(f"data.bucketing={bucketing}: a width in tokens >= 0 (0: off).")
         self.spec = spec
-        self.collate = PadCollator(tokenizer.pad_token_id or 0, spec.is_regression)
+        self.bucketing = bucketing
+        self.collate = PadCollator(
+            tokenizer.pad_token_id or 0, spec.is_regression, bucketing, max_length
+        )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
@@ -303,6 +376,8 @@ class GlueDataModule(pl.LightningDataModule):
             self.seed,
             self.train_start,
             *self._rank(),
+            lengths=self.train.lengths() if self.bucketing else None,
+            bucket=self.bucketing,
         )
         return self._loader(self.train, sampler, self.seed)
 
@@ -311,19 +386,33 @@ class GlueDataModule(pl.LightningDataModule):
             raise RuntimeError("this run has no search split (dam.search_split=0)")
         seed = self.seed + 1
         sampler = ResumableBatchSampler(
-            len(self.search), self.batch_size, seed, start, *self._rank()
+            len(self.search),
+            self.batch_size,
+            seed,
+            start,
+            *self._rank(),
+            lengths=self.search.lengths() if self.bucketing else None,
+            bucket=self.bucketing,
         )
         return self._loader(self.search, sampler, seed)
+
+    def _eval_batches(self, split: TokenizedSplit) -> dict[str, Any]:
+        if not self.bucketing:
+            return {"batch_size": self.eval_batch_size, "shuffle": False}
+        # Dev metrics do not depend on the order: evaluate in length order, little padding.
+        lengths = split.lengths()
+        order = sorted(range(len(split)), key=lengths.__getitem__)
+        size = self.eval_batch_size
+        return {"batch_sampler": [order[i : i + size] for i in range(0, len(order), size)]}
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
             DataLoader(
                 split,
-                batch_size=self.eval_batch_size,
-                shuffle=False,
                 generator=_private_generator(self.seed),
                 collate_fn=self.collate,
                 num_workers=self.num_workers,
+                **self._eval_batches(split),
             )
             for split in self.dev.values()
         ]

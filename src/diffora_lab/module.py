@@ -23,6 +23,7 @@ from torch import nn
 from diffora_lab.adapters import LoraGates, apply_mask, count_parameters
 from diffora_lab.architect import Architect, get_architect
 from diffora_lab.backbones import Candidate
+from diffora_lab.checkpointing import BackboneFingerprint, fill, frozen_backbone_keys, prune
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask
 from diffora_lab.methods import Method
@@ -91,6 +92,10 @@ class DiffoRAModule(pl.LightningModule):
         self._arch_state: dict | None = None
         self._search_iter = None
         self.last_val: dict[str, float] = {}
+        # First step with a non-finite loss per (phase, step kind), on the loss's device: read
+        # only every optim.finite_check_every steps, so a step needs no host-device sync for it.
+        self._first_nonfinite: dict[tuple[str, str], torch.Tensor] = {}
+        self._checked_at = 0
         if hparams is not None:
             self.save_hyperparameters({"config": hparams})
 
@@ -142,6 +147,7 @@ class DiffoRAModule(pl.LightningModule):
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             lr=self.optim.lr,
+            **self.optim.adamw_options(),
         )
         if self.searching:
             shared = {id(self.dam.logits)} & {id(p) for _, p in named}
@@ -186,10 +192,14 @@ class DiffoRAModule(pl.LightningModule):
         optimizer.step()
         self._after_weight_step()
         optimizer.zero_grad(set_to_none=True)
-        logs = {"train/loss": loss.detach(), "train/lr": self.optim.lr_at(self.step)}
+        # Python floats would be copied to the device by Lightning at every step, and a blocking
+        # host-to-device copy waits for the GPU: logged as CPU tensors they stay on the host.
+        logs = {"train/loss": loss.detach(), "train/lr": torch.tensor(self.optim.lr_at(self.step))}
         if self.searching and self.step >= self.search.warmup_steps:
             logs.update(self._architecture_step(batch))
         self.step += 1
+        if self.step % self.optim.finite_check_every == 0:
+            self.check_finite()
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
         return loss.detach()
 
@@ -230,11 +240,42 @@ class DiffoRAModule(pl.LightningModule):
         return self.search.tau_at(self.step)
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite {which} loss ({float(loss)}) at step {self.step} in phase "
-                f"{self.phase!r}"  # train.run adds where to resume from and what to change
-            )
+        if self.optim.finite_check_every <= 1:  # reads the loss now: one sync per step
+            if not torch.isfinite(loss):
+                self._diverged(which, self.phase, self.step, value=f" ({float(loss)})")
+            return
+        key = (self.phase, which)
+        first = self._first_nonfinite.get(key)
+        if first is None:
+            first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = torch.logical_not(torch.isfinite(loss.detach()))
+        self._first_nonfinite[key] = torch.where(bad & (first < 0), self.step, first)
+
+    def check_finite(self) -> None:
+        """Raises ``FloatingPointError`` if a loss since the last check was not finite.
+
+        Called every ``train.finite_check_every`` steps, before a checkpoint is written and
+        before each evaluation, so a run stops within that many steps of diverging and never
+        saves non-finite weights. This is the only point that waits for the device.
+        """
+        if not self._first_nonfinite:
+            return
+        firsts = torch.stack(list(self._first_nonfinite.values())).tolist()  # the sync
+        bad = [(step, key) for step, key in zip(firsts, self._first_nonfinite) if step >= 0]
+        if bad:
+            step, (phase, which) = min(bad)
+            since = f" (checked every {self.optim.finite_check_every} steps, "
+            since += f"steps {self._checked_at}-{self.step})"
+            self._diverged(which, phase, step, since=since)
+        self._checked_at = self.step
+
+    def _diverged(
+        self, which: str, phase: str, step: int, value: str = "", since: str = ""
+    ) -> None:
+        raise FloatingPointError(
+            f"non-finite {which} loss{value} at step {step} in phase {phase!r}{since}"
+            # train.run adds where to resume from and what to change
+        )
 
     # ------------------------------------------------------------- validation
 
@@ -257,6 +298,7 @@ class DiffoRAModule(pl.LightningModule):
         return results
 
     def on_validation_epoch_end(self) -> None:
+        self.check_finite()
         results = self._compute_val_metrics()
         self.last_val = results
         if not self.trainer.sanity_checking:
@@ -270,6 +312,7 @@ class DiffoRAModule(pl.LightningModule):
         Lightning's validation loop cannot run within a training step, so this drives the same
         :meth:`validation_step` and reduction over the dev loaders itself.
         """
+        self.check_finite()
         was_training = self.model.training
         self.model.eval()
         for metrics in self.val_metrics:
@@ -346,7 +389,13 @@ class DiffoRAModule(pl.LightningModule):
     # ------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # never write non-finite weights
+        # The frozen backbone is reloaded from its source on resume: only a fingerprint is kept.
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = BackboneFingerprint()
+        backbone = prune(checkpoint, self, self._fingerprint)
         checkpoint[STATE_KEY] = {
+            "backbone": backbone,
             "phase": self.phase,
             "step": self.step,
             "batches_seen": self.batches_seen,
@@ -374,6 +423,13 @@ class DiffoRAModule(pl.LightningModule):
         if state["phase"] == FINETUNE and self.phase == SEARCH:
             # Restore the structure only: the state dict that follows holds the folded weights.
             self._enter_finetune(Mask(**state["mask"]), None, fold_gates=False, reinit=False)
+        # In the checkpoint's structure now: put the frozen backbone back (refused if another).
+        fill(
+            checkpoint["state_dict"],
+            self.state_dict(),
+            frozen_backbone_keys(self),
+            state.get("backbone"),
+        )
         datamodule = self.trainer.datamodule
         datamodule.train_start = self.batches_seen
         restore_rng_state(state["rng"])

@@ -34,8 +34,10 @@ AFTER_SEARCH_KEYS = (
     "train.val_every",
     "train.ckpt_every",
     "train.log_every",
+    "train.progress_every",
     "train.eval_batch_size",
     "train.stop_after",
+    "train.finite_check_every",
     "dam.fold_gates",
     "dam.weight_sharing",
     "dam.merge_search_split",
@@ -43,7 +45,8 @@ AFTER_SEARCH_KEYS = (
     "dam.log_every",
     "dam.reuse_search",
     "dam.search_cache_dir",
-    "data",
+    "data.cache_dir",  # data.bucketing stays in the key: it changes the batches
+    "data.num_workers",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
 )

@@ -27,10 +27,11 @@ from diffora_lab.adapters import export_merged
 from diffora_lab.backbones import Candidate
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
 from diffora_lab.config import optim_settings, search_settings, validate
-from diffora_lab.dam import Mask, gate_entropy, num_kept
+from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import GlueDataModule
-from diffora_lab.matching import achieved, target_rank_of
 from diffora_lab.module import DiffoRAModule
+from diffora_lab.progress import PhaseProgressBar, progress_callbacks
+from diffora_lab.results import collect_results, summary_for_logger, summary_text
 from diffora_lab.runfolder import (
     FolderState,
     RunFolderLock,
@@ -43,6 +44,7 @@ from diffora_lab.runfolder import (
     write_hydra_files,
 )
 from diffora_lab.search_cache import open_entry
+from diffora_lab.speed import compile_layers
 from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         if cfg.dam.get("mask_path"):
             mask = Mask.load(cfg.dam.mask_path)
             methods.check_mask_fits(mask, candidates, cfg.backbone.name, str(cfg.dam.mask_path))
-            if methods.method_for(cfg).uses_budget and float(cfg.budget) != mask.budget:
+            if methods.method_for(cfg).searches and float(cfg.budget) != mask.budget:
                 # A fine-tuned mask is the run's budget: results, names and reports say so.
                 log.info("budget=%s: the mask's budget %s is used", cfg.budget, mask.budget)
                 with open_dict(cfg):
@@ -171,6 +173,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Tr
         # The weight step leaves the gate logits unused and the architecture step the head:
         # DDP must look for unused parameters.
         trainer_args["strategy"] = DDPStrategy(find_unused_parameters=True)
+    # Lightning adds its own bar when enabled; ours (or log lines off a terminal) is in callbacks.
+    trainer_args["enable_progress_bar"] = any(isinstance(c, PhaseProgressBar) for c in callbacks)
     return pl.Trainer(
         max_steps=int(cfg.train.max_steps),
         val_check_interval=int(cfg.train.val_every),
@@ -213,6 +217,13 @@ def assemble(
     )
     method = methods.method_for(cfg)
     built = methods.build(cfg, backbone, candidates, method)
+    if cfg.train.get("compile"):
+        compile_layers(
+            built.model,
+            str(cfg.backbone.layer_pattern),
+            backend=str(cfg.train.get("compile_backend") or "inductor"),
+            mode=cfg.train.get("compile_mode"),
+        )
     search = search_settings(cfg)
     optim = optim_settings(cfg)
     datamodule = GlueDataModule(
@@ -227,6 +238,7 @@ def assemble(
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
         merge_at=search.steps * optim.accumulate if search.merge_search_split else None,
+        bucketing=int(cfg.data.get("bucketing") or 0),
     )
     module = module_cls(
         built.model,
@@ -382,6 +394,10 @@ def _fit_and_report(
             ),
             preemption,
             clock,
+            *progress_callbacks(
+                bool(cfg.trainer.get("enable_progress_bar", True)),
+                float(cfg.train.get("progress_every", 30)),
+            ),
         ]
         if cfg.train.get("stop_after"):
             callbacks.append(StopAfter(int(cfg.train.stop_after)))
@@ -416,146 +432,21 @@ def _fit_and_report(
                 f"discretization (dam.search_steps={search.steps}); start a new run folder."
             )
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        results = _results(cfg, module, candidates, started, output_dir)
+        results = collect_results(cfg, module, candidates, started, output_dir)
         results["wall_seconds"] = round(clock.wall_seconds(), 2)
         results["fit_seconds"] = round(clock.fit_seconds(), 2)
         results["search"] = search_info
         if trainer.is_global_zero:
-            if module.method.export(module.model, output_dir / "adapter") is not None:
+            reference = backbones.model_reference(cfg.backbone)
+            if module.method.export(module.model, output_dir / "adapter", reference) is not None:
                 results["adapter"] = str(output_dir / "adapter")
             if cfg.get("export") is not None and cfg.export.get("merged"):
                 export_merged(module.model, output_dir / "merged", prepared.tokenizer)
                 results["merged"] = str(output_dir / "merged")
             (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-            tracking.write_summary(logger, _summary_for_logger(results))
+            tracking.write_summary(logger, summary_for_logger(results))
             print(summary_text(results, output_dir))
         failed = False
         return results
     finally:
         tracking.finish(logger, failed)
-
-
-def _results(
-    cfg: DictConfig,
-    module: DiffoRAModule,
-    candidates: list[Candidate],
-    started: float,
-    output_dir: Path,
-) -> dict[str, Any]:
-    params = module.trainable_parameters()
-    mask = module.mask
-    spec = module.spec
-    results = {
-        "task": spec.name,
-        "method": cfg.method.name,
-        "preset": cfg.method.get("preset"),
-        "backbone": cfg.backbone.name,
-        "budget": float(cfg.budget),
-        "rank": int(cfg.rank),
-        "seed": int(cfg.seed),
-        "params_trainable": params["total"],
-        "params": params,
-        "candidate_modules": len(candidates),
-        "kept_modules": mask.kept_modules if mask is not None else [],
-        "kept_by_type": mask.counts_by_type() if mask is not None else {},
-        "k": mask.k if mask is not None else 0,
-        "dam_entropy": (
-            float(gate_entropy(torch.tensor(mask.gates)))
-            if mask is not None and mask.source == "search"
-            else None
-        ),
-        "primary_metric": f"val/{spec.primary_metric}",
-        "metrics": dict(module.last_val),
-        "discretization": {
-            "val_before": module.discretization.get("val_before"),
-            "val_after": module.discretization.get("val_after"),
-            "step": module.discretization.get("step"),
-            "gap": (
-                module.discretization["val_before"] - module.discretization["val_after"]
-                if module.discretization.get("val_before") is not None
-                else None
-            ),
-        },
-        "steps": module.step,
-        "world_size": module.trainer.world_size,
-        "ranks_consistent": module.ranks_consistent,
-        "wall_seconds": round(time.time() - started, 2),
-        "output_dir": str(output_dir),
-    }
-    if module.search.enabled or cfg.dam.get("mask_path"):
-        dam = cfg.dam
-        results["search_variant"] = {
-            "relaxation": str(dam.relaxation),
-            "budget_penalty": float(dam.budget_penalty),
-            "progressive": bool(dam.get("progressive", False)),
-            "tau": [float(dam.tau), float(dam.tau_end)],
-            "order": str(dam.order),
-        }
-    if cfg.method.get("scaling") is not None:
-        method = cfg.method
-        results["lora_scaling"] = {"rule": str(method.scaling), "scale": method.get("scale")}
-    target_rank = target_rank_of(cfg)
-    if target_rank is not None and mask is not None:
-        results["match"] = achieved(mask.kept, candidates, int(cfg.rank), target_rank).as_dict()
-    results.update(module.method.results(module.model, candidates))
-    return results
-
-
-def _summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
-    flat = {f"final/{k.split('/', 1)[-1]}": v for k, v in results["metrics"].items()}
-    flat.update(
-        {
-            "params/trainable": results["params_trainable"],
-            "dam/k": results["k"],
-            "dam/sparsity": 1 - results["k"] / max(1, results["candidate_modules"]),
-            "dam/entropy": results["dam_entropy"],
-            "dam/kept_modules": results["kept_modules"],
-            "dam/kept_by_type": results["kept_by_type"],
-            "dam/val_before": results["discretization"]["val_before"],
-            "dam/val_after": results["discretization"]["val_after"],
-        }
-    )
-    return flat
-
-
-def summary_text(results: dict[str, Any], output_dir: Path) -> str:
-    """The one-screen summary printed at the end of a run."""
-    primary = results["primary_metric"]
-    disc = results["discretization"]
-    lines = [
-        "",
-        "=" * 72,
-        f"diffora_lab: {results['method']} on {results['task']} "
-        f"({results['backbone']}, budget {results['budget']}, rank {results['rank']}, "
-        f"seed {results['seed']})",
-        f"  steps               {results['steps']}  ({results['wall_seconds']:.0f} s)",
-        f"  trainable params    {results['params_trainable']:,} "
-        f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,}"
-        + (
-            f", backbone {results['params']['backbone']:,})"
-            if results["params"]["backbone"]
-            else ")"
-        ),
-    ]
-    if results["kept_modules"]:
-        lines.append(
-            f"  kept modules        {results['k']}/{results['candidate_modules']}  "
-            + " ".join(f"{t}:{n}" for t, n in results["kept_by_type"].items())
-        )
-    if disc["val_before"] is not None:
-        lines.append(
-            f"  discretization      {primary} {disc['val_before']:.4f} -> "
-            f"{disc['val_after']:.4f} (step {disc['step']})"
-        )
-    for key, value in results["metrics"].items():
-        lines.append(f"  final {key:<14}{value:.4f}")
-    written = ["results.json", "checkpoints/last.ckpt"]
-    for name in ("dam/mask.json", "dam/heatmaps/", "adapter/", "merged/"):
-        if (output_dir / name).exists():
-            written.append(name)
-    lines += [
-        f"  outputs             {output_dir}",
-        "                      " + ", ".join(written),
-        "=" * 72,
-    ]
-    return "\n".join(lines)

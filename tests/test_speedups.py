@@ -1,0 +1,210 @@
+"""The speed-up settings: numerics unchanged when off, the deferred non-finite check, compile.
+
+* With every speed-up off, the pipeline's loss sequence equals that of an independent eager loop
+  written here the way the training step always worked (random batches padded to their longest
+  example, AdamW's default kernel, clipping, the lr schedule), bit for bit.
+* The non-finite check reads the device only every ``train.finite_check_every`` steps, yet a run
+  whose weights become NaN still stops naming the step and phase, and never writes a checkpoint
+  with non-finite weights.
+* ``train.compile`` (regional) gives eager's losses within float tolerance and leaves state dict
+  keys unchanged: compiled and eager checkpoints load into each other.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import compose_config
+
+from diffora_lab.module import STATE_KEY, DiffoRAModule
+from diffora_lab.speed import compile_layers, layer_modules
+from diffora_lab.train import ConfigError, assemble, prepare, run
+
+LORA = ["+experiment=smoke", "method=lora", "logger=csv", "train.log_every=1", "train.max_steps=12"]
+OFF = ["data.bucketing=0", "train.compile=false", "train.optimizer=default"]
+
+
+def logged_losses(out: Path) -> list[float]:
+    with open(out / "csv" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    return [float(row["train/loss"]) for row in sorted(rows, key=lambda r: int(r["step"]))]
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    return param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
+
+
+def eager_losses(cfg, steps: int) -> list[float]:
+    """The training loop as it was written before the speed-ups, on the run's model and data."""
+    prepared = prepare(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    parts = assemble(cfg, prepared)  # same weights and tokenized rows as the run
+    model, train, optim = parts.module.model, parts.datamodule.train, parts.module.optim
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": 0.01},
+        {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    batch_size, seed, pad = (
+        int(cfg.train.batch_size),
+        int(cfg.seed),
+        prepared.tokenizer.pad_token_id,
+    )
+    per_epoch = len(train) // batch_size
+    model.train()
+    losses = []
+    for step in range(steps):
+        epoch, b = divmod(step, per_epoch)
+        order = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        )
+        rows = [train[i] for i in order[b * batch_size : (b + 1) * batch_size].tolist()]
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {
+            key: torch.tensor(
+                [r[key] + [pad if key == "input_ids" else 0] * (width - len(r[key])) for r in rows]
+            )
+            for key in ("input_ids", "token_type_ids")
+            if key in rows[0]
+        }
+        batch["attention_mask"] = torch.tensor(
+            [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]
+        )
+        batch["labels"] = torch.tensor([r["labels"] for r in rows])
+        loss = model(**batch).loss
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = optim.lr_at(step)
+        torch.nn.utils.clip_grad_norm_(params, float(cfg.train.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_speedups_off_reproduce_the_eager_loop_bit_for_bit(tmp_path):
+    # finite_check_every=5: the deferred check is on (it never changes what is computed).
+    out = tmp_path / "run"
+    cfg = compose_config([*LORA, *OFF, "train.finite_check_every=5"], out)
+    run(cfg, out)
+    expected = eager_losses(compose_config([*LORA, *OFF], tmp_path / "eager"), 12)
+    assert logged_losses(out) == expected
+
+
+def test_nan_weights_stop_the_run_and_no_checkpoint_holds_them(tmp_path, monkeypatch):
+    poison_at = 5
+    original = DiffoRAModule._after_weight_step
+
+    def poisoned(self):  # a divergence at a known step: one adapter weight becomes NaN
+        original(self)
+        if self.step == poison_at:
+            with torch.no_grad():
+                next(p for n, p in self.model.named_parameters() if "lora_B" in n).fill_(
+                    float("nan")
+                )
+
+    monkeypatch.setattr(DiffoRAModule, "_after_weight_step", poisoned)
+    out = tmp_path / "run"
+    cfg = compose_config(
+        ["+experiment=smoke", "train.ckpt_every=2", "train.finite_check_every=9"], out
+    )
+    with pytest.raises(FloatingPointError) as error:
+        run(cfg, out)
+    message = str(error.value)
+    # The first NaN loss is the architecture step right after the poisoned weight update (same
+    # step); the check runs at the next checkpoint (step 6), which is therefore not written.
+    assert f"non-finite architecture loss at step {poison_at} in phase 'search'" in message
+    assert "steps 4-6" in message
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint[STATE_KEY]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+def test_bad_speedup_settings_fail_before_loading(tmp_path):
+    for override, setting in (
+        ("data.bucketing=-8", "data.bucketing"),
+        ("train.optimizer=adam8bit", "train.optimizer"),
+        ("train.finite_check_every=0", "train.finite_check_every"),
+    ):
+        with pytest.raises(ConfigError, match=setting):
+            prepare(compose_config(["+experiment=smoke", override], tmp_path))
+
+
+def _lora_model(cfg):
+    """The run's model and data, seeded alike for every call."""
+    prepared = prepare(cfg)
+    pl.seed_everything(0, verbose=False)
+    return assemble(cfg, prepared)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_layers_match_eager_and_share_checkpoints(tmp_path, monkeypatch, backend):
+    # Inductor's own RNG would draw other dropout masks; with fallback_random it uses eager's.
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    cfg = compose_config(["+experiment=smoke", "method=lora"], tmp_path)
+    eager, compiled = _lora_model(cfg), _lora_model(cfg)
+    layers = compile_layers(compiled.module.model, str(cfg.backbone.layer_pattern), backend)
+    assert layers == len(layer_modules(eager.module.model, str(cfg.backbone.layer_pattern))) == 2
+    assert list(eager.module.model.state_dict()) == list(compiled.module.model.state_dict())
+    loader = eager.datamodule.train_dataloader()
+    batches = [batch for batch, _ in zip(loader, range(3))]
+    losses = {}
+    for name, parts in (("eager", eager), ("compiled", compiled)):
+        model = parts.module.model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-2)
+        torch.manual_seed(1)
+        losses[name] = []
+        for batch in batches:
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=1e-5)
+    # The two models' weights after the same steps load into each other (strict).
+    eager.module.model.load_state_dict(compiled.module.model.state_dict())
+    compiled.module.model.load_state_dict(eager.module.model.state_dict())
+
+
+@pytest.mark.slow
+def test_a_compiled_run_resumes_eagerly_from_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # diffora: the gates enter compiled layers (scaling tensor, lora_A hooks), then discretize.
+    common = ["+experiment=smoke", "train.max_steps=16", "dam.search_steps=8", "data.bucketing=16"]
+    compiled = ["train.compile=true", "train.compile_backend=aot_eager", "train.stop_after=6"]
+    stopped = run(compose_config([*common, *compiled], out), out)
+    assert stopped["stopped_at"] == 6
+    results = run(compose_config([*common, "train.compile=false"], out), out)
+    assert results["steps"] == 16
+
+
+@pytest.mark.slow
+def test_ddp_with_bucketing_and_deferred_checks_keeps_ranks_identical(tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "ddp"
+    done = run_cli(
+        [
+            "+experiment=smoke",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "dam.reuse_search=false",
+            "data.bucketing=8",
+            "train.finite_check_every=5",
+            "train.optimizer=foreach",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["ranks_consistent"] is True
