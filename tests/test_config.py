@@ -271,7 +271,7 @@ def test_cli_prints_config_errors_without_traceback(tmp_path):
     done = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
     )
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert "budget" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
-    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind

@@ -97,7 +97,16 @@ def test_adapter_config_names_the_kept_modules(diffora_run):
     assert sorted(config["target_modules"]) == sorted(mask.kept_modules)
     assert config["r"] == diffora_run.cfg.rank
     assert config["lora_alpha"] == diffora_run.cfg.method.lora_alpha
-    assert {"classifier", "pooler"} <= set(config["modules_to_save"])
+    # Once each, and only modules the model has (peft adds "classifier" and "score" itself).
+    assert sorted(config["modules_to_save"]) == ["classifier", "pooler"]
+    # What a user can load: not a local path of the machine that trained it.
+    assert config["base_model_name_or_path"] == "diffora_lab backbone=tiny_deberta"
+    results = json.loads((diffora_run.out / "results.json").read_text())
+    assert results["num_labels"] == config_num_labels(diffora_run.model) == 2
+
+
+def config_num_labels(model) -> int:
+    return model.base_model.model.config.num_labels
 
 
 def test_adapter_reloads_to_the_trained_model(diffora_run):
@@ -112,7 +121,10 @@ def test_adapter_reloads_to_the_trained_model(diffora_run):
         for k, v in state["state_dict"].items()
         if k.startswith("model.")
     }
-    loaded.load_state_dict(weights)
+    # The checkpoint leaves the frozen backbone out: only frozen backbone weights are missing.
+    outcome = loaded.load_state_dict(weights, strict=False)
+    assert not outcome.unexpected_keys
+    assert not [k for k in outcome.missing_keys if "lora_" in k or "modules_to_save" in k]
     torch.testing.assert_close(logits(loaded, inputs), expected, atol=1e-5, rtol=0)
 
 

@@ -21,9 +21,13 @@ import diffora_lab.__main__ as cli  # noqa: E402
 from diffora_lab.train import run  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "dam_analysis.ipynb"
-# 12 of the smoke experiment's 40 steps: still a searched DAM, gate records and a mask (a second
-# budget would double the time on a busy 2-core machine; tests/test_report.py covers grouping).
-BUDGETS = ("0.5",)
+# 12 of the smoke experiment's 40 steps: still a searched DAM, gate records and a mask. Two
+# backbones whose masks have different shapes (2 and 3 layers): the notebook must not average
+# them (tests/test_report.py covers grouping over budgets and seeds).
+RUNS = (
+    ("budget=0.5",),
+    ("budget=0.5", "backbone.name=tiny_deberta_3l", "backbone.config.num_hidden_layers=3"),
+)
 SHORT = ("train.max_steps=12", "dam.log_every=2", "logger=none")
 
 
@@ -39,11 +43,11 @@ def smoke_config(tmp: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory) -> Path:
-    """A multirun-like folder with one finished DiffoRA run per budget in ``BUDGETS``."""
+    """A multirun-like folder with one finished DiffoRA run per entry of ``RUNS``."""
     root = tmp_path_factory.mktemp("notebook")
     cli.quiet_libraries()
-    for job, budget in enumerate(BUDGETS):
-        cfg = smoke_config(root, f"budget={budget}", *SHORT)
+    for job, overrides in enumerate(RUNS):
+        cfg = smoke_config(root, *overrides, *SHORT)
         run(cfg, root / "multirun" / str(job))
     GlobalHydra.instance().clear()
     return root / "multirun"
@@ -59,9 +63,12 @@ def test_notebook_is_committed_without_outputs():
 
 @pytest.mark.slow
 def test_notebook_executes_on_real_runs(runs_dir, monkeypatch):
-    for job in range(len(BUDGETS)):
+    shapes = set()
+    for job in range(len(RUNS)):
         assert (runs_dir / str(job) / "results.json").is_file()
-        assert (runs_dir / str(job) / "dam" / "gates.jsonl").is_file()
+        mask = json.loads((runs_dir / str(job) / "dam" / "mask.json").read_text())
+        shapes.add(tuple(mask["shape"]))
+    assert len(shapes) == 2  # the masks cannot be averaged together
     monkeypatch.setenv("DIFFORA_RUNS", str(runs_dir))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
@@ -77,4 +84,7 @@ def test_notebook_executes_on_real_runs(runs_dir, monkeypatch):
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     assert len(images) >= 1
     text = json.dumps([out.get("text", "") for out in outputs])
-    assert f"{len(BUDGETS)} runs from 1 folders" in text  # DIFFORA_RUNS was honoured
+    assert f"{len(RUNS)} runs from 1 folders" in text  # DIFFORA_RUNS was honoured
+    # One survival panel per backbone (titles are in the figures; the table is text/html).
+    html = json.dumps([out.get("data", {}).get("text/html", "") for out in outputs])
+    assert "tiny_deberta_3l" in html and "tiny_deberta<" in html

@@ -122,7 +122,7 @@ def test_single_seed_has_no_std_and_rank_splits_groups(tmp_path):
     assert groups[0]["std"] is None
     assert groups[1]["std"] == pytest.approx(math.sqrt(0.02))
     row = report.to_markdown(groups).splitlines()[2]
-    assert row.split("|")[6:8] == [" 0.7000 ", " - "]
+    assert row.split("|")[7:9] == [" 0.7000 ", " - "]
 
 
 def test_write_report_files(sweep, tmp_path):
@@ -148,13 +148,95 @@ def test_write_report_files(sweep, tmp_path):
 def test_main_prints_markdown_and_writes(sweep, tmp_path, capsys):
     assert report.main([str(sweep), "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("| task | method | budget |")
+    assert out.startswith("| backbone | task | method | budget |")
     assert out.count("| rte |") == 4
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
         "budget_curve.png",
         "report.csv",
         "report.md",
     ]
+
+
+def write_config(folder: Path, **train) -> None:
+    """A run's .hydra/config.yaml with the given train settings (and per-run paths)."""
+    import yaml
+
+    config = {
+        "seed": int(json.loads((folder / "results.json").read_text())["seed"]),
+        "rank": 8,
+        "train": {"max_steps": 40, "lr": 0.001, **train},
+        "data": {"cache_dir": str(folder / "cache")},  # differs per run, ignored
+    }
+    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_runs_of_two_backbones_are_not_averaged(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path / f"mini{seed}", backbone="minilm_l6", seed=seed, metric=0.9)
+        write_run(tmp_path / f"tiny{seed}", backbone="tiny_deberta", seed=seed, metric=0.5)
+    groups = report.aggregate(report.collect([tmp_path]))
+    assert [(g["backbone"], g["mean"], g["runs"]) for g in groups] == [
+        ("minilm_l6", pytest.approx(0.9), 2),
+        ("tiny_deberta", pytest.approx(0.5), 2),
+    ]
+    fig = report.plot_budget_curve(groups)
+    titles = sorted(ax.get_title() for ax in fig.axes)
+    assert titles == ["rte (minilm_l6)", "rte (tiny_deberta)"]
+
+
+def test_the_faithful_preset_is_its_own_row(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path / f"default{seed}", preset="default", seed=seed, metric=0.8)
+        write_run(tmp_path / f"faithful{seed}", preset="faithful", seed=seed, metric=0.6)
+    groups = report.aggregate(report.collect([tmp_path]))
+    assert [(g["method"], g["mean"], g["runs"]) for g in groups] == [
+        ("diffora", pytest.approx(0.8), 2),
+        ("diffora_faithful", pytest.approx(0.6), 2),
+    ]
+
+
+def test_group_warns_about_what_differs_besides_the_seed(tmp_path):
+    for seed, steps in ((1, 40), (2, 40), (3, 12)):
+        write_run(tmp_path / f"s{seed}", seed=seed, metric=0.6 + seed / 100)
+        write_config(tmp_path / f"s{seed}", max_steps=steps)
+    with pytest.warns(
+        UserWarning, match=r"differ in more than their seed: train.max_steps: 12, 40"
+    ):
+        groups = report.aggregate(report.collect([tmp_path]))
+    assert groups[0]["differs_in"] == ["train.max_steps"]
+    assert report.to_markdown(groups).splitlines()[2].rstrip().endswith("| 3 ! |")
+
+
+def test_seeds_alone_raise_no_warning(tmp_path, recwarn):
+    for seed in (1, 2):
+        write_run(tmp_path / f"s{seed}", seed=seed, metric=0.6)
+        write_config(tmp_path / f"s{seed}")
+    groups = report.aggregate(report.collect([tmp_path]))
+    assert groups[0]["differs_in"] == [] and groups[0]["runs"] == 2
+    assert not [w for w in recwarn if "differ" in str(w.message)]
+
+
+def test_budget_curve_does_not_zoom_into_one_example(tmp_path):
+    # 0.01 apart on a 200-example dev set: two examples, not a trend.
+    for budget, metric in ((0.25, 0.700), (0.5, 0.705), (0.75, 0.710)):
+        for seed in (1, 2):
+            write_run(
+                tmp_path / f"b{budget}s{seed}",
+                budget=budget,
+                seed=seed,
+                metric=metric + 0.005 * seed,
+                dev_examples=200,
+            )
+    groups = report.aggregate(report.collect([tmp_path]))
+    fig = report.plot_budget_curve(groups)
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert high - low >= 10 / 200
+    assert "200 examples" in ax.get_ylabel() and "1 example = 0.005" in ax.get_ylabel()
+    (container,) = ax.containers  # one errorbar series: the mean with +-std bars
+    assert len(container.lines[2][0].get_segments()) == 3
+    assert "2 seeds" in ax.get_legend().get_texts()[0].get_text()
 
 
 def test_broken_files_are_skipped(tmp_path):

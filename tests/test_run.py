@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, run_cli
 from safetensors.torch import load_file
 
 from diffora_lab.backbones import find_candidates, load_backbone, load_tokenizer
+from diffora_lab.checkpointing import fingerprint
 from diffora_lab.train import ConfigError, run
 
 STEPS, SEARCH_STEPS = 40, 20  # the smoke experiment: 40 steps, search_ratio 0.5
@@ -175,20 +176,20 @@ def test_adapter_holds_only_kept_modules_and_head(reference):
             assert torch.equal(state[f"model.{stem}"], value), key
 
 
-def test_backbone_weights_unchanged_after_a_full_run(reference, fresh_backbone):
+def test_checkpoint_holds_what_training_changed_and_fingerprints_the_backbone(
+    reference, fresh_backbone
+):
     model, _ = fresh_backbone
-    expected = model.state_dict()
-    seen = set()
-    for key, value in reference.state().items():
-        if not key.startswith("model.base_model.model."):
-            continue
-        if ".lora_" in key or ".modules_to_save." in key:
-            continue
-        name = key.removeprefix("model.base_model.model.")
-        name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-        assert torch.equal(value, expected[name]), name
-        seen.add(name)
-    assert seen == set(expected)
+    checkpoint = torch.load(reference.out / "checkpoints" / "last.ckpt", weights_only=False)
+    state = checkpoint["state_dict"]
+    # Only adapters, the head's trained copy and the DAM: no frozen backbone tensor.
+    for key in state:
+        assert ".lora_" in key or ".modules_to_save." in key or key.startswith("dam."), key
+    record = checkpoint["diffora_lab"]["backbone"]
+    assert record["tensors"] == len(model.state_dict())
+    assert record["params"] == sum(v.numel() for v in model.state_dict().values())
+    # The frozen weights at the end of the run are the freshly loaded ones, bit for bit.
+    assert record["fingerprint"] == fingerprint(model.state_dict().items())
 
 
 def test_budget_one_keeps_everything_and_has_no_discretization_gap(tmp_path):
@@ -252,6 +253,27 @@ def test_resume_refuses_a_checkpoint_written_with_another_rank(reference, tmp_pa
     with pytest.raises(ConfigError, match="rank"):
         run(cfg, tmp_path)
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_onto_another_backbone_exits_2_with_the_reason(reference, tmp_path):
+    # Same name, method, task and rank; only the frozen weights differ (another init seed).
+    ckpt = reference.out / "checkpoints" / "last.ckpt"
+    done = run_cli(
+        [
+            "+experiment=smoke",
+            "backbone.init_seed=1",
+            f"ckpt_path={ckpt}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "logger=none",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "made with another backbone" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_saved_mask_fed_back_fine_tunes_exactly_its_modules(reference, tmp_path):

@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import run_cli as cli
 
+from diffora_lab.module import STATE_KEY
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -99,6 +101,40 @@ def test_sigterm_saves_checkpoint_and_run_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 120
+
+
+@pytest.mark.slow
+def test_sigint_checkpoints_and_exits_130_like_sigterm(tmp_path):
+    """Ctrl-C mid-training: the checkpoint is written, the message says how to continue, and the
+    exit code is the shell's 128 + SIGINT (it was 1, with nothing printed)."""
+    run = tmp_path / "run"
+    args = smoke_args(
+        tmp_path, "train.max_steps=120", "train.ckpt_every=1000", f"hydra.run.dir={run}"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffora_lab", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    gates = run / "dam" / "gates.jsonl"
+    deadline = time.time() + 120
+    while not (gates.is_file() and len(gates.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)[STATE_KEY][
+        "step"
+    ]
+    assert f"stopped at step {stopped_at} of 120; continue with ckpt_path=last" in out
+    assert "Traceback" not in err
+    assert not (run / "results.json").exists() and not (run / ".lock").exists()
 
 
 def test_divergence_stops_with_step_and_phase(tmp_path):

@@ -15,7 +15,8 @@ from conftest import compose_config
 
 from diffora_lab.adapters import lora_alpha_for, lora_layer
 from diffora_lab.dam import DAM, budget_sigmoid, cubic_count, top_k_mask
-from diffora_lab.train import run, search_key
+from diffora_lab.search_cache import search_key
+from diffora_lab.train import run
 
 TYPES = ["q", "k", "v", "o", "ffn_in", "ffn_out"]
 

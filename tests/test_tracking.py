@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli as cli
 
-from diffora_lab.train import run, search_key
+from diffora_lab.search_cache import search_key
+from diffora_lab.train import run
 
 
 def sweep_results(sweep: Path) -> list[dict]:
@@ -65,6 +66,9 @@ def test_mask_path_fine_tunes_a_saved_mask_without_search(smoke_cfg, tmp_path):
     mask_file = tmp_path / "first" / "dam" / "mask.json"
     again = run(smoke_cfg(f"dam.mask_path={mask_file}", "budget=0.25"), tmp_path / "again")
     assert again["kept_modules"] == first["kept_modules"]
+    # The mask's budget and k are the run's, not the config's budget=0.25.
+    mask = json.loads(mask_file.read_text())
+    assert (again["budget"], again["k"]) == (mask["budget"], mask["k"]) == (0.5, 6)
     assert again["discretization"]["val_before"] is None  # no search happened
     assert not (tmp_path / "again" / "dam" / "heatmaps").exists()
 

@@ -231,15 +231,39 @@ def count_parameters(
     return counts
 
 
-def export_adapter(peft_model: PeftModel, folder: str | Path, **extra: Any) -> Path:
+def export_adapter(
+    peft_model: PeftModel, folder: str | Path, base_model: str | None = None, **extra: Any
+) -> Path:
     """Writes a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     ``target_modules`` are exactly the kept modules' full paths; the head is included through
-    ``modules_to_save``. Load with ``PeftModel.from_pretrained(base, folder)``.
+    ``modules_to_save``, listed once each and only the modules the model has (peft adds its task
+    defaults, ``classifier`` and ``score``, to the configured ones). Load with
+    ``PeftModel.from_pretrained(base, folder)``.
+
+    Args:
+        peft_model: The trained model.
+        folder: Where to write.
+        base_model: What a user loads as the base, written as ``base_model_name_or_path``
+            instead of peft's (a local path, possibly inside a virtual environment); see
+            :func:`diffora_lab.backbones.model_reference`.
+        **extra: Passed to ``save_pretrained``.
     """
+    import json
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(folder), **extra)
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("modules_to_save"):
+        names = {name.rsplit(".", 1)[-1] for name, _ in base_of(peft_model).named_modules()}
+        config["modules_to_save"] = [
+            m for m in dict.fromkeys(config["modules_to_save"]) if m in names
+        ]
+    if base_model is not None:
+        config["base_model_name_or_path"] = base_model
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
     return folder
 
 

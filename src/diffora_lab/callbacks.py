@@ -38,11 +38,11 @@ class Discretization(pl.Callback):
     Args:
         output_dir: The run folder; the mask goes to ``dam/mask.json``.
         backbone: Backbone name recorded in the mask.
+        search_cache: Where the end-of-search state is shared (``search_cache.SearchCache``),
+            or None.
     """
 
-    def __init__(
-        self, output_dir: str | Path, backbone: str, search_cache: Path | None = None
-    ) -> None:
+    def __init__(self, output_dir: str | Path, backbone: str, search_cache=None) -> None:
         self.output_dir = Path(output_dir)
         self.backbone = backbone
         self.search_cache = search_cache
@@ -59,11 +59,14 @@ class Discretization(pl.Callback):
         if module.search_finished:
             if self.search_cache is not None and not module.search_reused:
                 # The state at the end of the search, shared by runs that differ only in what
-                # happens after it (budget, folding, ...): see train.search_key.
-                trainer.save_checkpoint(str(self.search_cache))
+                # happens after it (budget, folding, ...): see search_cache.search_key.
+                # search_cache.SearchCache: the snapshot, then its record (key, split, source).
+                trainer.save_checkpoint(str(self.search_cache.snapshot))
                 history = self.output_dir / "dam" / "gates.jsonl"
-                if trainer.is_global_zero and history.is_file():
-                    shutil.copyfile(history, self.search_cache.with_name("gates.jsonl"))
+                if trainer.is_global_zero:
+                    if history.is_file():
+                        shutil.copyfile(history, self.search_cache.folder / "gates.jsonl")
+                    self.search_cache.record(self.output_dir)
             self.discretize(trainer, module)
 
     def prune(self, trainer: pl.Trainer, module) -> None:
@@ -125,36 +128,112 @@ class StopAfter(pl.Callback):
 
 
 class Preemption(pl.Callback):
-    """Saves ``last.ckpt`` and stops when the job is told to go (SIGTERM, or SIGUSR1 off SLURM).
+    """Saves ``last.ckpt`` and stops when the job is told to go (SIGTERM, SIGINT, or SIGUSR1 off
+    SLURM).
 
     Lightning turns SIGTERM into an exception after the current batch; this callback writes the
-    checkpoint first. Under SLURM with auto-requeue, Lightning's own SIGUSR1 handler saves and
-    requeues, and this one leaves SIGUSR1 alone.
+    checkpoint first. SIGINT (Ctrl-C) takes the same path (a second one stops at once). Under
+    SLURM with auto-requeue, Lightning's own SIGUSR1 handler saves and requeues, and this one
+    leaves SIGUSR1 alone.
     """
 
     def __init__(self, checkpoint: str | Path) -> None:
         self.checkpoint = Path(checkpoint)
         self.signalled = False
+        self.interrupted = False
         self.stopped_by: int | None = None  # the signal that stopped the run, if any
+        self._previous_sigint = None
 
     def on_fit_start(self, trainer, module) -> None:
         import os
         import signal
+        import threading
 
+        if threading.current_thread() is not threading.main_thread():
+            return
         if "SLURM_JOB_ID" not in os.environ and hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, self._notice)
+        self._previous_sigint = signal.signal(signal.SIGINT, self._interrupt)
 
     def _notice(self, signum, frame) -> None:
         self.signalled = True
 
+    def _interrupt(self, signum, frame) -> None:
+        import os
+        import signal
+
+        if self.interrupted:  # the second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.interrupted = True
+        # Lightning's SIGTERM path: stops child processes and every rank after this batch.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def teardown(self, trainer, module, stage: str) -> None:
+        import signal
+        import threading
+
+        if (
+            self._previous_sigint is not None
+            and threading.current_thread() is threading.main_thread()
+        ):
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def stop_signal(self) -> int:
+        """The signal that stopped the run (SIGINT, SIGUSR1 or SIGTERM)."""
+        import signal
+
+        if self.interrupted:
+            return int(signal.SIGINT)
+        return int(signal.SIGUSR1 if self.signalled else signal.SIGTERM)
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.signalled or trainer.received_sigterm:
-            import signal
-
-            self.stopped_by = int(signal.SIGUSR1 if self.signalled else signal.SIGTERM)
+            self.stopped_by = self.stop_signal()
             trainer.save_checkpoint(str(self.checkpoint))
             trainer.should_stop = True
             log.warning("signal received: saved %s at step %d", self.checkpoint, module.step)
+
+
+class RunClock(pl.Callback):
+    """Wall and fit seconds of a run, added up over its resumes (kept in the checkpoint).
+
+    Args:
+        started: ``time.time()`` when this process started the run.
+        restore: False when the checkpoint is another run's (a reused search): its time is not
+            this run's.
+    """
+
+    def __init__(self, started: float, restore: bool = True) -> None:
+        self.started = started
+        self.restore = restore
+        self.fit_started: float | None = None
+        self.wall_before = 0.0  # spent by earlier processes of this run
+        self.fit_before = 0.0
+
+    def on_fit_start(self, trainer, module) -> None:
+        import time
+
+        self.fit_started = time.time()
+
+    def wall_seconds(self) -> float:
+        import time
+
+        return self.wall_before + time.time() - self.started
+
+    def fit_seconds(self) -> float:
+        import time
+
+        return self.fit_before + (time.time() - self.fit_started if self.fit_started else 0.0)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"wall_seconds": self.wall_seconds(), "fit_seconds": self.fit_seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        if not self.restore:
+            return
+        self.wall_before = float(state_dict.get("wall_seconds", 0.0))
+        self.fit_before = float(state_dict.get("fit_seconds", 0.0))
 
 
 class DAMMonitor(pl.Callback):
@@ -177,11 +256,17 @@ class DAMMonitor(pl.Callback):
     def on_fit_start(self, trainer, module) -> None:
         if not self.gates_file.is_file():
             return
-        # A resumed run keeps what was recorded before the stop; a run that reuses a shared
+        # A resumed run keeps what was recorded before its checkpoint (records written after it,
+        # before a kill, are recorded again from the checkpoint on); a run that reuses a shared
         # search receives that search's records and draws their figures here.
+        kept = []
         for line in self.gates_file.read_text().splitlines():
             row = json.loads(line)
-            self.history[row["step"]] = row["gates"]
+            if row["step"] < module.step and row["step"] not in self.history:
+                self.history[row["step"]] = row["gates"]
+                kept.append(line)
+        if trainer.is_global_zero:
+            self.gates_file.write_text("".join(f"{line}\n" for line in kept))
         if trainer.is_global_zero and module.dam is not None:
             for step, values in sorted(self.history.items()):
                 path = self._heatmap_path(step, masked=False)
@@ -254,8 +339,18 @@ class DAMMonitor(pl.Callback):
             return
         steps = sorted(self.history)
         history = np.array([self.history[s] for s in steps])
-        labels = [c.name.split("layer.")[-1] for c in module.candidates]
-        figure = plotting.gate_trajectories(steps, history, labels)
+        mask = module.mask if module.mask is not None and module.mask.source == "search" else None
+        if mask is not None and mask.step > steps[-1]:  # the gates the mask was taken from
+            steps.append(mask.step)
+            history = np.vstack([history, mask.gates])
+        figure = plotting.gate_trajectories(
+            steps,
+            history,
+            [c.module_type for c in module.candidates],
+            kept=None if mask is None else mask.kept,
+            discretized_at=None if mask is None else mask.step,
+            title=f"DAM gates during the search ({len(module.candidates)} modules)",
+        )
         path = plotting.save(figure, self.output_dir / "dam" / "trajectories.png")
         run = _wandb_run(trainer)
         if run is not None:

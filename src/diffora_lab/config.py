@@ -7,6 +7,7 @@ before a model or a dataset loads.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,7 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
         _fail("train.accumulate", cfg.train.accumulate, "must be >= 1.")
     if _number(cfg, "train.lr", float) <= 0:
         _fail("train.lr", cfg.train.lr, "the learning rate must be > 0.")
+    _check_run_settings(cfg)
     _check_speedups(cfg)
     if method.search_enabled(cfg):
         ratio = _number(cfg, "dam.search_ratio", float)
@@ -134,6 +136,7 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             _fail("dam.budget_penalty", cfg.dam.budget_penalty, "must be >= 0 (0 disables it).")
         if _number(cfg, "dam.arch_lr", float) <= 0:
             _fail("dam.arch_lr", cfg.dam.arch_lr, "the gate learning rate must be > 0.")
+        _check_search_optimizer(cfg)
         if cfg.dam.get("search_steps") is not None:
             _number(cfg, "dam.search_steps", int)
         steps = search_settings(cfg).steps
@@ -177,6 +180,96 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt and ckpt != "last" and not Path(str(ckpt)).is_file():
         _fail("ckpt_path", ckpt, "no such checkpoint file; use a path or ckpt_path=last.")
+
+
+# Whole-number settings and their smallest value, with what each one is (issue 11: a 0 or a
+# negative value here was accepted silently or crashed deep inside Lightning).
+_AT_LEAST = (
+    ("train.batch_size", 1, "train examples per step"),
+    ("train.eval_batch_size", 1, "dev examples per evaluation batch"),
+    ("train.val_every", 1, "steps between dev evaluations"),
+    ("train.log_every", 1, "steps between metric log lines"),
+    ("train.ckpt_every", 1, "steps between writes of checkpoints/last.ckpt"),
+    ("task.max_length", 8, "tokens per example, room for the special tokens and some text"),
+    ("data.num_workers", 0, "DataLoader worker processes, 0 loads in the main process"),
+)
+_SEED_MAX = 2**32 - 1  # what numpy and Lightning accept as a seed
+
+
+def _check_run_settings(cfg: DictConfig) -> None:
+    """Step, batch, length, clipping and seed settings (before anything loads)."""
+    seed = _number(cfg, "seed", int)
+    if not 0 <= seed <= _SEED_MAX:
+        _fail("seed", seed, f"use a whole number in [0, {_SEED_MAX}].")
+    for key, least, what in _AT_LEAST:
+        if _number(cfg, key, int) < least:
+            _fail(key, OmegaConf.select(cfg, key), f"{what}: a whole number >= {least}.")
+    if cfg.train.get("grad_clip") is not None and _number(cfg, "train.grad_clip", float) < 0:
+        _fail("train.grad_clip", cfg.train.grad_clip, "max gradient norm: > 0, or 0 to disable.")
+    if _number(cfg, "train.weight_decay", float) < 0:
+        _fail("train.weight_decay", cfg.train.weight_decay, "must be >= 0.")
+    if not 0.0 <= _number(cfg, "train.warmup_ratio", float) < 1.0:
+        _fail("train.warmup_ratio", cfg.train.warmup_ratio, "the share of warmup steps: [0, 1).")
+    if cfg.train.get("stop_after") is not None and _number(cfg, "train.stop_after", int) < 1:
+        _fail("train.stop_after", cfg.train.stop_after, "steps before a resumable stop: >= 1.")
+    if not isinstance(cfg.get("overwrite", False), bool):
+        _fail("overwrite", cfg.get("overwrite"), "true or false.")
+    _check_devices(cfg)
+
+
+def _check_search_optimizer(cfg: DictConfig) -> None:
+    betas = cfg.dam.get("arch_betas")
+    valid = OmegaConf.is_list(betas) and len(betas) == 2
+    if valid:
+        valid = all(
+            not isinstance(b, bool) and isinstance(b, (int, float)) and 0.0 <= b < 1.0
+            for b in betas
+        )
+    if not valid:
+        shown = OmegaConf.to_container(betas) if OmegaConf.is_list(betas) else betas
+        _fail("dam.arch_betas", shown, "Adam's two betas on the gates, each in [0, 1).")
+    if _number(cfg, "dam.arch_weight_decay", float) < 0:
+        _fail("dam.arch_weight_decay", cfg.dam.arch_weight_decay, "must be >= 0.")
+    if _number(cfg, "dam.log_every", int) < 1:
+        _fail("dam.log_every", cfg.dam.log_every, "steps between gate records: >= 1.")
+
+
+def _available_devices(accelerator: str) -> tuple[int, str] | None:
+    """How many devices of the accelerator's kind this machine has (None: not checked here)."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.device_count(), "GPU(s)"
+    if accelerator in ("cpu", "auto"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return int(cores or 1), "CPU core(s)"
+    return None
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    devices = cfg.trainer.get("devices")
+    if devices is None or devices in ("auto", -1, "-1"):
+        return
+    if OmegaConf.is_list(devices):
+        wanted = len(devices)
+    elif isinstance(devices, str) and devices.replace(",", "").strip().isdigit():
+        wanted = int(devices) if "," not in devices else len([d for d in devices.split(",") if d])
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        wanted = devices
+    else:
+        _fail("trainer.devices", devices, "a number of devices >= 1, a list of ids, or auto.")
+    if wanted < 1:
+        _fail("trainer.devices", devices, "a number of devices >= 1 (or auto).")
+    accelerator = str(cfg.trainer.get("accelerator") or "auto")
+    available = _available_devices(accelerator)
+    if available is not None and wanted > available[0]:
+        count, kind = available
+        _fail(
+            "trainer.devices",
+            devices,
+            f"this machine has {count} {kind} for trainer.accelerator={accelerator}; use "
+            f"trainer.devices<={count} (or trainer.devices=auto).",
+        )
 
 
 def _check_speedups(cfg: DictConfig) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -172,6 +172,10 @@ class DAM(nn.Module):
         return removed
 
 
+# The keys a mask.json must have (the rest default).
+MASK_FIELDS = ("modules", "gates", "kept", "budget", "k", "step", "shape", "module_types")
+
+
 @dataclass
 class Mask:
     """The discrete DAM: which candidate modules keep their adapter (written as ``mask.json``).
@@ -223,12 +227,47 @@ class Mask:
     @classmethod
     def load(cls, path: str | Path) -> Mask:
         path = Path(path)
+        where = f"dam.mask_path={str(path)!r}"
         if not path.is_file():
-            raise ValueError(f"dam.mask_path={str(path)!r} does not exist.")
-        data = json.loads(path.read_text())
+            raise ValueError(f"{where} does not exist.")
+        fix = "point it at a run's dam/mask.json."
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{where} is not a mask.json (empty or not JSON: {error}); {fix}"
+            ) from None
+        missing = [name for name in MASK_FIELDS if not isinstance(data, dict) or name not in data]
+        if missing:
+            raise ValueError(f"{where} is not a mask.json (missing {missing}); {fix}")
         data.pop("kept_modules", None)
         data["shape"] = tuple(data["shape"])
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        mask = cls(**{key: value for key, value in data.items() if key in known})
+        mask.check(where)
+        return mask
+
+    def check(self, where: str) -> None:
+        """Entries agree with each other and keep at least one module.
+
+        Raises:
+            ValueError: Naming ``where`` (the setting the mask came from).
+        """
+        n = len(self.modules)
+        rows, cols = self.shape if len(self.shape) == 2 else (0, 0)
+        counts = {"modules": n, "gates": len(self.gates), "kept": len(self.kept)}
+        if len(set(counts.values())) != 1 or rows * cols != n:
+            raise ValueError(
+                f"{where}: the mask's entries disagree ({counts}, shape {list(self.shape)}); "
+                "use an unedited dam/mask.json."
+            )
+        kept = sum(bool(flag) for flag in self.kept)
+        if kept == 0:
+            raise ValueError(f"{where} keeps no module; use a mask with at least one kept.")
+        if kept != self.k:
+            raise ValueError(
+                f"{where}: k={self.k} but {kept} modules are kept; use an unedited dam/mask.json."
+            )
 
     @classmethod
     def from_scores(

@@ -137,6 +137,8 @@ def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> 
 def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int) -> nn.Module:
     """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights."""
     from diffora_lab import backbones
+    from diffora_lab.checkpointing import fill
+    from diffora_lab.module import STATE_KEY
 
     if source.merged is not None:
         import transformers
@@ -158,7 +160,12 @@ def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int
             f"{source.checkpoint}: a {cfg.method.name} run is scored from its adapter/ folder "
             "(written at the end of training), which this run lacks."
         )
-    state = torch.load(source.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    checkpoint = torch.load(source.checkpoint, map_location="cpu", weights_only=False)
+    # Checkpoints leave the frozen backbone out (checkpointing.py): filled from the one loaded.
+    current = {f"model.{k}": v for k, v in backbone.state_dict().items()}
+    state = checkpoint["state_dict"]
+    record = checkpoint.get(STATE_KEY, {}).get("backbone")
+    fill(state, current, list(current), record, source=str(source.checkpoint))
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     backbone.load_state_dict(weights)
     return backbone
@@ -196,7 +203,10 @@ def evaluate(
         spec,
         cfg.task.get("data_dir") or None,
         seed=int(cfg.seed),
-        synthetic=OmegaConf.to_container(cfg.task.get("synthetic") or {}),
+        # A GLUE task has no `synthetic` node (e.g. a synthetic run's adapter scored on RTE).
+        synthetic=(
+            OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
+        ),
     )
     # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
     # (no tokenization of e.g. MNLI's 393k train pairs).

@@ -228,14 +228,26 @@ def masked_rank(
 
 
 def matched_table(
-    backbones: dict[str, Sequence[Candidate]],
+    backbones: dict[str, Sequence[Candidate]] | None = None,
     budgets: Sequence[float] = (0.25, 0.5, 0.75),
     target_ranks: Sequence[int] = (8, 2),
 ) -> str:
-    """A Markdown table of matched settings (for the README)."""
+    """A Markdown table of matched settings (the README's table is a selection of its rows).
+
+    Args:
+        backbones: Display name -> candidate modules; default: MiniLM-L6 and DeBERTa-v3-base
+            (their candidates from the sizes alone, no weights needed).
+        budgets: Budgets to match at.
+        target_ranks: LoRA ranks on all candidates to match.
+    """
+    if backbones is None:
+        backbones = {
+            "MiniLM-L6": grid_candidates(6, 384, 1536),
+            "DeBERTa-v3-base": grid_candidates(12, 768, 3072),
+        }
     lines = [
         "| backbone | reference | LoRA params | budget | k / n | DiffoRA r | expected params "
-        "| ratio | range if the search keeps smallest / largest |",
+        "| ratio | range (smallest-largest kept) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, candidates in backbones.items():

@@ -23,6 +23,7 @@ from torch import nn
 from diffora_lab.adapters import LoraGates, apply_mask, count_parameters
 from diffora_lab.architect import Architect, get_architect
 from diffora_lab.backbones import Candidate
+from diffora_lab.checkpointing import BackboneFingerprint, fill, frozen_backbone_keys, prune
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask
 from diffora_lab.methods import Method
@@ -241,7 +242,7 @@ class DiffoRAModule(pl.LightningModule):
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
         if self.optim.finite_check_every <= 1:  # reads the loss now: one sync per step
             if not torch.isfinite(loss):
-                self._diverged(which, self.phase, self.step, f" ({float(loss)})")
+                self._diverged(which, self.phase, self.step, value=f" ({float(loss)})")
             return
         key = (self.phase, which)
         first = self._first_nonfinite.get(key)
@@ -265,14 +266,15 @@ class DiffoRAModule(pl.LightningModule):
             step, (phase, which) = min(bad)
             since = f" (checked every {self.optim.finite_check_every} steps, "
             since += f"steps {self._checked_at}-{self.step})"
-            self._diverged(which, phase, step, since)
+            self._diverged(which, phase, step, since=since)
         self._checked_at = self.step
 
-    def _diverged(self, which: str, phase: str, step: int, detail: str) -> None:
+    def _diverged(
+        self, which: str, phase: str, step: int, value: str = "", since: str = ""
+    ) -> None:
         raise FloatingPointError(
-            f"non-finite {which} loss at step {step} in phase {phase!r}{detail}; the last good "
-            "checkpoint is in the run's checkpoints/ folder. Lower train.lr or dam.arch_lr, or "
-            "enable train.grad_clip."
+            f"non-finite {which} loss{value} at step {step} in phase {phase!r}{since}"
+            # train.run adds where to resume from and what to change
         )
 
     # ------------------------------------------------------------- validation
@@ -388,7 +390,12 @@ class DiffoRAModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite()  # never write non-finite weights
+        # The frozen backbone is reloaded from its source on resume: only a fingerprint is kept.
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = BackboneFingerprint()
+        backbone = prune(checkpoint, self, self._fingerprint)
         checkpoint[STATE_KEY] = {
+            "backbone": backbone,
             "phase": self.phase,
             "step": self.step,
             "batches_seen": self.batches_seen,
@@ -416,6 +423,13 @@ class DiffoRAModule(pl.LightningModule):
         if state["phase"] == FINETUNE and self.phase == SEARCH:
             # Restore the structure only: the state dict that follows holds the folded weights.
             self._enter_finetune(Mask(**state["mask"]), None, fold_gates=False, reinit=False)
+        # In the checkpoint's structure now: put the frozen backbone back (refused if another).
+        fill(
+            checkpoint["state_dict"],
+            self.state_dict(),
+            frozen_backbone_keys(self),
+            state.get("backbone"),
+        )
         datamodule = self.trainer.datamodule
         datamodule.train_start = self.batches_seen
         restore_rng_state(state["rng"])

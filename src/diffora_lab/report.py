@@ -1,15 +1,17 @@
 """Comparison tables and budget curves over finished runs.
 
 Every finished run writes ``results.json`` into its run folder (:func:`diffora_lab.train.run`).
-This module gathers them from any number of run or multirun folders, groups the runs that differ
-only by their seed, i.e. by ``(task, method, budget, rank)``, and summarises each group by the mean
-and sample standard deviation (ddof=1) of its primary dev metric, its mean trainable parameters and
-its number of runs::
+This module gathers them from any number of run or multirun folders, groups the runs that should
+differ only by their seed, i.e. by ``(backbone, task, method, budget, rank)``, warns when runs of
+one group differ in anything else (their ``.hydra/config.yaml``: steps, learning rate, ...), and
+summarises each group by the mean and sample standard deviation (ddof=1) of its primary dev
+metric, its mean trainable parameters and its number of runs::
 
     python -m diffora_lab.report multirun/2026-11-28/11-43-00 [more folders] [--out report/]
 
 writes ``report.md``, ``report.csv`` and ``budget_curve.png`` (the primary metric against the
-selection ratio rho, one line per task and method) and prints the Markdown table.
+selection ratio rho, one panel per backbone and task, one line per method) and prints the Markdown
+table.
 """
 
 from __future__ import annotations
@@ -29,12 +31,36 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from diffora_lab import plotting  # noqa: E402
+
 RESULTS_FILE = "results.json"
 
 
-GROUP_KEYS = ("task", "method", "budget", "rank")
+GROUP_KEYS = ("backbone", "task", "method", "budget", "rank")
+# Settings that may differ between the seeds of one group without making them different
+# experiments: where files go, how often things are logged or saved, how progress is shown.
+IGNORED_SETTINGS = (
+    "seed",
+    "ckpt_path",
+    "logger",
+    "data.cache_dir",
+    "data.num_workers",
+    "dam.search_cache_dir",
+    "dam.reuse_search",
+    "dam.log_every",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.progress_every",
+    "train.stop_after",
+    "train.eval_batch_size",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+)
+# results.json fields compared too (a run folder may lack .hydra/).
+COMPARED_RESULTS = ("steps", "world_size", "primary_metric", "dev_examples")
 REQUIRED_KEYS = ("task", "method", "budget", "rank", "seed", "primary_metric", "metrics")
 CSV_COLUMNS = (
+    "backbone",
     "task",
     "method",
     "budget",
@@ -45,6 +71,7 @@ CSV_COLUMNS = (
     "runs",
     "seeds",
     "params_trainable",
+    "dev_examples",
 )
 
 
@@ -113,7 +140,7 @@ def collect(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     Returns:
         One dict per run: the contents of its ``results.json`` plus ``run_dir`` (the folder that
         holds it) and ``score`` (the value of its ``primary_metric``, ``None`` if not recorded).
-        Sorted by task, method, budget, rank and seed.
+        Sorted by backbone, task, method, budget, rank and seed.
 
     Raises:
         ReportError: If a path does not exist.
@@ -124,27 +151,97 @@ def collect(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         if data is None:
             continue
         score = data["metrics"].get(data["primary_metric"])
+        data.setdefault("backbone", "?")  # results written before the backbone was recorded
         rows.append({**data, "run_dir": str(path.parent), "score": score})
     return sorted(rows, key=lambda r: (*_group_key(r), r["seed"], r["run_dir"]))
 
 
-def _group_key(row: dict[str, Any]) -> tuple[str, str, float, int]:
-    return (str(row["task"]), str(row["method"]), float(row["budget"]), int(row["rank"]))
+def method_label(row: dict[str, Any]) -> str:
+    """The method as a report names it: a preset other than the default is part of it.
+
+    ``method=diffora_faithful`` runs DiffoRA's class with the paper's search; its results say
+    ``method: diffora, preset: faithful`` and must not be averaged with the default search.
+    """
+    preset = row.get("preset")
+    return f"{row['method']}_{preset}" if preset and preset != "default" else str(row["method"])
+
+
+def _group_key(row: dict[str, Any]) -> tuple[str, str, str, float, int]:
+    return (
+        str(row.get("backbone", "?")),
+        str(row["task"]),
+        method_label(row),
+        float(row["budget"]),
+        int(row["rank"]),
+    )
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def run_settings(row: dict[str, Any]) -> dict[str, Any]:
+    """What defines a run besides its seed: its saved Hydra config (flattened) and a few results.
+
+    Location, logging and progress settings (:data:`IGNORED_SETTINGS`) are left out.
+    """
+    settings: dict[str, Any] = {}
+    config = Path(row["run_dir"]) / ".hydra" / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        try:
+            settings = _flatten(yaml.safe_load(config.read_text()) or {})
+        except yaml.YAMLError as error:
+            warnings.warn(f"{config}: unreadable ({error})", stacklevel=2)
+    for key in COMPARED_RESULTS:
+        if key in row:
+            settings[f"results.{key}"] = row[key]
+    return {
+        key: value
+        for key, value in settings.items()
+        if not any(key == i or key.startswith(i + ".") for i in IGNORED_SETTINGS)
+    }
+
+
+def differences(runs: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Settings whose values differ between ``runs``, each with its distinct values (as text)."""
+    per_run = [run_settings(r) for r in runs]
+    keys = sorted({key for settings in per_run for key in settings})
+    found = {}
+    for key in keys:
+        values = sorted({json.dumps(s.get(key), sort_keys=True) for s in per_run})
+        if len(values) > 1:
+            found[key] = values
+    return found
+
+
+def _group_label(key: tuple) -> str:
+    backbone, task, method, budget, rank = key
+    return f"{method} on {task} ({backbone}, budget {budget:g}, rank {rank})"
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Groups runs by ``(task, method, budget, rank)`` and summarises each group over its seeds.
+    """Groups runs by ``(backbone, task, method, budget, rank)`` and summarises each over seeds.
 
     Args:
         rows: Runs as returned by :func:`collect`.
 
     Returns:
-        One dict per group, sorted by its key, with ``task``, ``method``, ``budget``, ``rank``,
-        ``metric`` (the primary metric's name), ``mean``, ``std`` (sample standard deviation,
-        ddof=1; ``None`` for a single run), ``runs``, ``seeds`` and ``params_trainable`` (mean).
-        Runs without a value for their primary metric are left out with a warning.
+        One dict per group, sorted by its key, with ``backbone``, ``task``, ``method``,
+        ``budget``, ``rank``, ``metric`` (the primary metric's name), ``mean``, ``std`` (sample
+        standard deviation, ddof=1; ``None`` for a single run), ``runs``, ``seeds``,
+        ``params_trainable`` (mean), ``dev_examples`` (the dev set's size, if recorded) and
+        ``differs_in`` (settings besides the seed that differ within the group; each also
+        warned about). Runs without a value for their primary metric are left out with a
+        warning.
     """
-    groups: dict[tuple[str, str, float, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("score") is None:
             warnings.warn(
@@ -160,8 +257,16 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         seeds = sorted(int(r["seed"]) for r in runs)
         if len(set(seeds)) < len(seeds):
             warnings.warn(
-                f"{dict(zip(GROUP_KEYS, key))}: some seeds occur more than once {seeds} "
+                f"{_group_label(key)}: some seeds occur more than once {seeds} "
                 "(the same run reported twice?); every run is counted",
+                stacklevel=2,
+            )
+        differ = differences(runs) if len(runs) > 1 else {}
+        if differ:
+            listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in differ.items())
+            warnings.warn(
+                f"{_group_label(key)}: the {len(runs)} runs averaged here differ in more than "
+                f"their seed: {listed}",
                 stacklevel=2,
             )
         metrics = sorted({str(r["primary_metric"]) for r in runs})
@@ -174,6 +279,10 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "runs": len(runs),
                 "seeds": seeds,
                 "params_trainable": statistics.fmean(float(r["params_trainable"]) for r in runs),
+                "dev_examples": min(
+                    (int(r["dev_examples"]) for r in runs if r.get("dev_examples")), default=None
+                ),
+                "differs_in": sorted(differ),
             }
         )
     return summary
@@ -189,14 +298,27 @@ def to_markdown(groups: Sequence[dict[str, Any]], digits: int = 4) -> str:
     Returns:
         The table, without a trailing newline.
     """
-    header = ["task", "method", "budget", "rank", "metric", "mean", "std", "params", "runs"]
+    header = [
+        "backbone",
+        "task",
+        "method",
+        "budget",
+        "rank",
+        "metric",
+        "mean",
+        "std",
+        "params",
+        "runs",
+    ]
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 5 + ["---:"] * 4) + "|",
+        "|" + "|".join(["---"] * 6 + ["---:"] * 4) + "|",
     ]
     for g in groups:
         std = "-" if g["std"] is None else f"{g['std']:.{digits}f}"
+        runs = str(g["runs"]) + (" !" if g.get("differs_in") else "")
         cells = [
+            g["backbone"],
             g["task"],
             g["method"],
             f"{g['budget']:g}",
@@ -205,7 +327,7 @@ def to_markdown(groups: Sequence[dict[str, Any]], digits: int = 4) -> str:
             f"{g['mean']:.{digits}f}",
             std,
             f"{g['params_trainable']:,.0f}",
-            str(g["runs"]),
+            runs,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -223,67 +345,22 @@ def write_csv(groups: Sequence[dict[str, Any]], path: str | Path) -> Path:
                     **{key: g[key] for key in CSV_COLUMNS},
                     "std": "" if g["std"] is None else g["std"],
                     "seeds": ";".join(map(str, g["seeds"])),
+                    "dev_examples": g.get("dev_examples") or "",
                 }
             )
     return path
 
 
 def plot_budget_curve(groups: Sequence[dict[str, Any]]):
-    """The primary metric against the budget: one panel per task, one line per method (and rank).
+    """The budget curve of :func:`aggregate`'s groups (:func:`diffora_lab.plotting.budget_curve`).
 
-    Error bars are the sample standard deviation over seeds. A method that ignores the budget
-    (:func:`budget_free`) and was run at a single budget is drawn as a dashed horizontal
-    line with a +-std band, a reference for the methods that select modules.
-
-    Args:
-        groups: Rows from :func:`aggregate`.
+    One panel per backbone and task, mean +- std over seeds; methods for which
+    :func:`budget_free` holds are drawn as horizontal reference lines.
 
     Returns:
         The matplotlib figure (the caller saves or shows, then closes it).
     """
-    tasks = sorted({g["task"] for g in groups})
-    # One colour per method and rank, the same in every panel.
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    keys = sorted({(g["method"], g["rank"]) for g in groups})
-    colors = {key: palette[i % len(palette)] for i, key in enumerate(keys)}
-    fig, axes = plt.subplots(
-        1, max(1, len(tasks)), figsize=(5.0 * max(1, len(tasks)), 3.8), squeeze=False
-    )
-    for ax, task in zip(axes[0], tasks):
-        rows = [g for g in groups if g["task"] == task]
-        ranks = {g["rank"] for g in rows}
-        budgets = sorted({g["budget"] for g in rows})
-        series: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for g in rows:
-            series.setdefault((g["method"], g["rank"]), []).append(g)
-        for (method, rank), points in sorted(series.items()):
-            points = sorted(points, key=lambda g: g["budget"])
-            label = method if len(ranks) == 1 else f"{method} r={rank}"
-            means = [p["mean"] for p in points]
-            stds = [p["std"] or 0.0 for p in points]
-            if budget_free(method) and len(points) == 1 and len(budgets) > 1:
-                color = colors[method, rank]
-                ax.axhline(means[0], color=color, ls="--", lw=1.2, label=f"{label} (budget-free)")
-                ax.axhspan(means[0] - stds[0], means[0] + stds[0], color=color, alpha=0.15)
-                continue
-            ax.errorbar(
-                [p["budget"] for p in points],
-                means,
-                yerr=stds,
-                marker="o",
-                capsize=3,
-                color=colors[method, rank],
-                label=label,
-            )
-        ax.set_title(task)
-        ax.set_xlabel("budget (fraction of modules kept)")
-        ax.set_ylabel(" / ".join(sorted({g["metric"] for g in rows})))
-        if budgets:
-            ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return plotting.budget_curve(groups, budget_free)
 
 
 def write_report(
@@ -309,7 +386,8 @@ def write_report(
         header += " from " + ", ".join(f"`{s}`" for s in sources)
     body = (
         f"{header}. Mean and sample std (ddof=1) of the primary dev metric over seeds; "
-        "params: mean trainable parameters.\n\n"
+        "params: mean trainable parameters; `!` after the run count: the runs of that group "
+        "differ in more than their seed (listed in the warnings).\n\n"
         f"{to_markdown(groups)}\n\n![budget curve](budget_curve.png)\n"
     )
     markdown = out_dir / "report.md"
@@ -333,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m diffora_lab.report",
         description="Compare finished diffora_lab runs: mean +- std over seeds of the primary dev "
-        "metric per (task, method, budget, rank), as Markdown, CSV and a budget curve.",
+        "metric per (backbone, task, method, budget, rank), as Markdown, CSV and a budget curve.",
     )
     parser.add_argument(
         "dirs", nargs="+", metavar="DIR", help="run or multirun folders (searched recursively)"

@@ -7,8 +7,36 @@ without importing the Hydra app (which imports the whole pipeline).
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
+
+
+def configure_threads(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Sets the OpenMP wait policy and thread count before torch loads, unless the user did.
+
+    OpenMP threads that spin-wait between parallel regions (the ``ACTIVE`` policy) take cores
+    from every other process: on a 2-core machine shared with other work the default run took
+    604 s instead of 151 s with ``PASSIVE`` (issue 12; BENCHMARKS.md, "Busy machine"). The thread
+    count is the number of cores this process may run on (``os.sched_getaffinity``: a SLURM or
+    ``taskset`` allocation), not the machine's. Both only take effect if torch is not imported
+    yet: ``python -m diffora_lab`` calls this first.
+
+    Args:
+        environ: The environment to update (default ``os.environ``).
+
+    Returns:
+        The variables this call set (empty when the user had set both).
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    wanted = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(max(1, cores))}
+    applied = {key: value for key, value in wanted.items() if not environ.get(key)}
+    environ.update(applied)
+    return applied
 
 
 def quiet_libraries() -> None:

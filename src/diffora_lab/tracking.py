@@ -6,6 +6,7 @@ uploaded later with ``wandb sync``); an unreachable server never stops training.
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -51,15 +52,22 @@ def wandb_mode(requested: str | None) -> str:
     return "offline"
 
 
-def build_logger(cfg: DictConfig, output_dir: Path, resume_id: str | None = None):
-    """The Lightning logger chosen by ``logger.name`` (wandb, csv or none)."""
+def build_logger(
+    cfg: DictConfig, output_dir: Path, resume_id: str | None = None, start_step: int = 0
+):
+    """The Lightning logger chosen by ``logger.name`` (wandb, csv or none).
+
+    Args:
+        cfg: The run's config.
+        output_dir: The run folder.
+        resume_id: The W&B run to continue.
+        start_step: The step training starts from; a CSV history keeps its rows before it.
+    """
     name = cfg.logger.name
     if name == "none":
         return False
     if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(output_dir), name="csv", version="")
+        return resumable_csv_logger(output_dir, start_step)
     if name != "wandb":
         raise ValueError(f"logger={name!r}: choose wandb, csv or none.")
     from lightning.pytorch.loggers import WandbLogger
@@ -91,6 +99,45 @@ def build_logger(cfg: DictConfig, output_dir: Path, resume_id: str | None = None
         log.warning("W&B: could not reach the server (%s); logging offline instead.", error)
         logger = make("offline")
     return logger
+
+
+def resumable_csv_logger(output_dir: Path, start_step: int):
+    """A CSVLogger writing ``csv/metrics.csv`` that continues an existing file.
+
+    Lightning's CSV logger deletes an existing ``metrics.csv``; this one keeps its rows logged
+    before ``start_step`` (later ones were logged after the checkpoint the run resumes from and
+    are logged again) and appends.
+    """
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    class _AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            path = Path(self.metrics_file_path)
+            if not path.is_file():
+                return
+            with path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                header = list(reader.fieldnames or [])
+                rows = list(reader)
+            kept = [row for row in rows if row.get("step") and int(row["step"]) < start_step]
+            if len(kept) != len(rows):
+                with path.open("w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=header)
+                    writer.writeheader()
+                    writer.writerows(kept)
+            self.metrics_keys = header
+
+    class _AppendingCSVLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None and rank_zero_only.rank == 0:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            return super().experiment
+
+    return _AppendingCSVLogger(save_dir=str(output_dir), name="csv", version="")
 
 
 def run_group(cfg: DictConfig) -> str:

@@ -7,12 +7,9 @@ fitted, scored, exported and summarised.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +25,27 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from diffora_lab import backbones, methods, tracking
 from diffora_lab.adapters import export_merged
 from diffora_lab.backbones import Candidate
-from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, StopAfter
+from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
 from diffora_lab.config import optim_settings, search_settings, validate
-from diffora_lab.dam import Mask, gate_entropy, num_kept
+from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import GlueDataModule
-from diffora_lab.matching import achieved, target_rank_of
-from diffora_lab.module import STATE_FORMAT, DiffoRAModule
+from diffora_lab.module import DiffoRAModule
+from diffora_lab.progress import PhaseProgressBar, progress_callbacks
+from diffora_lab.results import collect_results, summary_for_logger, summary_text
+from diffora_lab.runfolder import (
+    FolderState,
+    RunFolderLock,
+    check_checkpoint,
+    check_not_finished,
+    clear_outputs,
+    divergence_message,
+    global_rank,
+    remove_stale_temporaries,
+    write_hydra_files,
+)
+from diffora_lab.search_cache import open_entry
 from diffora_lab.speed import compile_layers
-from diffora_lab.tasks import TaskSpec, check_hub_dataset, get_task, load_raw
+from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)
 
@@ -130,85 +140,27 @@ def prepare(cfg: DictConfig) -> Prepared:
         if cfg.dam.get("mask_path"):
             mask = Mask.load(cfg.dam.mask_path)
             methods.check_mask_fits(mask, candidates, cfg.backbone.name, str(cfg.dam.mask_path))
+            if methods.method_for(cfg).searches and float(cfg.budget) != mask.budget:
+                # A fine-tuned mask is the run's budget: results, names and reports say so.
+                log.info("budget=%s: the mask's budget %s is used", cfg.budget, mask.budget)
+                with open_dict(cfg):
+                    cfg.budget = mask.budget
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return Prepared(spec, tokenizer, candidates)
 
 
-def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path, overwrite: bool = False) -> str | None:
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
         return None
     if ckpt == "last":
         last = ckpt_dir / "last.ckpt"
-        if last.is_file():
+        if last.is_file() and not overwrite:
             return str(last)
-        log.info("ckpt_path=last: no checkpoint in %s yet, starting fresh", ckpt_dir)
+        log.info("ckpt_path=last: no checkpoint in %s to resume, starting fresh", ckpt_dir)
         return None
     return str(ckpt)
-
-
-def _check_ckpt_matches(path: str, cfg: DictConfig) -> None:
-    # mmap: only the hyper-parameters are read here; Lightning loads the tensors later.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    saved = checkpoint.get("hyper_parameters", {})
-    saved_cfg = saved.get("config") or {}
-    for key in ("method.name", "backbone.name", "task.name", "rank"):
-        mine = OmegaConf.select(cfg, key)
-        theirs = OmegaConf.select(OmegaConf.create(saved_cfg), key) if saved_cfg else None
-        if theirs is not None and theirs != mine:
-            raise ConfigError(
-                f"ckpt_path={path!r} was written with {key}={theirs!r}, this run has "
-                f"{key}={mine!r}; resume with the same settings or start a new run."
-            )
-
-
-# Settings that act only after discretization (or not on training at all): runs that differ in
-# nothing else share one search (issue: "search once" budget sweeps).
-AFTER_SEARCH_KEYS = (
-    "budget",
-    "ckpt_path",
-    "logger",
-    "train.val_every",
-    "train.ckpt_every",
-    "train.log_every",
-    "train.eval_batch_size",
-    "train.stop_after",
-    "train.finite_check_every",
-    "dam.fold_gates",
-    "dam.weight_sharing",
-    "dam.merge_search_split",
-    "dam.mask_path",
-    "dam.log_every",
-    "dam.reuse_search",
-    "dam.search_cache_dir",
-    "data.cache_dir",  # data.bucketing stays in the key: it changes the batches
-    "data.num_workers",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-)
-
-
-def search_key(cfg: DictConfig) -> str:
-    """Hash of every setting that can change the state at the end of the search."""
-    from diffora_lab import __version__
-
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    settings.pop("hydra", None)
-    dam = cfg.dam
-    budget_shapes_search = (
-        dam.relaxation == "topk" or dam.get("progressive") or float(dam.budget_penalty) > 0
-    )
-    for dotted in AFTER_SEARCH_KEYS:
-        if dotted == "budget" and budget_shapes_search:
-            continue  # these searches steer towards k: the budget changes their end state
-        parts = dotted.split(".")
-        node = settings
-        for part in parts[:-1]:
-            node = node.get(part, {})
-        node.pop(parts[-1], None)
-    payload = json.dumps([__version__, STATE_FORMAT, settings], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Trainer:
@@ -221,6 +173,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Tr
         # The weight step leaves the gate logits unused and the architecture step the head:
         # DDP must look for unused parameters.
         trainer_args["strategy"] = DDPStrategy(find_unused_parameters=True)
+    # Lightning adds its own bar when enabled; ours (or log lines off a terminal) is in callbacks.
+    trainer_args["enable_progress_bar"] = any(isinstance(c, PhaseProgressBar) for c in callbacks)
     return pl.Trainer(
         max_steps=int(cfg.train.max_steps),
         val_check_interval=int(cfg.train.val_every),
@@ -246,18 +200,15 @@ class Assembled:
 
 
 def assemble(
-    cfg: DictConfig, prepared: Prepared, module_cls: type[DiffoRAModule] = DiffoRAModule
+    cfg: DictConfig,
+    prepared: Prepared,
+    module_cls: type[DiffoRAModule] = DiffoRAModule,
+    raw: RawSplits | None = None,
 ) -> Assembled:
-    """Loads data and weights and builds the method's model, the data module and the module."""
+    """Loads data (unless given) and weights and builds the model, data module and module."""
     spec = prepared.spec
-    raw = load_raw(
-        spec,
-        cfg.task.get("data_dir") or None,
-        seed=int(cfg.seed),
-        synthetic=(
-            OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
-        ),
-    )
+    if raw is None:
+        raw = _load_data(cfg, spec)
     backbone = backbones.load_backbone(
         cfg.backbone, spec.num_labels, vocab_size=len(prepared.tokenizer)
     )
@@ -303,35 +254,102 @@ def assemble(
     return Assembled(module, datamodule, candidates)
 
 
-def _shared_search(cfg: DictConfig, output_dir: Path, can_reuse: bool) -> tuple[dict, Path]:
-    """Where this run's end-of-search snapshot lives, and whether another run already made it.
+@dataclass
+class Checked:
+    """What the checks of a run produced, before anything was written to its folder."""
 
-    A reused snapshot's gate records are copied into this run, so its figures show the search.
+    prepared: Prepared
+    raw: RawSplits
+    ckpt_path: str | None
+    start_step: int
+
+
+def _load_data(cfg: DictConfig, spec: TaskSpec) -> RawSplits:
+    """The task's splits; a file that cannot be read is a user error (exit 2)."""
+    try:
+        return load_raw(
+            spec,
+            cfg.task.get("data_dir") or None,
+            seed=int(cfg.seed),
+            synthetic=(
+                OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
+            ),
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
+    """Everything that can refuse a run, with its folder still untouched.
+
+    Settings (:func:`prepare`), a finished folder, the checkpoint to resume (readable, same
+    method/backbone/task/rank, not past ``train.max_steps``) and the data files.
+
+    Raises:
+        ConfigError: With the setting and the fix.
     """
-    key = search_key(cfg)
-    snapshot = Path(str(cfg.dam.search_cache_dir)).expanduser() / key / "search_end.ckpt"
-    reused = can_reuse and snapshot.is_file()
-    if reused:
-        log.info("search %s already done: starting from %s", key, snapshot)
-        history = snapshot.with_name("gates.jsonl")
-        if history.is_file():
-            (output_dir / "dam").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(history, output_dir / "dam" / "gates.jsonl")
-    return {"reused": reused, "key": key}, snapshot
+    prepared = prepare(cfg)
+    overwrite = bool(cfg.get("overwrite", False))
+    try:
+        check_not_finished(output_dir, overwrite)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    ckpt_path = _resolve_ckpt(cfg, output_dir / "checkpoints", overwrite)
+    try:
+        start_step = check_checkpoint(ckpt_path, cfg) if ckpt_path else 0
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    raw = _load_data(cfg, prepared.spec)
+    return Checked(prepared, raw, ckpt_path, start_step)
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Runs one job end to end and returns its results (also written to ``results.json``)."""
+def run(
+    cfg: DictConfig, output_dir: str | Path, task_cfg: DictConfig | None = None
+) -> dict[str, Any]:
+    """Runs one job end to end and returns its results (also written to ``results.json``).
+
+    Args:
+        cfg: The composed config.
+        output_dir: The run folder.
+        task_cfg: The config as composed, written to ``.hydra/config.yaml`` once the run is
+            accepted (the CLI passes it; Hydra itself writes nothing there).
+
+    Raises:
+        ConfigError: A refused run (bad setting, data, checkpoint, a busy or finished folder);
+            the folder is left as it was found.
+    """
     started = time.time()
     output_dir = Path(output_dir)
-    prepared = prepare(cfg)
+    found = FolderState.capture(output_dir)
+    lock = RunFolderLock(output_dir)
+    try:
+        lock.acquire()
+        checked = check_run(cfg, output_dir)
+    except ValueError as error:
+        lock.release()
+        found.restore()
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(str(error)) from error
+    try:
+        if global_rank() == 0:
+            if cfg.get("overwrite"):
+                clear_outputs(output_dir)
+            remove_stale_temporaries(output_dir / "checkpoints")
+            write_hydra_files(output_dir, task_cfg)
+        return _fit_and_report(cfg, output_dir, checked, started)
+    finally:
+        lock.release()
+
+
+def _fit_and_report(
+    cfg: DictConfig, output_dir: Path, checked: Checked, started: float
+) -> dict[str, Any]:
+    """Builds, fits, scores and exports an accepted run."""
+    prepared, ckpt_path = checked.prepared, checked.ckpt_path
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_dir = output_dir / "checkpoints"
-    ckpt_path = _resolve_ckpt(cfg, ckpt_dir)
-    if ckpt_path:
-        _check_ckpt_matches(ckpt_path, cfg)
-
-    assembled = assemble(cfg, prepared)
+    assembled = assemble(cfg, prepared, raw=checked.raw)
     module, datamodule, candidates = assembled.module, assembled.datamodule, assembled.candidates
     search, optim = module.search, module.optim
     if search.enabled:
@@ -341,18 +359,24 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if module.mask is not None:
         module.mask.save(output_dir / "dam" / "mask.json")
 
-    search_info, snapshot = {"reused": False, "key": None}, None
+    search_info: dict[str, Any] = {"reused": False, "key": None}
+    entry = None
     if search.enabled and cfg.dam.reuse_search:
-        search_info, snapshot = _shared_search(cfg, output_dir, can_reuse=ckpt_path is None)
-        if search_info["reused"]:
-            ckpt_path = str(snapshot)
+        entry = open_entry(cfg, checked.raw.train, datamodule.search_indices)
+        remove_stale_temporaries(entry.folder)
+        search_info["key"] = entry.key
+        source = None if ckpt_path else entry.reuse(output_dir, search.steps)
+        if source is not None:
+            ckpt_path = source["path"]
             module.search_reused = True
+            search_info.update(reused=True, source=source)
 
     run_id_file = ckpt_dir / "wandb_run_id"
     resume_id = None
     if ckpt_path and not search_info["reused"] and run_id_file.is_file():
         resume_id = run_id_file.read_text().strip()
-    logger = tracking.build_logger(cfg, output_dir, resume_id)
+    start_step = search.steps if search_info["reused"] else checked.start_step
+    logger = tracking.build_logger(cfg, output_dir, resume_id, start_step)
     failed = True
     try:
         run_id = tracking.wandb_run_id(logger)
@@ -360,6 +384,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             run_id_file.write_text(run_id)
         preemption = Preemption(ckpt_dir / "last.ckpt")
+        clock = RunClock(started, restore=not search_info["reused"])
         callbacks: list[pl.Callback] = [
             ModelCheckpoint(
                 dirpath=str(ckpt_dir),
@@ -368,20 +393,26 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 every_n_train_steps=int(cfg.train.ckpt_every),
             ),
             preemption,
+            clock,
+            *progress_callbacks(
+                bool(cfg.trainer.get("enable_progress_bar", True)),
+                float(cfg.train.get("progress_every", 30)),
+            ),
         ]
         if cfg.train.get("stop_after"):
             callbacks.append(StopAfter(int(cfg.train.stop_after)))
         if search.enabled:
             callbacks += [
-                Discretization(output_dir, cfg.backbone.name, snapshot),
+                Discretization(output_dir, cfg.backbone.name, entry),
                 DAMMonitor(output_dir, int(cfg.dam.log_every)),
             ]
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
-        fit_started = time.time()
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:  # Lightning's exit after SIGTERM; Preemption saved first
-            preemption.stopped_by = preemption.stopped_by or int(signal.SIGTERM)
+            preemption.stopped_by = preemption.stopped_by or preemption.stop_signal()
+        except FloatingPointError as error:
+            raise FloatingPointError(divergence_message(error, ckpt_dir, optim.grad_clip)) from None
         else:
             trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
         if module.step < optim.max_steps:
@@ -395,146 +426,27 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 "signal": preemption.stopped_by,
                 "output_dir": str(output_dir),
             }
+        if search.enabled and module.mask is None:  # never report a search as a DiffoRA result
+            raise ConfigError(
+                f"the search in {output_dir} ended at step {module.step} without a "
+                f"discretization (dam.search_steps={search.steps}); start a new run folder."
+            )
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        results = _results(cfg, module, candidates, started, output_dir)
-        results["fit_seconds"] = round(time.time() - fit_started, 2)
+        results = collect_results(cfg, module, candidates, started, output_dir)
+        results["wall_seconds"] = round(clock.wall_seconds(), 2)
+        results["fit_seconds"] = round(clock.fit_seconds(), 2)
         results["search"] = search_info
         if trainer.is_global_zero:
-            if module.method.export(module.model, output_dir / "adapter") is not None:
+            reference = backbones.model_reference(cfg.backbone)
+            if module.method.export(module.model, output_dir / "adapter", reference) is not None:
                 results["adapter"] = str(output_dir / "adapter")
             if cfg.get("export") is not None and cfg.export.get("merged"):
                 export_merged(module.model, output_dir / "merged", prepared.tokenizer)
                 results["merged"] = str(output_dir / "merged")
             (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-            tracking.write_summary(logger, _summary_for_logger(results))
+            tracking.write_summary(logger, summary_for_logger(results))
             print(summary_text(results, output_dir))
         failed = False
         return results
     finally:
         tracking.finish(logger, failed)
-
-
-def _results(
-    cfg: DictConfig,
-    module: DiffoRAModule,
-    candidates: list[Candidate],
-    started: float,
-    output_dir: Path,
-) -> dict[str, Any]:
-    params = module.trainable_parameters()
-    mask = module.mask
-    spec = module.spec
-    results = {
-        "task": spec.name,
-        "method": cfg.method.name,
-        "preset": cfg.method.get("preset"),
-        "backbone": cfg.backbone.name,
-        "budget": float(cfg.budget),
-        "rank": int(cfg.rank),
-        "seed": int(cfg.seed),
-        "params_trainable": params["total"],
-        "params": params,
-        "candidate_modules": len(candidates),
-        "kept_modules": mask.kept_modules if mask is not None else [],
-        "kept_by_type": mask.counts_by_type() if mask is not None else {},
-        "k": mask.k if mask is not None else 0,
-        "dam_entropy": (
-            float(gate_entropy(torch.tensor(mask.gates)))
-            if mask is not None and mask.source == "search"
-            else None
-        ),
-        "primary_metric": f"val/{spec.primary_metric}",
-        "metrics": dict(module.last_val),
-        "discretization": {
-            "val_before": module.discretization.get("val_before"),
-            "val_after": module.discretization.get("val_after"),
-            "step": module.discretization.get("step"),
-            "gap": (
-                module.discretization["val_before"] - module.discretization["val_after"]
-                if module.discretization.get("val_before") is not None
-                else None
-            ),
-        },
-        "steps": module.step,
-        "world_size": module.trainer.world_size,
-        "ranks_consistent": module.ranks_consistent,
-        "wall_seconds": round(time.time() - started, 2),
-        "output_dir": str(output_dir),
-    }
-    if module.search.enabled or cfg.dam.get("mask_path"):
-        dam = cfg.dam
-        results["search_variant"] = {
-            "relaxation": str(dam.relaxation),
-            "budget_penalty": float(dam.budget_penalty),
-            "progressive": bool(dam.get("progressive", False)),
-            "tau": [float(dam.tau), float(dam.tau_end)],
-            "order": str(dam.order),
-        }
-    if cfg.method.get("scaling") is not None:
-        method = cfg.method
-        results["lora_scaling"] = {"rule": str(method.scaling), "scale": method.get("scale")}
-    target_rank = target_rank_of(cfg)
-    if target_rank is not None and mask is not None:
-        results["match"] = achieved(mask.kept, candidates, int(cfg.rank), target_rank).as_dict()
-    results.update(module.method.results(module.model, candidates))
-    return results
-
-
-def _summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
-    flat = {f"final/{k.split('/', 1)[-1]}": v for k, v in results["metrics"].items()}
-    flat.update(
-        {
-            "params/trainable": results["params_trainable"],
-            "dam/k": results["k"],
-            "dam/sparsity": 1 - results["k"] / max(1, results["candidate_modules"]),
-            "dam/entropy": results["dam_entropy"],
-            "dam/kept_modules": results["kept_modules"],
-            "dam/kept_by_type": results["kept_by_type"],
-            "dam/val_before": results["discretization"]["val_before"],
-            "dam/val_after": results["discretization"]["val_after"],
-        }
-    )
-    return flat
-
-
-def summary_text(results: dict[str, Any], output_dir: Path) -> str:
-    """The one-screen summary printed at the end of a run."""
-    primary = results["primary_metric"]
-    disc = results["discretization"]
-    lines = [
-        "",
-        "=" * 72,
-        f"diffora_lab: {results['method']} on {results['task']} "
-        f"({results['backbone']}, budget {results['budget']}, rank {results['rank']}, "
-        f"seed {results['seed']})",
-        f"  steps               {results['steps']}  ({results['wall_seconds']:.0f} s)",
-        f"  trainable params    {results['params_trainable']:,} "
-        f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,}"
-        + (
-            f", backbone {results['params']['backbone']:,})"
-            if results["params"]["backbone"]
-            else ")"
-        ),
-    ]
-    if results["kept_modules"]:
-        lines.append(
-            f"  kept modules        {results['k']}/{results['candidate_modules']}  "
-            + " ".join(f"{t}:{n}" for t, n in results["kept_by_type"].items())
-        )
-    if disc["val_before"] is not None:
-        lines.append(
-            f"  discretization      {primary} {disc['val_before']:.4f} -> "
-            f"{disc['val_after']:.4f} (step {disc['step']})"
-        )
-    for key, value in results["metrics"].items():
-        lines.append(f"  final {key:<14}{value:.4f}")
-    written = ["results.json", "checkpoints/last.ckpt"]
-    for name in ("dam/mask.json", "dam/heatmaps/", "adapter/", "merged/"):
-        if (output_dir / name).exists():
-            written.append(name)
-    lines += [
-        f"  outputs             {output_dir}",
-        "                      " + ", ".join(written),
-        "=" * 72,
-    ]
-    return "\n".join(lines)

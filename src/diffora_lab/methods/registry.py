@@ -89,11 +89,15 @@ class Method:
         """Entries this method adds to ``results.json``."""
         return {}
 
-    def export(self, model: nn.Module, folder: Path) -> Path | None:
-        """Writes what a user takes away (a peft adapter folder), or None."""
+    def export(self, model: nn.Module, folder: Path, base_model: str | None = None) -> Path | None:
+        """Writes what a user takes away (a peft adapter folder), or None.
+
+        ``base_model`` is what the adapter config names as its base (see
+        :func:`diffora_lab.backbones.model_reference`).
+        """
         if not self.exports_adapter:
             return None
-        return export_adapter(model, folder)
+        return export_adapter(model, folder, base_model=base_model)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -134,14 +134,20 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     Quoting is not interpreted (sentences contain bare ``"``) and only a line feed ends a line,
     so a stray carriage return inside a sentence cannot split a row.
     """
-    try:
-        with path.open("r", encoding="utf-8-sig", newline="\n") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                line = line.rstrip("\n").rstrip("\r")
-                if line:
-                    yield line_number, line.split("\t")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not valid UTF-8 ({error}); GLUE files are UTF-8.") from error
+    # Bytes, decoded line by line: a bad byte is reported by line number, not character offset.
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path} line {line_number}: byte {raw[error.start]:#04x} at column "
+                    f"{error.start + 1} is not valid UTF-8; GLUE files are UTF-8 (re-save the "
+                    "file as UTF-8 or replace it with the original GLUE file)."
+                ) from None
+            line = line.rstrip("\n").rstrip("\r")
+            if line:
+                yield line_number, line.split("\t")
 
 
 def _column_indices(
@@ -208,6 +214,14 @@ def check_data_dir(spec: TaskSpec, data_dir: str | Path) -> None:
                 f"tab-separated fields, expected {layout.headerless_columns} (the original "
                 f"{spec.glue_dir} file has no header: source, label, author mark, sentence)."
             )
+        elif layout.raw_labels is not None:
+            label = first_row[int(layout.label_column)].strip()
+            if label not in layout.raw_labels:
+                raise ValueError(
+                    f"task.data_dir={str(data_dir)!r}: {path} line 1 looks like a header "
+                    f"(label field {label!r}); the original {spec.glue_dir} file has none: "
+                    "delete that line."
+                )
 
 
 def _parse_label(

@@ -1,0 +1,138 @@
+"""Small checkpoints: what training changes, plus a fingerprint of the frozen backbone.
+
+A run's frozen backbone is reloaded from its source (package, hub, folder or config) every time
+the run starts, so a checkpoint need not carry it: it keeps the trainable tensors (adapters, head,
+the biases of BitFit, everything for full fine-tuning), the DAM's logits and the adapters' own
+frozen tensors (AdaLoRA's ``ranknum``), and records a fingerprint of the frozen backbone weights
+it left out. Resuming checks that fingerprint against the backbone just loaded, refuses a
+different one, and fills the left-out tensors back in from it, so the state dict still loads
+strictly (a trainable tensor missing from a checkpoint is an error, not a silent re-init).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+# Tensors whose names contain these are created by the adapter or the DAM, not loaded from the
+# backbone's source, so they are always saved even when frozen.
+OWN_TENSORS = ("lora_", "ranknum", "dam.")
+# peft's wrapping renames backbone tensors; the fingerprint uses the backbone's own names, so
+# the same backbone has the same fingerprint in every phase (adapters dropped or not).
+_WRAPPERS = ((".base_layer.", "."), (".original_module.", "."))
+_PREFIXES = ("model.base_model.model.", "model.")
+
+
+class BackboneMismatch(ValueError):
+    """A checkpoint was made with other frozen backbone weights than the ones loaded now."""
+
+
+def backbone_name(key: str) -> str:
+    """A state-dict key as the plain backbone names it (peft's wrappers and prefixes removed)."""
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+            break
+    for wrapped, plain in _WRAPPERS:
+        key = key.replace(wrapped, plain)
+    return key
+
+
+def frozen_backbone_keys(module: nn.Module) -> list[str]:
+    """State-dict keys of ``module`` that hold frozen backbone tensors (left out of checkpoints)."""
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return [
+        key
+        for key in module.state_dict(keep_vars=True)
+        if key not in trainable and not any(mark in key for mark in OWN_TENSORS)
+    ]
+
+
+def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over names (backbone naming), dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted((backbone_name(k), t) for k, t in tensors):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class BackboneFingerprint:
+    """Computes the fingerprint of a module's frozen backbone once per set of frozen keys.
+
+    Frozen weights do not change, so hashing them (about 1 s per GB) happens once per phase, not
+    at every checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, ...], str] = {}
+
+    def __call__(self, module: nn.Module, keys: list[str]) -> str:
+        names = tuple(keys)
+        if names not in self._cache:
+            state = module.state_dict()
+            self._cache[names] = fingerprint((k, state[k]) for k in names)
+        return self._cache[names]
+
+
+def prune(checkpoint: dict, module: nn.Module, digest: BackboneFingerprint) -> dict:
+    """Drops the frozen backbone from ``checkpoint['state_dict']`` and records its fingerprint.
+
+    Returns:
+        The record stored in the checkpoint: ``fingerprint``, ``tensors`` (how many were left
+        out) and ``params`` (their element count).
+    """
+    keys = [k for k in frozen_backbone_keys(module) if k in checkpoint["state_dict"]]
+    state = checkpoint["state_dict"]
+    record = {
+        "fingerprint": digest(module, keys),
+        "tensors": len(keys),
+        "params": int(sum(state[k].numel() for k in keys)),
+    }
+    for key in keys:
+        del state[key]
+    return record
+
+
+def fill(
+    state: dict[str, torch.Tensor],
+    current: Mapping[str, torch.Tensor],
+    keys: Iterable[str],
+    record: dict | None,
+    source: str = "checkpoint",
+) -> None:
+    """Puts the left-out backbone tensors back into ``state``, after checking the fingerprint.
+
+    Only ``keys`` missing from ``state`` are filled: anything else missing stays missing, and
+    strict loading reports it.
+
+    Args:
+        state: A pruned state dict (changed in place).
+        current: The state dict of the model just built (its backbone freshly loaded), in the
+            checkpoint's structure.
+        keys: The keys of ``current`` that may have been left out (its frozen backbone).
+        record: What :func:`prune` stored; ``None`` for a complete (old-style) checkpoint.
+        source: Named in the error.
+
+    Raises:
+        BackboneMismatch: If the loaded backbone's frozen weights are not the ones the
+            checkpoint was made with.
+    """
+    if record is None:
+        return
+    missing = [key for key in keys if key not in state]
+    mine = fingerprint((key, current[key]) for key in missing)
+    if mine != record["fingerprint"]:
+        raise BackboneMismatch(
+            f"{source} was made with another backbone: the frozen weights loaded now "
+            f"({len(missing)} tensors, fingerprint {mine[:12]}) are not the ones it was saved "
+            f"with ({record['tensors']} tensors, fingerprint {record['fingerprint'][:12]}). "
+            "Resume with the same backbone (backbone.name / backbone.path as in the run's "
+            ".hydra/config.yaml), or start a new run."
+        )
+    for key in missing:
+        state[key] = current[key]

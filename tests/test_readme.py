@@ -1,0 +1,198 @@
+"""The README is true: its command blocks run, its shown outputs match what the code prints.
+
+Every fenced block of README.md is taken apart here: ``bash`` blocks are split into commands and
+run (``python -m diffora_lab ...`` with a few overrides appended so they finish in seconds),
+``python`` blocks are executed, a ``$ command`` block's output is compared with what the command
+prints, and the summary block's line labels with a real run's summary. Commands that need the
+hub, a GPU, a cluster or the network are listed in :data:`NOT_RUN` with the reason; each entry
+must still occur in the README, so the list cannot go stale, and any other command is run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SHARED_GLUE
+
+README = REPO / "README.md"
+
+# Substring of a command -> why this test does not run it.
+NOT_RUN = {
+    "bash scripts/setup_and_run.sh": "installs packages (network); the default job is run below",
+    "bash scripts/test.sh": "runs this test suite",
+    "+experiment=deberta_mnli": "DeBERTa-v3-base and MNLI from the hub",
+    "backbone.path=/models/deberta-v3-base": "a local DeBERTa-v3-base folder",
+    "hydra/launcher=slurm": "a SLURM cluster with GPUs",
+}
+# Placeholders the README uses -> what the test puts there (filled in by the fixture).
+RUN_PLACEHOLDER = "outputs/2026-11-28/11-40-02"
+# Appended to every `python -m diffora_lab` command: a few steps, no W&B. The quickstart keeps
+# its backbone (MiniLM: the adapter snippet loads it); the others run on the tiny one.
+FAST = (
+    "train.max_steps=6",
+    "train.val_every=3",
+    "train.ckpt_every=3",
+    "train.eval_batch_size=256",
+    "dam.warmup_steps=1",
+    "dam.log_every=2",
+    "logger=none",
+)
+TINY = ("backbone=tiny_deberta", "task.max_length=64")
+
+
+def blocks() -> list[tuple[str, str]]:
+    """(language, text) of every fenced block, indented ones included."""
+    text = README.read_text()
+    found = re.findall(r"^( *)```(\w*)\n(.*?)^\1```", text, flags=re.M | re.S)
+    return [
+        (lang, "\n".join(line[len(indent) :] for line in body.splitlines()))
+        for indent, lang, body in found
+    ]
+
+
+def commands(block: str) -> list[str]:
+    """The commands of a bash block: continuation lines joined, trailing comments removed."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    result = []
+    for line in joined.splitlines():
+        line = re.sub(r"\s+#.*$", "", line).strip()
+        if line and not line.startswith("#"):
+            result.append(line)
+    return result
+
+
+def skip_reason(command: str) -> str | None:
+    return next((why for key, why in NOT_RUN.items() if key in command), None)
+
+
+def test_the_not_run_list_names_commands_the_readme_still_has():
+    every = [c for lang, body in blocks() if lang == "bash" for c in commands(body)]
+    for key in NOT_RUN:
+        assert any(key in c for c in every), f"NOT_RUN entry {key!r} no longer in the README"
+
+
+def test_matched_table_in_the_readme_is_what_the_code_prints():
+    from diffora_lab.matching import matched_table
+
+    printed = set(matched_table().splitlines())
+    readme = [line for line in README.read_text().splitlines() if line.startswith("| MiniLM-L6")]
+    readme += [line for line in README.read_text().splitlines() if line.startswith("| DeBERTa")]
+    assert len(readme) == 8
+    assert set(readme) <= printed
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        DIFFORA_CACHE=str(tmp / "cache"),
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+
+
+def _prepare(command: str, tmp: Path, index: int, default_run: Path | None) -> list[str] | None:
+    """The command as run here (placeholders filled, overrides appended), or None to skip."""
+    if default_run is not None:
+        command = command.replace(RUN_PLACEHOLDER, str(default_run))
+        command = command.replace("path/to/adapter", str(default_run / "adapter"))
+    if "data.dir" in command or "data_dir" in command or "/data/glue" in command:
+        if not SHARED_GLUE.is_dir():
+            return None
+        command = re.sub(r"(?<=[\s=])(\.\./shared)?/data/glue", str(SHARED_GLUE), command)
+    args = shlex.split(command)
+    if args[0] == "python":
+        args[0] = sys.executable
+    if args[1:3] == ["-m", "diffora_lab"]:
+        quickstart = args[3:] == []
+        args += [*FAST, *([] if quickstart else TINY)]
+        args += [f"hydra.run.dir={tmp}/run{index}", f"hydra.sweep.dir={tmp}/multi{index}"]
+    return args
+
+
+def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> tuple[Path, str]:
+    """The README's first `python -m diffora_lab` command (the default job), run shortened."""
+    tmp = tmp_path_factory.mktemp("readme")
+    args = _prepare("python -m diffora_lab", tmp, 0, None)
+    done = _run(args, tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / "run0", done.stdout
+
+
+@pytest.mark.slow
+def test_every_bash_command_runs(default_run, tmp_path):
+    run_dir, _ = default_run
+    ran, skipped = [], []
+    for index, command in enumerate(
+        c for lang, body in blocks() if lang == "bash" for c in commands(body)
+    ):
+        if command == "python -m diffora_lab":
+            ran.append(command)  # the fixture ran it
+            continue
+        args = None if skip_reason(command) else _prepare(command, tmp_path, index + 1, run_dir)
+        if args is None:
+            skipped.append(command)
+            continue
+        done = _run(args, tmp_path)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+        ran.append(command)
+    assert len(ran) >= 6, ran  # the quickstart, smoke, sweep, lora, evaluate ...
+    assert all(skip_reason(c) or not SHARED_GLUE.is_dir() for c in skipped), skipped
+
+
+@pytest.mark.slow
+def test_python_blocks_run_and_load_the_adapter(default_run, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    run_dir, _ = default_run
+    python_blocks = [body for lang, body in blocks() if lang == "python"]
+    assert python_blocks
+    monkeypatch.chdir(tmp_path)
+    for body in python_blocks:
+        namespace: dict = {}
+        exec(compile(body.replace(RUN_PLACEHOLDER, str(run_dir)), "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert isinstance(model, PeftModel)
+    assert model.base_model.model.config.num_labels == namespace["num_labels"] == 2
+
+
+@pytest.mark.slow
+def test_summary_block_matches_a_real_summary(default_run):
+    _, stdout = default_run
+    shown = next(body for lang, body in blocks() if lang == "" and body.startswith("diffora_lab:"))
+    real = stdout.splitlines()
+    # The README shows the default job (seed 42, budget 0.5, rank 8): the same header.
+    assert shown.splitlines()[0] in real
+    for line in shown.splitlines()[1:]:
+        label = re.split(r"\s{2,}", line.strip())[0]
+        if label.startswith("results.json"):
+            assert any(x.strip().startswith("results.json, checkpoints/last.ckpt") for x in real)
+            continue
+        assert any(x.strip().startswith(label) for x in real), label
+
+
+def test_bad_input_block_shows_what_the_cli_prints(tmp_path):
+    shown = next(body for lang, body in blocks() if lang == "" and body.startswith("$ "))
+    first, *expected = shown.splitlines()
+    args = _prepare(first.removeprefix("$ "), tmp_path, 99, None)
+    done = _run(args, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == expected
+
+
+def test_help_names_the_app(tmp_path):
+    done = _run([sys.executable, "-m", "diffora_lab", "--help"], tmp_path)
+    assert done.returncode == 0
+    assert done.stdout.startswith("diffora_lab is powered by Hydra.")
+    assert "__main__" not in done.stdout
