@@ -75,7 +75,9 @@ stamp() { echo "[gpu_check] $1 exit status $2, $(( $(date +%s) - start )) s so f
 limit 75 "$PY" bench/step_time.py --device $dev --backbone $big --vocab $vocab --batch $batch \
   --seq $seq --rank 8 --budget 0.5 $st --json "$out/step_time.json"
 stamp step_time $?
-for backbone in $big $small; do
+backbones=$big
+[ "$small" != "$big" ] && backbones="$big $small"
+for backbone in $backbones; do
   limit $([ $backbone = $big ] && echo 120 || echo 90) "$PY" bench/speedups.py --device $dev --backbone $backbone --glue $glue $sp \
     --json "$out/speedups_$backbone.json"
   stamp "speedups $backbone" $?

@@ -13,6 +13,8 @@ else generated lengths with SST-2's spread). Variants:
 * ``compile``   ``train.compile=true``: each backbone layer compiled (inductor);
 * ``nodrop``    ``method.lora_dropout=0``: peft skips the dropout copy of each adapted input
   (changes the method's regularisation: not part of ``all``);
+* ``all_eager`` bucketing + nosync + fused (everything but compile: where compiling costs more
+  than a short run gains, e.g. on a CPU);
 * ``all``       bucketing + nosync + fused + compile.
 
 Every variant reads a whole epoch of the same examples per round (its own batch stream: random
@@ -60,7 +62,17 @@ from diffora_lab.data import PadCollator, ResumableBatchSampler, TokenizedSplit 
 from diffora_lab.speed import compile_layers  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
-VARIANTS = ("peft", "eager", "bucketing", "nosync", "fused", "compile", "nodrop", "all")
+VARIANTS = (
+    "peft",
+    "eager",
+    "bucketing",
+    "nosync",
+    "fused",
+    "compile",
+    "nodrop",
+    "all_eager",
+    "all",
+)
 SETTINGS = {  # variant -> (bucketing, finite_check_every, optimizer, compile, lora_dropout)
     "eager": (0, 1, "default", False, None),
     "bucketing": (8, 1, "default", False, None),
@@ -68,6 +80,7 @@ SETTINGS = {  # variant -> (bucketing, finite_check_every, optimizer, compile, l
     "fused": (0, 1, "fused", False, None),
     "compile": (0, 1, "default", True, None),
     "nodrop": (0, 1, "default", False, 0.0),
+    "all_eager": (8, 10, "fused", False, None),
     "all": (8, 10, "fused", True, None),
 }
 
