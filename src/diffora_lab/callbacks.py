@@ -357,10 +357,10 @@ class DAMMonitor(pl.Callback):
             import wandb
 
             rows = []
-            for s in steps:
-                for index, value in enumerate(self.history[s]):
+            for s, gates in zip(steps, history):  # with the mask's own step, if appended
+                for index, value in enumerate(gates):
                     cand = module.candidates[index]
-                    rows.append([s, cand.layer, cand.module_type, value])
+                    rows.append([s, cand.layer, cand.module_type, float(value)])
             run.log(
                 {
                     "dam/trajectories": wandb.Image(str(path)),
