@@ -99,6 +99,10 @@ METHODS = {
 }
 STUDY_METHODS = ["lora", "diffora", "diffora_faithful", "random_mask", "adalora"]
 COMMON = ["logger=csv", "train.batch_size=32", "train.lr=1e-3", "dam.reuse_search=false"]
+# The speed-ups that do not change what a step computes, plus length bucketing (which changes the
+# batch composition, the same way for every method): about 0.6x the plain CPU step time
+# (BENCHMARKS.md, "Speed-ups"). `data.bucketing=0` among the overrides restores random batches.
+SPEEDUPS = ["data.bucketing=8", "train.finite_check_every=10", "train.optimizer=fused"]
 
 
 @dataclass
@@ -161,6 +165,7 @@ def make_jobs(args: argparse.Namespace, runs: Path, data_dir: Path) -> list[Job]
                 folder = runs / task / method / f"seed{seed}"
                 overrides = [
                     *COMMON,
+                    *SPEEDUPS,
                     f"backbone={args.backbone}",
                     f"task={task}",
                     f"task.data_dir={data_dir}",

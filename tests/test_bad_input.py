@@ -13,6 +13,7 @@ file, ``PID``/``HOST`` the process holding the folder, ``…`` any text (e.g. a 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -119,6 +120,17 @@ def checkpoint(transform: Callable[[bytes], bytes]) -> Callable:
     return make
 
 
+def older_format(data: bytes) -> bytes:
+    """The same checkpoint, its diffora_lab state marked as written in format 1."""
+    import torch
+
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    saved["diffora_lab"]["format"] = 1
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    return buffer.getvalue()
+
+
 def finished_folder(ctx: Context) -> None:
     ctx.run.mkdir(parents=True)
     (ctx.run / "results.json").write_text(json.dumps({"task": "synthetic", "steps": 40}))
@@ -140,6 +152,7 @@ SITUATIONS: dict[str, Callable] = {
     "a checkpoint at step 6": checkpoint(lambda data: data),
     "an empty checkpoint": checkpoint(lambda data: b""),
     "a truncated checkpoint": checkpoint(lambda data: data[: len(data) // 2]),
+    "a checkpoint written by another version (format 1)": checkpoint(older_format),
     "a finished run folder": finished_folder,
     "a run folder in use by another process": busy_folder,
 }

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SEARCH, FINETUNE = "search", "finetune"
 STATE_KEY = "diffora_lab"  # our entry in a Lightning checkpoint
-STATE_FORMAT = 2  # 2: the method's state under "method"; part of the search-cache key
+STATE_FORMAT = 2  # 2: the method's state under "method"; checked on resume; in the search-cache key
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -395,6 +395,7 @@ class DiffoRAModule(pl.LightningModule):
             self._fingerprint = BackboneFingerprint()
         backbone = prune(checkpoint, self, self._fingerprint)
         checkpoint[STATE_KEY] = {
+            "format": STATE_FORMAT,
             "backbone": backbone,
             "phase": self.phase,
             "step": self.step,

@@ -226,13 +226,12 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int:
     """
     import torch
 
-    from diffora_lab.module import STATE_KEY
+    from diffora_lab.module import STATE_FORMAT, STATE_KEY
 
     setting = f"ckpt_path={cfg.get('ckpt_path')}"
     try:
         # mmap: only the small entries are read here; Lightning loads the tensors later.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        step = int(checkpoint[STATE_KEY]["step"])
     except Exception as error:
         size = Path(path).stat().st_size
         what = "empty (0 bytes)" if size == 0 else f"truncated or not a checkpoint ({size} bytes)"
@@ -240,6 +239,16 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int:
             f"{setting}: {path} is damaged: {what}, {type(error).__name__}. Delete it to start "
             "this run over, or pass ckpt_path=null to start fresh without reading it."
         ) from None
+    state = checkpoint.get(STATE_KEY) if isinstance(checkpoint, dict) else None
+    written = None if not isinstance(state, dict) else state.get("format", 2)  # 2: no field yet
+    if written != STATE_FORMAT or "step" not in state:
+        made = "no diffora_lab state" if written is None else f"checkpoint format {written}"
+        raise ValueError(
+            f"{setting}: {path} was not written by this version of diffora_lab ({made}; this "
+            f"version reads format {STATE_FORMAT}). Resume it with the version that wrote it, or "
+            "delete it (or pass ckpt_path=null) to start this run over."
+        )
+    step = int(state["step"])
     saved = checkpoint.get("hyper_parameters", {})
     saved_cfg = OmegaConf.create(saved.get("config") or {})
     for key in ("method.name", "backbone.name", "task.name", "rank"):
