@@ -83,3 +83,41 @@ def test_dry_run_writes_the_table_and_resumes(tmp_path):
     assert study.main(args) == 0
     again = (tmp_path / "results" / "dry" / "sst2" / "lora" / "seed1" / "results.json").stat()
     assert again.st_mtime_ns == stamp.st_mtime_ns
+
+
+def test_table_pairs_seeds_with_lora_and_flags_parameter_mismatch():
+    study = load_study()
+
+    def row(method, seed, value, params, before=None):
+        return dict(
+            task="sst2",
+            method=method,
+            seed=seed,
+            metric="val/accuracy",
+            value=value,
+            params_adapter=params,
+            val_before=before,
+            val_after=None if before is None else value,
+        )
+
+    rows = [
+        row("lora", 1, 0.80, 1000),
+        row("lora", 2, 0.90, 1000),
+        row("lora", 3, 0.85, 1000),
+        # seed 3 has no diffora run: only seeds 1 and 2 are paired
+        row("diffora", 1, 0.82, 700, 0.81),
+        row("diffora", 2, 0.91, 700, 0.90),
+        row("random_mask", 1, 0.79, 1040),
+        row("random_mask", 4, 0.99, 1040),
+    ]
+    lines = {
+        line.split(" | ")[1]: line
+        for line in study.table(rows, ["lora", "diffora", "random_mask"]).splitlines()
+        if line.startswith("| sst2")
+    }
+    # per-seed differences +2 and +1 points: mean +1.50, std 0.71, over 2 seeds
+    assert "| +1.50 ± 0.71 (2) |" in lines["diffora"]
+    assert "0.700 (differs > 5 %)" in lines["diffora"]
+    # only seed 1 pairs (seed 4 has no LoRA run); 4 % more parameters is not flagged
+    assert "| -1.00 ± 0.00 (1) |" in lines["random_mask"] and "| 1.040 |" in lines["random_mask"]
+    assert "| 85.00 ± 5.00 | 3 | - |" in lines["lora"]
