@@ -126,18 +126,23 @@ def test_mask_json(reference):
     kept = [g for g, k in zip(mask["gates"], mask["kept"]) if k]
     dropped = [g for g, k in zip(mask["gates"], mask["kept"]) if not k]
     assert min(kept) >= max(dropped)
-    # The recorded gates are the final logits' sigmoid (tau 1 in the smoke experiment): the
-    # logits are frozen after discretization, so the checkpoint holds the ones that decided.
-    logits = reference.state()["dam.logits"].flatten()
-    assert mask["gates"] == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-6)
-    # The search moved the gates away from their common initial value.
-    assert len(set(mask["gates"])) == 12
+    # The recorded gates are the final logits' sigmoid (tau 1 in the smoke experiment) on the
+    # modules still active; the default search removed the others during the search (gate 0).
+    # The logits are frozen after discretization, so the checkpoint holds the ones that decided.
+    state = reference.state()
+    active = state["dam.active"].flatten()
+    assert active.tolist() == mask["kept"]  # the final cut removed nothing still in use
+    gates = torch.sigmoid(state["dam.logits"].flatten()) * active
+    assert mask["gates"] == pytest.approx(gates.tolist(), abs=1e-6)
+    # The search moved the kept gates away from their common initial value.
+    assert len(set(kept)) == 6 and min(kept) > 0 and max(dropped) == 0
 
 
 def test_gate_logits_in_the_checkpoint_match_the_mask(reference):
-    logits = reference.state()["dam.logits"]
+    state = reference.state()
+    gates = torch.sigmoid(state["dam.logits"]) * state["dam.active"]
     torch.testing.assert_close(
-        torch.sigmoid(logits).flatten(), torch.tensor(reference.mask["gates"]), atol=1e-6, rtol=0
+        gates.flatten(), torch.tensor(reference.mask["gates"]), atol=1e-6, rtol=0
     )
 
 
@@ -295,26 +300,29 @@ def test_saved_mask_fed_back_fine_tunes_exactly_its_modules(reference, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def reused_pair(reference, tmp_path_factory):
-    """A budget-0.25 run that reuses the reference's search, and one that searches itself."""
+def reused_pair(tmp_path_factory):
+    """The paper's search (it does not look at the budget): a budget-0.5 run, a budget-0.25 run
+    that reuses its search, and a budget-0.25 run that searches itself."""
+    faithful = "method=diffora_faithful"
+    first = smoke_run(tmp_path_factory.mktemp("faithful"), faithful)
     out = tmp_path_factory.mktemp("reused")
-    cfg = compose_config(["+experiment=smoke", "budget=0.25"], out)
-    cfg.data.cache_dir = str(reference.out / "cache")  # where the reference left its search
+    cfg = compose_config(["+experiment=smoke", faithful, "budget=0.25"], out)
+    cfg.data.cache_dir = str(first.out / "cache")  # where the first run left its search
     reused = Run(out, run(cfg, out))
-    fresh = smoke_run(tmp_path_factory.mktemp("fresh"), "budget=0.25")
-    return reused, fresh
+    fresh = smoke_run(tmp_path_factory.mktemp("fresh"), faithful, "budget=0.25")
+    return first, reused, fresh
 
 
-def test_reused_search_ends_like_a_fresh_search(reused_pair, reference):
-    reused, fresh = reused_pair
+def test_reused_search_ends_like_a_fresh_search(reused_pair):
+    first, reused, fresh = reused_pair
     assert reused.results["search"]["reused"] is True
     assert fresh.results["search"]["reused"] is False
     assert reused.mask["k"] == fresh.mask["k"] == 3
     assert reused.mask["kept"] == fresh.mask["kept"]
     assert reused.mask["gates"] == pytest.approx(fresh.mask["gates"], abs=1e-6, rel=0)
-    # Same search as the budget-0.5 reference: its top 3 are among the reference's top 6.
-    assert reused.mask["gates"] == pytest.approx(reference.mask["gates"], abs=1e-6, rel=0)
-    assert set(reused.results["kept_modules"]) < set(reference.results["kept_modules"])
+    # Same search as the budget-0.5 run: its top 3 are among that run's top 6.
+    assert reused.mask["gates"] == pytest.approx(first.mask["gates"], abs=1e-6, rel=0)
+    assert set(reused.results["kept_modules"]) < set(first.results["kept_modules"])
     for key in ("kept_modules", "params_trainable", "discretization", "steps"):
         assert reused.results[key] == fresh.results[key], key
     assert reused.results["metrics"] == pytest.approx(fresh.results["metrics"])
@@ -325,8 +333,17 @@ def test_reused_search_ends_like_a_fresh_search(reused_pair, reference):
             torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0, msg=key)
 
 
+def test_the_default_search_is_not_shared_across_budgets(reference, tmp_path):
+    # The default search prunes towards its budget: another budget must search afresh.
+    cfg = compose_config(["+experiment=smoke", "budget=0.25"], tmp_path)
+    cfg.data.cache_dir = str(reference.out / "cache")
+    results = run(cfg, tmp_path)
+    assert results["search"]["reused"] is False
+    assert results["search"]["key"] != reference.results["search"]["key"]
+
+
 def test_reused_search_has_the_dam_figures_of_a_fresh_one(reused_pair):
-    reused, fresh = reused_pair
+    _, reused, fresh = reused_pair
     assert [r["step"] for r in reused.gate_records()] == [r["step"] for r in fresh.gate_records()]
     names = sorted(p.name for p in (fresh.out / "dam" / "heatmaps").glob("*.png"))
     assert len(names) >= 2

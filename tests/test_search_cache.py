@@ -56,7 +56,7 @@ def first(tmp_path_factory) -> tuple[Path, Path, dict]:
 
 def test_an_identical_run_reuses_the_search_and_says_where_from(first, tmp_path):
     root, data, made = first
-    again = short_run(tmp_path / "again", data, root / "cache", "budget=0.25")
+    again = short_run(tmp_path / "again", data, root / "cache", "dam.fold_gates=false")
     search = again["search"]
     assert made["search"]["reused"] is False and search["reused"] is True
     assert search["key"] == made["search"]["key"]
@@ -71,7 +71,7 @@ def test_an_identical_run_reuses_the_search_and_says_where_from(first, tmp_path)
 def test_changed_training_rows_are_searched_afresh(first, tmp_path):
     root, data, made = first
     changed = write_sst2(tmp_path / "glue", "a dull plot")  # same size, other rows
-    again = short_run(tmp_path / "again", changed, root / "cache", "budget=0.25")
+    again = short_run(tmp_path / "again", changed, root / "cache", "dam.fold_gates=false")
     assert again["search"]["reused"] is False
     assert again["search"]["key"] != made["search"]["key"]
 
@@ -120,9 +120,9 @@ def test_a_truncated_cache_entry_never_fails_a_run(first, tmp_path):
     root, data, made = first
     entry = copy_entry(first, tmp_path)
     truncate(entry)
-    done = short_run(tmp_path / "run", data, tmp_path / "cache", "budget=0.25")
+    done = short_run(tmp_path / "run", data, tmp_path / "cache", "dam.fold_gates=false")
     assert done["search"] == {"reused": False, "key": made["search"]["key"]}
-    assert done["steps"] == 8 and done["k"] == 3
+    assert done["steps"] == 8 and done["k"] == 6
     # The fresh search replaced the damaged entry.
     assert entry.usable(search_steps=4) is not None
 
