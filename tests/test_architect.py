@@ -45,6 +45,7 @@ def test_unknown_search_variant_lists_the_registered_ones(smoke_cfg):
 def test_a_registered_variant_drives_the_search(constant_push, smoke_cfg, tmp_path):
     cfg = smoke_cfg(
         "logger=none",
+        "method=diffora_faithful",  # no module leaves early: every gate ends where it was pushed
         "dam.order=constant_push_test",
         f"train.max_steps={MAX_STEPS}",
         f"dam.search_steps={SEARCH_STEPS}",
