@@ -21,7 +21,8 @@ import pytest
 import torch
 from conftest import REPO, compose_config
 
-from diffora_lab.module import STATE_KEY
+from diffora_lab.checkpointing import STATE_FORMAT, STATE_KEY, our_state
+from diffora_lab.module import DiffoRAModule
 from diffora_lab.runfolder import RunFolderBusy, RunFolderLock
 from diffora_lab.train import ConfigError, run
 
@@ -181,3 +182,23 @@ def test_divergence_advice_matches_the_run(tmp_path, clip, every, expected, abse
         assert named.is_file()
         step = int(message.split("(step ")[1].split(")")[0])
         assert torch.load(named, weights_only=False)[STATE_KEY]["step"] == step
+
+
+@pytest.mark.parametrize(
+    "checkpoint, made",
+    [
+        ({"state_dict": {}}, "no diffora_lab state"),
+        ([1, 2], "no diffora_lab state"),
+        ({STATE_KEY: {"format": 1, "step": 3}}, "checkpoint format 1"),
+        ({STATE_KEY: {"format": STATE_FORMAT}}, f"checkpoint format {STATE_FORMAT}"),
+    ],
+)
+def test_foreign_checkpoint_state_is_refused_on_both_paths(checkpoint, made):
+    """The one format check serves the early check and Lightning's own loading hook alike."""
+    with pytest.raises(ValueError, match=f"x.ckpt was not written by this version.*{made}"):
+        our_state(checkpoint, "x.ckpt")
+    # Lightning's hook (trainer.fit(ckpt_path=...) called directly) runs the same check first.
+    with pytest.raises(ValueError, match=f"not written by this version.*{made}"):
+        DiffoRAModule.on_load_checkpoint(None, checkpoint)
+    ours = {STATE_KEY: {"format": STATE_FORMAT, "step": 7}}
+    assert our_state(ours, "x.ckpt")["step"] == 7

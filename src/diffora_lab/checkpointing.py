@@ -7,6 +7,11 @@ frozen tensors (AdaLoRA's ``ranknum``), and records a fingerprint of the frozen 
 it left out. Resuming checks that fingerprint against the backbone just loaded, refuses a
 different one, and fills the left-out tensors back in from it, so the state dict still loads
 strictly (a trainable tensor missing from a checkpoint is an error, not a silent re-init).
+
+Our own entry in a Lightning checkpoint (``STATE_KEY``) carries a format number; :func:`our_state`
+is the one check of it, used before anything loads (``runfolder.check_checkpoint``) and again when
+Lightning hands the checkpoint to the module (``DiffoRAModule.on_load_checkpoint``, for code that
+calls ``trainer.fit(ckpt_path=...)`` directly).
 """
 
 from __future__ import annotations
@@ -24,6 +29,32 @@ OWN_TENSORS = ("lora_", "ranknum", "dam.")
 # the same backbone has the same fingerprint in every phase (adapters dropped or not).
 _WRAPPERS = ((".base_layer.", "."), (".original_module.", "."))
 _PREFIXES = ("model.base_model.model.", "model.")
+
+
+STATE_KEY = "diffora_lab"  # our entry in a Lightning checkpoint
+STATE_FORMAT = 2  # 2: the method's state under "method"; checked on resume; in the search-cache key
+
+
+def our_state(checkpoint: object, source: str) -> dict:
+    """The diffora_lab entry of a loaded checkpoint, refused unless this version wrote it.
+
+    Args:
+        checkpoint: What ``torch.load`` returned.
+        source: Names the checkpoint in the error (the setting and the path).
+
+    Raises:
+        ValueError: No diffora_lab entry, or one of another format.
+    """
+    state = checkpoint.get(STATE_KEY) if isinstance(checkpoint, dict) else None
+    written = None if not isinstance(state, dict) else state.get("format", 2)  # 2: no field yet
+    if written != STATE_FORMAT or "step" not in state:
+        made = "no diffora_lab state" if written is None else f"checkpoint format {written}"
+        raise ValueError(
+            f"{source} was not written by this version of diffora_lab ({made}; this version "
+            f"reads format {STATE_FORMAT}). Resume it with the version that wrote it, or delete "
+            "it (or pass ckpt_path=null) to start this run over."
+        )
+    return state
 
 
 class BackboneMismatch(ValueError):

@@ -137,8 +137,7 @@ def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> 
 def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int) -> nn.Module:
     """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights."""
     from diffora_lab import backbones
-    from diffora_lab.checkpointing import fill
-    from diffora_lab.module import STATE_KEY
+    from diffora_lab.checkpointing import STATE_KEY, fill
 
     if source.merged is not None:
         import transformers

@@ -23,7 +23,15 @@ from torch import nn
 from diffora_lab.adapters import LoraGates, apply_mask, count_parameters
 from diffora_lab.architect import Architect, get_architect
 from diffora_lab.backbones import Candidate
-from diffora_lab.checkpointing import BackboneFingerprint, fill, frozen_backbone_keys, prune
+from diffora_lab.checkpointing import (
+    STATE_FORMAT,
+    STATE_KEY,
+    BackboneFingerprint,
+    fill,
+    frozen_backbone_keys,
+    our_state,
+    prune,
+)
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask
 from diffora_lab.methods import Method
@@ -34,8 +42,6 @@ from diffora_lab.tasks import TaskSpec
 log = logging.getLogger(__name__)
 
 SEARCH, FINETUNE = "search", "finetune"
-STATE_KEY = "diffora_lab"  # our entry in a Lightning checkpoint
-STATE_FORMAT = 2  # 2: the method's state under "method"; checked on resume; in the search-cache key
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -409,12 +415,7 @@ class DiffoRAModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(STATE_KEY)
-        if state is None:
-            raise ValueError(
-                "ckpt_path: this checkpoint was not written by this version of diffora_lab; "
-                "start a new run (or resume with the version that wrote it)."
-            )
+        state = our_state(checkpoint, "ckpt_path: the checkpoint")
         self.step = state["step"]
         self.batches_seen = state["batches_seen"]
         self.search_batches_seen = state["search_batches_seen"]

@@ -226,7 +226,7 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int:
     """
     import torch
 
-    from diffora_lab.module import STATE_FORMAT, STATE_KEY
+    from diffora_lab.checkpointing import our_state
 
     setting = f"ckpt_path={cfg.get('ckpt_path')}"
     try:
@@ -239,15 +239,7 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int:
             f"{setting}: {path} is damaged: {what}, {type(error).__name__}. Delete it to start "
             "this run over, or pass ckpt_path=null to start fresh without reading it."
         ) from None
-    state = checkpoint.get(STATE_KEY) if isinstance(checkpoint, dict) else None
-    written = None if not isinstance(state, dict) else state.get("format", 2)  # 2: no field yet
-    if written != STATE_FORMAT or "step" not in state:
-        made = "no diffora_lab state" if written is None else f"checkpoint format {written}"
-        raise ValueError(
-            f"{setting}: {path} was not written by this version of diffora_lab ({made}; this "
-            f"version reads format {STATE_FORMAT}). Resume it with the version that wrote it, or "
-            "delete it (or pass ckpt_path=null) to start this run over."
-        )
+    state = our_state(checkpoint, f"{setting}: {path}")
     step = int(state["step"])
     saved = checkpoint.get("hyper_parameters", {})
     saved_cfg = OmegaConf.create(saved.get("config") or {})
@@ -273,7 +265,7 @@ def divergence_message(error: FloatingPointError, ckpt_dir: Path, grad_clip: flo
     """The non-finite-loss message with advice that matches this run."""
     import torch
 
-    from diffora_lab.module import STATE_KEY
+    from diffora_lab.checkpointing import STATE_KEY
 
     last = ckpt_dir / "last.ckpt"
     if last.is_file():

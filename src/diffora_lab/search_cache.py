@@ -62,7 +62,7 @@ def search_key(cfg: DictConfig, inputs: str = "") -> str:
         inputs: :func:`inputs_fingerprint` of the data, backbone and source (empty: settings only).
     """
     from diffora_lab import __version__
-    from diffora_lab.module import STATE_FORMAT
+    from diffora_lab.checkpointing import STATE_FORMAT
 
     settings = OmegaConf.to_container(cfg, resolve=True)
     settings.pop("hydra", None)
@@ -183,7 +183,7 @@ class SearchCache:
         try:
             import torch
 
-            from diffora_lab.module import STATE_KEY
+            from diffora_lab.checkpointing import STATE_KEY
 
             checkpoint = torch.load(
                 self.snapshot, map_location="cpu", weights_only=False, mmap=True
