@@ -17,11 +17,16 @@ be resumed by running the same command again) and the table is written from what
     # any GLUE folder in the original layout, any task
     python bench/gpu_study.py --data-dir /data/glue --tasks mrpc stsb
     python bench/gpu_study.py --summarize-only --name cpu          # the table from what exists
+    # an ablation in the same runs folder (shared reference runs), its own table ablation.md
+    python bench/gpu_study.py --device cpu --name cpu --table ablation --seeds 1 2 3 \
+        --methods lora diffora diffora_alpha16 diffora_search75 diffora_reinit
 
-Writes ``bench/results/<name>.json`` (one row per finished run) and ``bench/results/<name>.md``
+Writes ``bench/results/<table>.json`` (one row per finished run) and ``bench/results/<table>.md``
 (mean +- std per task x method, achieved adapter parameters against LoRA's, the discretization
-gap before -> after). Run folders live in ``bench/results/<name>/`` (ignored by git); a run whose
-``results.json`` exists is not run again, so the study can be completed over several sittings.
+gap before -> after); the table is named ``--table``, by default ``--name``, and holds only the
+runs of this call's tasks x methods x seeds. Run folders live in ``bench/results/<name>/``
+(ignored by git); a run whose ``results.json`` exists is not run again, so the study can be
+completed over several sittings, and another table over the same runs reuses what it shares.
 On a machine without hydra-core / omegaconf / antlr4, ``--wheels DIR`` installs them from DIR
 first (``pip install --no-index``).
 """
@@ -331,7 +336,8 @@ def install_wheels(folder: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--name", help="results name (default: the device, or 'selection')")
+    parser.add_argument("--name", help="runs folder name (default: the device, or 'selection')")
+    parser.add_argument("--table", help="name of the table files (default: --name)")
     parser.add_argument("--tasks", nargs="+", help="default: sst2 cola rte (GPU), sst2 cola (CPU)")
     parser.add_argument("--methods", nargs="+", default=STUDY_METHODS, choices=sorted(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
@@ -367,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         run_all(jobs, parallel, threads, deadline)
     rows = [row_of(j) for j in jobs if j.done]
     out.mkdir(parents=True, exist_ok=True)
+    name = args.table or name
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     command = "python bench/gpu_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     markdown = f"`{command}`\n\n{table(rows, args.methods)}\n"

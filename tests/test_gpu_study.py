@@ -83,6 +83,13 @@ def test_dry_run_writes_the_table_and_resumes(tmp_path):
     assert study.main(args) == 0
     again = (tmp_path / "results" / "dry" / "sst2" / "lora" / "seed1" / "results.json").stat()
     assert again.st_mtime_ns == stamp.st_mtime_ns
+    # Another table over the same runs (an ablation sharing its reference runs) has its own files.
+    lora_only = [*args[: args.index("--methods") + 1], "lora", *args[args.index("--seeds") :]]
+    assert study.main([*lora_only, "--table", "dry_lora", "--summarize-only"]) == 0
+    assert [
+        r["method"] for r in json.loads((tmp_path / "results" / "dry_lora.json").read_text())
+    ] == ["lora"]
+    assert len(json.loads((tmp_path / "results" / "dry.json").read_text())) == 2
 
 
 def test_table_pairs_seeds_with_lora_and_flags_parameter_mismatch():
