@@ -373,12 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         run_all(jobs, parallel, threads, deadline)
     rows = [row_of(j) for j in jobs if j.done]
     out.mkdir(parents=True, exist_ok=True)
-    name = args.table or name
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    stem = args.table or name  # the table's files; the runs stay in out / name
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     command = "python bench/gpu_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     markdown = f"`{command}`\n\n{table(rows, args.methods)}\n"
-    (out / f"{name}.md").write_text(markdown)
-    with (out / f"{name}.csv").open("w", newline="") as handle:
+    (out / f"{stem}.md").write_text(markdown)
+    with (out / f"{stem}.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["task", "method", "seed", "metric", "value", "params_adapter"])
         for r in rows:
