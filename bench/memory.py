@@ -1,7 +1,7 @@
 """Peak memory of a DiffoRA search step and of a post-discretization step vs a peft LoRA step.
 
 The models and steps are the ones of ``bench/step_time.py`` (MiniLM-L6, rank 8 on the 36
-candidate modules, batch 32, seq 64; the framework's ``DiffoRAModule`` for the DiffoRA variants,
+candidate modules, batch 32, seq 64; the framework's ``TrainingModule`` for the DiffoRA variants,
 plain peft + AdamW for the baseline), built side by side in one process.
 
 How memory is measured (CPU, no caching allocator):

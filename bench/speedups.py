@@ -1,6 +1,6 @@
 """Each speed-up setting on its own and all together, against a plain peft LoRA step, side by side.
 
-The step is DiffoRA's weight step during the search (``DiffoRAModule.forward`` with the DAM gates,
+The step is DiffoRA's weight step during the search (``TrainingModule.forward`` with the DAM gates,
 the non-finite check, backward, AdamW), as ``bench/step_time.py`` builds it, on MiniLM-L6 (rank 8,
 36 adapted modules) and batches of SST-2 sentences (``../shared/data/glue/SST-2`` when present,
 else generated lengths with SST-2's spread). Variants:
@@ -141,7 +141,7 @@ def compose_cfg(args: argparse.Namespace, dropout: float | None, optimizer: str,
 
 
 def our_step(module: BenchModule, batch: dict[str, torch.Tensor]) -> None:
-    """``DiffoRAModule.training_step``'s weight step (accumulate 1, no clipping or logging)."""
+    """``TrainingModule.training_step``'s weight step (accumulate 1, no clipping or logging)."""
     optimizer = module.optimizers()
     loss = module(batch).loss
     module._check_finite(loss, "weight")

@@ -4,12 +4,12 @@ Four models are built in one process from the same pretrained backbone (all-Mini
 rank 8 on the same 36 candidate modules: q, k, v, o, ffn_in, ffn_out of 6 layers):
 
 * ``lora``   -- plain peft LoRA (``get_peft_model``) + ``torch.optim.AdamW``: the baseline;
-* ``gated``  -- DiffoRA weight step: ``DiffoRAModule.forward`` sets the (detached) DAM gates in
-  ``LoraGates``, then forward + backward + AdamW (from ``DiffoRAModule.configure_optimizers``);
+* ``gated``  -- DiffoRA weight step: ``TrainingModule.forward`` sets the (detached) DAM gates in
+  ``LoraGates``, then forward + backward + AdamW (from ``TrainingModule.configure_optimizers``);
 * ``search`` -- a full search step: the weight step above, then
-  ``DiffoRAModule._architecture_step`` on another batch (gates with grad, backward only into
+  ``TrainingModule._architecture_step`` on another batch (gates with grad, backward only into
   ``dam.logits``, Adam on the logits);
-* ``post``   -- a weight step after ``DiffoRAModule.discretize`` at budget 0.5 (``apply_mask``
+* ``post``   -- a weight step after ``TrainingModule.discretize`` at budget 0.5 (``apply_mask``
   keeps 18 of 36 adapters, gates folded into B, optimizer rebuilt); the mask is the top 18 gates
   (``Mask.from_scores``) after 3 real search steps on the benchmark's random batches.
 
@@ -49,7 +49,7 @@ from peft import LoraConfig, get_peft_model
 from diffora_lab import backbones, methods
 from diffora_lab.config import optim_settings, search_settings
 from diffora_lab.dam import Mask
-from diffora_lab.module import DiffoRAModule
+from diffora_lab.module import TrainingModule
 from diffora_lab.tasks import get_task
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -99,8 +99,8 @@ def make_batches(
     return [{k: v.to(device) for k, v in b.items()} for b in out]
 
 
-class BenchModule(DiffoRAModule):
-    """``DiffoRAModule`` driven without a Lightning ``Trainer``.
+class BenchModule(TrainingModule):
+    """``TrainingModule`` driven without a Lightning ``Trainer``.
 
     Only the two trainer touch points of the search are replaced: the search batch comes from the
     benchmark's pool and ``manual_backward`` is a plain ``Tensor.backward`` (what Lightning's
@@ -209,7 +209,7 @@ def build_diffora(cfg: DictConfig, search_batches: list, seed: int = 0) -> tuple
 
 
 def weight_step(module: BenchModule, batch: dict[str, torch.Tensor]) -> None:
-    """The body of ``DiffoRAModule.training_step`` (accumulate=1) minus clipping/lr/logging."""
+    """The body of ``TrainingModule.training_step`` (accumulate=1) minus clipping/lr/logging."""
     optimizer = module.optimizers()
     loss = module(batch).loss
     module.manual_backward(loss)

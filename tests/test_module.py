@@ -15,8 +15,8 @@ from conftest import compose_config
 
 from diffora_lab.callbacks import Discretization
 from diffora_lab.dam import num_kept, top_k_mask
-from diffora_lab.data import GlueDataModule
-from diffora_lab.module import DiffoRAModule
+from diffora_lab.data import TaskDataModule
+from diffora_lab.module import TrainingModule
 from diffora_lab.train import assemble, build_trainer, prepare
 
 
@@ -29,8 +29,8 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
     return {name for name in before if not torch.equal(before[name], after[name])}
 
 
-class RecordingModule(DiffoRAModule):
-    """DiffoRAModule that records parameters around each architecture step and train modes."""
+class RecordingModule(TrainingModule):
+    """TrainingModule that records parameters around each architecture step and train modes."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -76,12 +76,12 @@ class StepSnapshots(pl.Callback):
 
 @dataclass
 class Wired:
-    module: DiffoRAModule
-    datamodule: GlueDataModule
+    module: TrainingModule
+    datamodule: TaskDataModule
     cfg: object
 
 
-def wire(cfg, module_cls=DiffoRAModule) -> Wired:
+def wire(cfg, module_cls=TrainingModule) -> Wired:
     """Builds module and data exactly as ``train.run`` does."""
     prepared = prepare(cfg)
     pl.seed_everything(int(cfg.seed), verbose=False)
@@ -344,7 +344,7 @@ def rows(batch) -> list[tuple[int, ...]]:
     ]
 
 
-class BatchRecorder(DiffoRAModule):
+class BatchRecorder(TrainingModule):
     """Records the examples of every weight-step and architecture-step batch."""
 
     def __init__(self, *args, **kwargs) -> None:

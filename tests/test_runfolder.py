@@ -22,7 +22,7 @@ import torch
 from conftest import REPO, compose_config
 
 from diffora_lab.checkpointing import STATE_FORMAT, STATE_KEY, our_state
-from diffora_lab.module import DiffoRAModule
+from diffora_lab.module import TrainingModule
 from diffora_lab.runfolder import RunFolderBusy, RunFolderLock
 from diffora_lab.train import ConfigError, run
 
@@ -199,6 +199,6 @@ def test_foreign_checkpoint_state_is_refused_on_both_paths(checkpoint, made):
         our_state(checkpoint, "x.ckpt")
     # Lightning's hook (trainer.fit(ckpt_path=...) called directly) runs the same check first.
     with pytest.raises(ValueError, match=f"not written by this version.*{made}"):
-        DiffoRAModule.on_load_checkpoint(None, checkpoint)
+        TrainingModule.on_load_checkpoint(None, checkpoint)
     ours = {STATE_KEY: {"format": STATE_FORMAT, "step": 7}}
     assert our_state(ours, "x.ckpt")["step"] == 7

@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import compose_config
 
-from diffora_lab.module import STATE_KEY, DiffoRAModule
+from diffora_lab.module import STATE_KEY, TrainingModule
 from diffora_lab.speed import compile_layers, layer_modules
 from diffora_lab.train import ConfigError, assemble, prepare, run
 
@@ -101,7 +101,7 @@ def test_speedups_off_reproduce_the_eager_loop_bit_for_bit(tmp_path):
 
 def test_nan_weights_stop_the_run_and_no_checkpoint_holds_them(tmp_path, monkeypatch):
     poison_at = 5
-    original = DiffoRAModule._after_weight_step
+    original = TrainingModule._after_weight_step
 
     def poisoned(self):  # a divergence at a known step: one adapter weight becomes NaN
         original(self)
@@ -111,7 +111,7 @@ def test_nan_weights_stop_the_run_and_no_checkpoint_holds_them(tmp_path, monkeyp
                     float("nan")
                 )
 
-    monkeypatch.setattr(DiffoRAModule, "_after_weight_step", poisoned)
+    monkeypatch.setattr(TrainingModule, "_after_weight_step", poisoned)
     out = tmp_path / "run"
     cfg = compose_config(
         ["+experiment=smoke", "train.ckpt_every=2", "train.finite_check_every=9"], out

@@ -3,7 +3,7 @@
 As in DARTS, one object owns the update rule of the architecture parameters and its optimizer:
 :meth:`Architect.step` takes a train batch and a search batch, computes the gate gradient, adds
 penalty gradients, steps Adam on the logits and returns what to log. The training loop
-(:class:`~diffora_lab.module.DiffoRAModule`) calls it after each weight step while searching and
+(:class:`~diffora_lab.module.TrainingModule`) calls it after each weight step while searching and
 knows nothing of the rule; the gates themselves always come from
 :meth:`~diffora_lab.dam.DAM.gates` (the relaxation lives there).
 

@@ -10,7 +10,7 @@ strictly (a trainable tensor missing from a checkpoint is an error, not a silent
 
 Our own entry in a Lightning checkpoint (``STATE_KEY``) carries a format number; :func:`our_state`
 is the one check of it, used before anything loads (``runfolder.check_checkpoint``) and again when
-Lightning hands the checkpoint to the module (``DiffoRAModule.on_load_checkpoint``, for code that
+Lightning hands the checkpoint to the module (``TrainingModule.on_load_checkpoint``, for code that
 calls ``trainer.fit(ckpt_path=...)`` directly).
 """
 
@@ -110,7 +110,7 @@ class BackboneFingerprint:
         return self._cache[names]
 
 
-def prune(checkpoint: dict, module: nn.Module, digest: BackboneFingerprint) -> dict:
+def strip_backbone(checkpoint: dict, module: nn.Module, digest: BackboneFingerprint) -> dict:
     """Drops the frozen backbone from ``checkpoint['state_dict']`` and records its fingerprint.
 
     Returns:
@@ -146,7 +146,7 @@ def fill(
         current: The state dict of the model just built (its backbone freshly loaded), in the
             checkpoint's structure.
         keys: The keys of ``current`` that may have been left out (its frozen backbone).
-        record: What :func:`prune` stored; ``None`` for a complete (old-style) checkpoint.
+        record: What :func:`strip_backbone` stored; ``None`` for a complete (old-style) checkpoint.
         source: Named in the error.
 
     Raises:

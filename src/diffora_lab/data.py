@@ -287,7 +287,7 @@ def _private_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class GlueDataModule(pl.LightningDataModule):
+class TaskDataModule(pl.LightningDataModule):
     """Train, search and dev loaders for one task.
 
     Args:

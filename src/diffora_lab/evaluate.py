@@ -1,8 +1,8 @@
 """Scoring and export of finished runs: dev metrics of an adapter folder, merged full models.
 
 ``python -m diffora_lab.evaluate PATH`` scores on the task's dev set, with the training harness's
-own code path (:class:`~diffora_lab.data.GlueDataModule`, :class:`~diffora_lab.module.
-DiffoRAModule`'s validation, the same trainer settings), so on a finished run it prints exactly
+own code path (:class:`~diffora_lab.data.TaskDataModule`, :class:`~diffora_lab.module.
+TrainingModule`'s validation, the same trainer settings), so on a finished run it prints exactly
 the ``metrics`` of its ``results.json`` under the same names (``val/accuracy``, ...). PATH is one
 of:
 
@@ -188,8 +188,8 @@ def evaluate(
             reproduces ``results.json`` bit for bit).
     """
     from diffora_lab.config import optim_settings, search_settings
-    from diffora_lab.data import GlueDataModule
-    from diffora_lab.module import DiffoRAModule
+    from diffora_lab.data import TaskDataModule
+    from diffora_lab.module import TrainingModule
     from diffora_lab.tasks import RawSplits, load_raw
     from diffora_lab.train import build_trainer, prepare
 
@@ -210,7 +210,7 @@ def evaluate(
     # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
     # (no tokenization of e.g. MNLI's 393k train pairs).
     first_dev = next(iter(raw.dev.values()))
-    datamodule = GlueDataModule(
+    datamodule = TaskDataModule(
         spec,
         RawSplits(train=first_dev, dev=raw.dev),
         prepared.tokenizer,
@@ -223,7 +223,7 @@ def evaluate(
         num_workers=int(cfg.data.num_workers),
         bucketing=int(cfg.data.get("bucketing") or 0),
     )
-    module = DiffoRAModule(
+    module = TrainingModule(
         model,
         spec,
         [],

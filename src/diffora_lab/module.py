@@ -30,7 +30,7 @@ from diffora_lab.checkpointing import (
     fill,
     frozen_backbone_keys,
     our_state,
-    prune,
+    strip_backbone,
 )
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask
@@ -48,7 +48,7 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
 
 
-class DiffoRAModule(pl.LightningModule):
+class TrainingModule(pl.LightningModule):
     """LightningModule for DiffoRA and the baselines that share its harness.
 
     Args:
@@ -399,7 +399,7 @@ class DiffoRAModule(pl.LightningModule):
         # The frozen backbone is reloaded from its source on resume: only a fingerprint is kept.
         if not hasattr(self, "_fingerprint"):
             self._fingerprint = BackboneFingerprint()
-        backbone = prune(checkpoint, self, self._fingerprint)
+        backbone = strip_backbone(checkpoint, self, self._fingerprint)
         checkpoint[STATE_KEY] = {
             "format": STATE_FORMAT,
             "backbone": backbone,

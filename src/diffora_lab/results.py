@@ -12,12 +12,12 @@ from omegaconf import DictConfig
 from diffora_lab.backbones import Candidate
 from diffora_lab.dam import gate_entropy
 from diffora_lab.matching import achieved, target_rank_of
-from diffora_lab.module import DiffoRAModule
+from diffora_lab.module import TrainingModule
 
 
 def collect_results(
     cfg: DictConfig,
-    module: DiffoRAModule,
+    module: TrainingModule,
     candidates: list[Candidate],
     started: float,
     output_dir: Path,

@@ -28,8 +28,8 @@ from diffora_lab.backbones import Candidate
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
 from diffora_lab.config import optim_settings, search_settings, validate
 from diffora_lab.dam import Mask, num_kept
-from diffora_lab.data import GlueDataModule
-from diffora_lab.module import DiffoRAModule
+from diffora_lab.data import TaskDataModule
+from diffora_lab.module import TrainingModule
 from diffora_lab.progress import PhaseProgressBar, progress_callbacks
 from diffora_lab.results import collect_results, summary_for_logger, summary_text
 from diffora_lab.runfolder import (
@@ -194,15 +194,15 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Tr
 class Assembled:
     """A run's parts, ready for a Trainer."""
 
-    module: DiffoRAModule
-    datamodule: GlueDataModule
+    module: TrainingModule
+    datamodule: TaskDataModule
     candidates: list[Candidate]
 
 
 def assemble(
     cfg: DictConfig,
     prepared: Prepared,
-    module_cls: type[DiffoRAModule] = DiffoRAModule,
+    module_cls: type[TrainingModule] = TrainingModule,
     raw: RawSplits | None = None,
 ) -> Assembled:
     """Loads data (unless given) and weights and builds the model, data module and module."""
@@ -226,7 +226,7 @@ def assemble(
         )
     search = search_settings(cfg)
     optim = optim_settings(cfg)
-    datamodule = GlueDataModule(
+    datamodule = TaskDataModule(
         spec,
         raw,
         prepared.tokenizer,

@@ -10,7 +10,7 @@ What peft does and this harness relies on (peft 0.21, checked in its source):
 
 - ``AdaLoraModel.forward`` adds ``orth_reg_weight * mean ||P^T P - I||_F`` to ``outputs.loss``
   whenever the model is called with labels, so the training loss of
-  :class:`~diffora_lab.module.DiffoRAModule` includes the orthogonal regularizer with no change
+  :class:`~diffora_lab.module.TrainingModule` includes the orthogonal regularizer with no change
   there; validation (no labels) is unaffected.
 - ``update_and_allocate(step)`` must run after every optimizer step, before ``zero_grad`` (it
   reads the gradients): :meth:`AdaLora.after_weight_step` does, with the 0-based step.
