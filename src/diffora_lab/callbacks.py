@@ -1,9 +1,11 @@
 """Callbacks: the discretization of the DAM (METHOD.md, Phase 2) and the DAM monitor.
 
-:class:`Discretization` is where the search ends: at step ``search.steps`` it scores the dev set,
-keeps the top-k gates, freezes the mask into the model, scores the dev set again (the
-discretization gap) and writes ``dam/mask.json``. :class:`DAMMonitor` records the gates while they
-move: heatmaps at intervals, the raw gates as JSON lines, and W&B images and tables.
+:class:`Discretization` runs the search variant's in-search hooks (searches/) and is where the
+search ends: at the variant's cut step it scores the dev set, keeps what the variant's cut keeps
+under the budget, freezes the mask into the model, scores the dev set again (the discretization
+gap) and writes ``dam/mask.json``; on the way it writes the search cache's snapshots.
+:class:`DAMMonitor` records the gates while they move: heatmaps at intervals, the raw gates as
+JSON lines, and W&B images and tables.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from diffora_lab import plotting
-from diffora_lab.dam import Mask, cubic_count
+from diffora_lab.dam import Mask
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +35,12 @@ def _wandb_run(trainer: pl.Trainer):
 
 
 class Discretization(pl.Callback):
-    """Turns the relaxed gates into a binary top-k mask when the search ends.
+    """Runs the search variant's hooks after each search step and discretizes at its end.
 
     Args:
         output_dir: The run folder; the mask goes to ``dam/mask.json``.
         backbone: Backbone name recorded in the mask.
-        search_cache: Where the end-of-search state is shared (``search_cache.SearchCache``),
+        search_cache: Where the search's snapshots are shared (``search_cache.SearchCache``),
             or None.
     """
 
@@ -48,45 +50,47 @@ class Discretization(pl.Callback):
         self.search_cache = search_cache
 
     def on_train_start(self, trainer, module) -> None:
-        # A run resumed from a search snapshot (or stopped right at the end of the search)
+        if module.searching:
+            # A resumed state (a checkpoint, or another run's snapshot): what the variant had
+            # left to do at this step (e.g. the progressive search's removals).
+            module.variant.catch_up(module.dam, module.step, module.tau())
+        # A run started from its budget's snapshot (or stopped right at the end of the search)
         # discretizes before its first fine-tuning step.
         if module.search_finished:
             self.discretize(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if module.searching and module.search.progressive:
-            self.prune(trainer, module)
-        if module.search_finished:
-            if self.search_cache is not None and not module.search_reused:
-                # The state at the end of the search, shared by runs that differ only in what
-                # happens after it (budget, folding, ...): see search_cache.search_key.
-                # search_cache.SearchCache: the snapshot, then its record (key, split, source).
-                trainer.save_checkpoint(str(self.search_cache.snapshot))
-                history = self.output_dir / "dam" / "gates.jsonl"
-                if trainer.is_global_zero:
-                    if history.is_file():
-                        shutil.copyfile(history, self.search_cache.folder / "gates.jsonl")
-                    self.search_cache.record(self.output_dir)
-            self.discretize(trainer, module)
-
-    def prune(self, trainer: pl.Trainer, module) -> None:
-        """Progressive discretization: removes modules on the cubic schedule during the search.
-
-        Called after each step; acts only on the steps where the scheduled count falls, so
-        the gates are read from the device a few dozen times per search, not every step. The
-        removed modules' gates are 0 from then on (:meth:`DAM.prune_to`), so the final cut
-        removes nothing the model still uses.
-        """
-        search, dam = module.search, module.dam
-        n = dam.logits.numel()
-        count = cubic_count(module.step, n, dam.k, search.prune_start, search.prune_end)
-        if count >= cubic_count(module.step - 1, n, dam.k, search.prune_start, search.prune_end):
+        if not module.searching:
             return
-        removed = dam.prune_to(count, search.tau_at(module.step))
+        variant, dam, tau = module.variant, module.dam, module.tau()
+        # The states the search cache keeps after this step (the variant brings the DAM to
+        # each in turn): another run with that budget starts from there.
+        for budget in variant.snapshot_budgets(module.step):
+            variant.restrict(dam, budget, tau)
+            self.save_snapshot(trainer, module, budget)
+        if module.search_finished:
+            self.discretize(trainer, module)
+            return
+        removed = variant.after_step(dam, module.step, tau)
         if removed:
             for logger in trainer.loggers:
-                logger.log_metrics({"dam/active": float(count)}, step=module.step)
-            log.debug("step %d: %d modules active, removed %s", module.step, count, removed)
+                logger.log_metrics({"dam/active": float(dam.num_active)}, step=module.step)
+            log.debug(
+                "step %d: %d modules active, removed %s", module.step, dam.num_active, removed
+            )
+
+    def save_snapshot(self, trainer: pl.Trainer, module, budget) -> None:
+        """Writes the state after this step for ``budget`` into the search cache (once)."""
+        cache = self.search_cache
+        # Rank 0 decides: saving a checkpoint waits for every rank.
+        if cache is None or trainer.strategy.broadcast(cache.has(module.step, budget), src=0):
+            return
+        trainer.save_checkpoint(str(cache.snapshot(module.step, budget)))
+        if trainer.is_global_zero:
+            history = self.output_dir / "dam" / "gates.jsonl"
+            if history.is_file():  # the longest history so far: runs keep what precedes them
+                shutil.copyfile(history, cache.folder / "gates.jsonl")
+            cache.record(self.output_dir, module.step, budget)
 
     def discretize(self, trainer: pl.Trainer, module) -> Mask:
         """Scores dev, freezes the top-k mask into the model, scores dev again."""

@@ -4,8 +4,9 @@ Every user-facing mistake (a budget outside (0, 1], a rank below 1, an unknown n
 folder) becomes a ``ValueError`` that names the setting and the fix, raised by :func:`validate`
 before a model or a dataset loads. The typed settings check their own values when built
 (:class:`OptimSettings`, :class:`SearchSettings`); the method checks ``method.*``
-(``Method.validate``) and the search-variant registry ``dam.order``; :func:`validate` parses the
-numbers, builds them and adds the checks that span groups or need the file system.
+(``Method.validate``), the search variant ``search.*`` and the architecture-gradient registry
+``dam.arch_grad``; :func:`validate` parses the numbers, builds them and adds the checks that span
+groups or need the file system.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from diffora_lab.architect import get_architect
-from diffora_lab.dam import RELAXATIONS
+from diffora_lab.budget import check_unit
 from diffora_lab.methods import get_method, method_for
+from diffora_lab.searches import search_for
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,8 @@ class SearchSettings:
     arch_weight_decay: float
     tau_start: float
     tau_end: float
-    relaxation: str
-    order: str
+    arch_grad: str
     budget: float
-    budget_penalty: float
-    progressive: bool
-    prune_start: int
-    prune_end: int
     fold_gates: bool
     weight_sharing: bool
     merge_search_split: bool
@@ -84,7 +81,9 @@ class SearchSettings:
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
             _fail(
-                "budget", self.budget, "must be in (0, 1]: the fraction of candidate modules kept."
+                "budget",
+                self.budget,
+                "must be in (0, 1]: the share of the candidates a selecting method keeps.",
             )
         if not self.enabled:
             return
@@ -94,11 +93,7 @@ class SearchSettings:
             # Shown as typed: dam.tau=0, not 0.0.
             shown = int(self.tau_start) if self.tau_start == int(self.tau_start) else self.tau_start
             _fail("dam.tau", shown, "temperatures must be > 0.")
-        if self.relaxation not in RELAXATIONS:
-            _fail("dam.relaxation", self.relaxation, f"choose one of {list(RELAXATIONS)}.")
-        get_architect(self.order)  # dam.order names a registered search variant
-        if self.budget_penalty < 0:
-            _fail("dam.budget_penalty", self.budget_penalty, "must be >= 0 (0 disables it).")
+        get_architect(self.arch_grad)  # dam.arch_grad names a registered rule
         if self.arch_lr <= 0:
             _fail("dam.arch_lr", self.arch_lr, "the gate learning rate must be > 0.")
         if not 0 <= self.warmup_steps < self.steps:
@@ -134,7 +129,9 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     """Checks the composed config; raises ``ValueError`` naming the setting and the fix."""
     from diffora_lab.tasks import TASKS, check_data_dir
 
+    _check_renamed(cfg)
     _number(cfg, "budget", float)
+    check_unit(str(cfg.get("budget_unit") or "params"))
     rank = _number(cfg, "rank", int)
     if rank < 1:
         _fail("rank", cfg.rank, "the LoRA rank must be an integer >= 1.")
@@ -153,22 +150,18 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
         frac = _number(cfg, "dam.search_split", float)
         if not 0.0 < frac < 1.0:
             _fail("dam.search_split", frac, "the fraction of train held out for search: (0, 1).")
-        for key in ("dam.tau", "dam.tau_end", "dam.budget_penalty", "dam.arch_lr"):
+        for key in ("dam.tau", "dam.tau_end", "dam.arch_lr"):
             _number(cfg, key, float)
-        prune_end = _number(cfg, "dam.prune_end", float)
-        if not 0.0 < prune_end <= 1.0:
-            _fail(
-                "dam.prune_end",
-                prune_end,
-                "the share of the search after which only k modules remain: (0, 1].",
-            )
         _check_search_optimizer(cfg)
         if cfg.dam.get("search_steps") is not None:
             _number(cfg, "dam.search_steps", int)
         _number(cfg, "dam.warmup_steps", int)
-        # Built here: SearchSettings checks the search's own values (tau, relaxation, order,
-        # penalty, gate lr, warmup within the search).
-        steps = search_settings(cfg).steps
+        # Built here: SearchSettings checks the search's own values (tau, arch_grad, gate lr,
+        # warmup within the search); the variant checks its own (search.*).
+        settings = search_settings(cfg)
+        steps = settings.steps
+        search_for(cfg).validate(cfg.search, settings)
+        _check_sweep_budgets(cfg)
         if steps >= max_steps:
             _fail(
                 "dam.search_steps",
@@ -203,6 +196,46 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt and ckpt != "last" and not Path(str(ckpt)).is_file():
         _fail("ckpt_path", ckpt, "no such checkpoint file; use a path or ckpt_path=last.")
+
+
+# Settings that were renamed or became part of the `search=` group: the old name stops with the new.
+RENAMED = {
+    "dam.order": "renamed: use dam.arch_grad={value} (the architecture gradient rule).",
+    "dam.relaxation": "the relaxation is part of the search variant now: use search=softmax_row "
+    "or search=topk (search=faithful for sigmoid gates).",
+    "dam.progressive": "the search variant is chosen with search= now: use search=progressive "
+    "(the default) or search=faithful.",
+    "dam.budget_penalty": "the search variant is chosen with search= now: use "
+    "search=budget_penalty search.weight={value}.",
+    "dam.prune_start": "renamed: use search.prune_start={value} (with search=progressive).",
+    "dam.prune_end": "renamed: use search.prune_end={value} (with search=progressive).",
+}
+
+
+def _check_renamed(cfg: DictConfig) -> None:
+    for key, fix in RENAMED.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            _fail(key, value, fix.format(value=value))
+    if cfg.get("search") is not None:
+        search_for(cfg)  # search.name: a registered variant (else the names to choose from)
+
+
+def _check_sweep_budgets(cfg: DictConfig) -> None:
+    budgets = cfg.dam.get("sweep_budgets")
+    if budgets is None:
+        return
+    shown = OmegaConf.to_container(budgets) if OmegaConf.is_list(budgets) else budgets
+    fix = "a list of budgets in (0, 1] that holds this run's `budget`, e.g. [0.25,0.5,0.75]."
+    if not OmegaConf.is_list(budgets) or not budgets:
+        _fail("dam.sweep_budgets", shown, fix)
+    for value in budgets:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail("dam.sweep_budgets", shown, fix)
+        if not 0.0 < float(value) <= 1.0:
+            _fail("dam.sweep_budgets", shown, fix)
+    if not any(abs(float(b) - float(cfg.budget)) < 1e-12 for b in budgets):
+        _fail("dam.sweep_budgets", shown, f"budget={cfg.budget} is not one of them; {fix}")
 
 
 # Whole-number settings and their smallest value, with what each one is (issue 11: a 0 or a
@@ -333,9 +366,6 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         else max(1, round(float(cfg.dam.search_ratio) * int(cfg.train.max_steps)))
     )
     warmup = int(cfg.dam.warmup_steps)
-    prune_start = cfg.dam.get("prune_start")
-    prune_start = warmup if prune_start is None else int(prune_start)
-    prune_end = max(prune_start + 1, round(float(cfg.dam.get("prune_end", 0.75)) * steps))
     return SearchSettings(
         enabled=enabled,
         steps=steps if enabled else 0,
@@ -345,13 +375,8 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         arch_weight_decay=float(cfg.dam.arch_weight_decay),
         tau_start=float(cfg.dam.tau),
         tau_end=float(cfg.dam.tau_end),
-        relaxation=str(cfg.dam.relaxation),
-        order=str(cfg.dam.order),
+        arch_grad=str(cfg.dam.arch_grad),
         budget=float(cfg.budget),
-        budget_penalty=float(cfg.dam.get("budget_penalty", 0.0)),
-        progressive=bool(cfg.dam.get("progressive", False)),
-        prune_start=prune_start,
-        prune_end=prune_end,
         fold_gates=bool(cfg.dam.fold_gates),
         weight_sharing=bool(cfg.dam.weight_sharing),
         merge_search_split=bool(cfg.dam.merge_search_split),

@@ -37,6 +37,7 @@ from diffora_lab.dam import DAM, Mask
 from diffora_lab.methods import Method
 from diffora_lab.metrics import build_metrics, predictions_from_logits
 from diffora_lab.rng import restore_rng_state, rng_state
+from diffora_lab.searches import SearchVariant
 from diffora_lab.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class TrainingModule(pl.LightningModule):
         mask: A mask already applied to ``model`` (methods without a search), or None.
         hparams: The resolved run config, stored in every checkpoint.
         method: The run's method: its per-step hook and checkpoint state (None: neither).
+        variant: The search variant (searches/): where the search ends, its penalty and its cut
+            (None without a search).
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class TrainingModule(pl.LightningModule):
         mask: Mask | None = None,
         hparams: dict[str, Any] | None = None,
         method: Method | None = None,
+        variant: SearchVariant | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -85,6 +89,7 @@ class TrainingModule(pl.LightningModule):
         self.dam = dam
         self.mask = mask
         self.method = method if method is not None else Method()
+        self.variant = variant
         self.phase = SEARCH if search.enabled else FINETUNE
         self.lora_gates = LoraGates(model, candidates) if self.phase == SEARCH else None
         self.step = 0  # weight-optimizer steps taken
@@ -116,8 +121,8 @@ class TrainingModule(pl.LightningModule):
 
     @property
     def search_finished(self) -> bool:
-        """Still searching, but the search's steps are done: time to discretize."""
-        return self.searching and self.step >= self.search.steps
+        """Still searching, but the search is done (the variant's cut step): discretize."""
+        return self.searching and self.step >= self.variant.cut_step
 
     @property
     def arch_optimizer(self) -> torch.optim.Optimizer | None:
@@ -159,7 +164,7 @@ class TrainingModule(pl.LightningModule):
             shared = {id(self.dam.logits)} & {id(p) for _, p in named}
             if shared:
                 raise RuntimeError("weight and architecture parameter sets overlap")
-            self.architect = get_architect(self.search.order)(self.dam, self.search, self)
+            self.architect = get_architect(self.search.arch_grad)(self.dam, self.search, self)
             if self._arch_state is not None:
                 self.architect.load_state_dict(self._arch_state)
                 self._arch_state = None
@@ -244,6 +249,9 @@ class TrainingModule(pl.LightningModule):
 
     def tau(self) -> float:
         return self.search.tau_at(self.step)
+
+    def search_penalty(self):
+        return None if self.variant is None else self.variant.penalty()
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
         if self.optim.finite_check_every <= 1:  # reads the loss now: one sync per step
@@ -333,13 +341,14 @@ class TrainingModule(pl.LightningModule):
     # --------------------------------------------------------- discretization
 
     def propose_mask(self, backbone: str) -> tuple[Mask, torch.Tensor]:
-        """The top-k mask of the current gates under the budget, and those gates."""
+        """The search variant's cut of the current gates under the budget, and those gates."""
         gates = self.current_gates().detach()
-        mask = Mask.from_scores(
+        mask = Mask.of(
+            self.variant.cut(self.dam, gates),
             gates,
             [c.name for c in self.candidates],
             self.dam.module_types,
-            self.search.budget,
+            self.variant.budget,
             self.step,
             backbone=backbone,
         )
@@ -411,6 +420,7 @@ class TrainingModule(pl.LightningModule):
             "mask": None if self.mask is None else vars(self.mask).copy(),
             "discretization": dict(self.discretization),
             "method": self.method.checkpoint_state(self.model),
+            "search_variant": self.variant.state_dict() if self.variant is not None else None,
             "rng": rng_state(),
         }
 
@@ -422,6 +432,8 @@ class TrainingModule(pl.LightningModule):
         self.discretization = dict(state["discretization"])
         self._arch_state = state["arch_optimizer"]
         self.method.load_checkpoint_state(state.get("method"))
+        if self.variant is not None:
+            self.variant.load_state_dict(state.get("search_variant"))
         if state["phase"] == FINETUNE and self.phase == SEARCH:
             # Restore the structure only: the state dict that follows holds the folded weights.
             self._enter_finetune(Mask(**state["mask"]), None, fold_gates=False, reinit=False)

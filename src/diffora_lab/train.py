@@ -22,12 +22,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffora_lab import backbones, methods, tracking
+from diffora_lab import backbones, methods, searches, tracking
 from diffora_lab.adapters import export_merged
+from diffora_lab.architect import get_architect
 from diffora_lab.backbones import Candidate
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
 from diffora_lab.config import optim_settings, search_settings, validate
-from diffora_lab.dam import Mask, num_kept
+from diffora_lab.dam import Mask
 from diffora_lab.data import TaskDataModule
 from diffora_lab.module import TrainingModule
 from diffora_lab.progress import PhaseProgressBar, progress_callbacks
@@ -45,6 +46,7 @@ from diffora_lab.runfolder import (
 )
 from diffora_lab.search_cache import open_entry
 from diffora_lab.speed import compile_layers
+from diffora_lab.sweep import resolve_sweep_budgets
 from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
 
 log = logging.getLogger(__name__)
@@ -88,11 +90,19 @@ def _check_trainer_args(cfg: DictConfig) -> None:
             raise ValueError(
                 f"trainer.{key}: manual optimization cannot honour it; use {ours} instead."
             )
-    if cfg.dam.order == "second" and int(cfg.trainer.get("devices") or 1) > 1:
-        raise ValueError(
-            "dam.order=second: the unrolled architecture step runs on one device only; "
-            "use dam.order=first with trainer.devices>1."
-        )
+    devices = cfg.trainer.get("devices") or 1
+    if isinstance(devices, int) and devices > 1 and methods.method_for(cfg).search_enabled(cfg):
+        rule, variant = get_architect(str(cfg.dam.arch_grad)), searches.search_for(cfg)
+        if not rule.supports_ddp:
+            raise ValueError(
+                f"dam.arch_grad={cfg.dam.arch_grad}: this architecture step runs on one device "
+                "only; use dam.arch_grad=first with trainer.devices>1."
+            )
+        if not variant.supports_ddp:
+            raise ValueError(
+                f"search={variant.name}: this search runs on one device only; use another "
+                "search= with trainer.devices>1."
+            )
     if str(cfg.trainer.get("precision")) in ("16", "16-mixed"):
         raise ValueError(
             "trainer.precision=16-mixed: fp16 loss scaling is not supported with DiffoRA's two "
@@ -133,18 +143,20 @@ def prepare(cfg: DictConfig) -> Prepared:
             check_hub_dataset(spec)
         tokenizer = backbones.load_tokenizer(cfg.backbone)
         candidates = _meta_candidates(cfg, spec, len(tokenizer))
+        method = methods.method_for(cfg)
         with open_dict(cfg):
             cfg.rank = methods.resolve_rank(cfg, candidates)  # match=lora_rN (matching.py)
-        if methods.method_for(cfg).uses_budget:
-            num_kept(float(cfg.budget), len(candidates))
+            if method.search_enabled(cfg):
+                cfg.dam.sweep_budgets = resolve_sweep_budgets(cfg)  # sweep.py
+        method.budget(cfg, candidates)  # budget.py: the budget against the candidates
         if cfg.dam.get("mask_path"):
             mask = Mask.load(cfg.dam.mask_path)
             methods.check_mask_fits(mask, candidates, cfg.backbone.name, str(cfg.dam.mask_path))
-            if methods.method_for(cfg).searches and float(cfg.budget) != mask.budget:
+            if method.searches and (float(cfg.budget), cfg.budget_unit) != (mask.budget, mask.unit):
                 # A fine-tuned mask is the run's budget: results, names and reports say so.
                 log.info("budget=%s: the mask's budget %s is used", cfg.budget, mask.budget)
                 with open_dict(cfg):
-                    cfg.budget = mask.budget
+                    cfg.budget, cfg.budget_unit = mask.budget, mask.unit
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return Prepared(spec, tokenizer, candidates)
@@ -226,6 +238,8 @@ def assemble(
         )
     search = search_settings(cfg)
     optim = optim_settings(cfg)
+    variant = search_variant(cfg, search, method, candidates)
+    cut_step = variant.cut_step if variant is not None else search.steps
     datamodule = TaskDataModule(
         spec,
         raw,
@@ -237,7 +251,7 @@ def assemble(
         search_split=float(cfg.dam.search_split) if search.enabled else 0.0,
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
-        merge_at=search.steps * optim.accumulate if search.merge_search_split else None,
+        merge_at=cut_step * optim.accumulate if search.merge_search_split else None,
         bucketing=int(cfg.data.get("bucketing") or 0),
     )
     module = module_cls(
@@ -250,8 +264,24 @@ def assemble(
         mask=built.mask,
         hparams=OmegaConf.to_container(cfg, resolve=True),
         method=method,
+        variant=variant,
     )
     return Assembled(module, datamodule, candidates)
+
+
+def search_variant(
+    cfg: DictConfig, search, method: methods.Method, candidates: list[Candidate]
+) -> searches.SearchVariant | None:
+    """The run's search variant, bound to its budget and its sweep's budgets (None: no search)."""
+    if not search.enabled:
+        return None
+    sweep = []
+    for fraction in cfg.dam.get("sweep_budgets") or []:
+        other = cfg.copy()
+        with open_dict(other):
+            other.budget = float(fraction)
+        sweep.append(method.budget(other, candidates))
+    return searches.build(cfg, search, method.budget(cfg, candidates), sweep)
 
 
 @dataclass
@@ -342,6 +372,32 @@ def run(
         lock.release()
 
 
+def _shared_search(
+    cfg: DictConfig,
+    module: TrainingModule,
+    datamodule: TaskDataModule,
+    checked: Checked,
+    output_dir: Path,
+    ckpt_path: str | None,
+) -> tuple[dict[str, Any], Any]:
+    """The search cache entry of this run, and the snapshot it starts from (search_cache.py).
+
+    A run resuming its own checkpoint takes nothing from the cache.
+    """
+    info: dict[str, Any] = {"reused": False, "key": None}
+    if not (module.search.enabled and cfg.dam.reuse_search):
+        return info, None
+    entry = open_entry(cfg, checked.raw.train, datamodule.search_indices)
+    remove_stale_temporaries(entry.folder)
+    info["key"] = entry.key
+    variant = module.variant
+    source = None if ckpt_path else entry.reuse(output_dir, variant.cut_step, variant.own_snapshot)
+    if source is not None:
+        module.search_reused = True
+        info.update(reused=True, source=source)
+    return info, entry
+
+
 def _fit_and_report(
     cfg: DictConfig, output_dir: Path, checked: Checked, started: float
 ) -> dict[str, Any]:
@@ -359,23 +415,15 @@ def _fit_and_report(
     if module.mask is not None:
         module.mask.save(output_dir / "dam" / "mask.json")
 
-    search_info: dict[str, Any] = {"reused": False, "key": None}
-    entry = None
-    if search.enabled and cfg.dam.reuse_search:
-        entry = open_entry(cfg, checked.raw.train, datamodule.search_indices)
-        remove_stale_temporaries(entry.folder)
-        search_info["key"] = entry.key
-        source = None if ckpt_path else entry.reuse(output_dir, search.steps)
-        if source is not None:
-            ckpt_path = source["path"]
-            module.search_reused = True
-            search_info.update(reused=True, source=source)
+    search_info, entry = _shared_search(cfg, module, datamodule, checked, output_dir, ckpt_path)
+    if search_info["reused"]:
+        ckpt_path = search_info["source"]["path"]
 
     run_id_file = ckpt_dir / "wandb_run_id"
     resume_id = None
     if ckpt_path and not search_info["reused"] and run_id_file.is_file():
         resume_id = run_id_file.read_text().strip()
-    start_step = search.steps if search_info["reused"] else checked.start_step
+    start_step = search_info["source"]["step"] if search_info["reused"] else checked.start_step
     logger = tracking.build_logger(cfg, output_dir, resume_id, start_step)
     failed = True
     try:
