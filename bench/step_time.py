@@ -221,7 +221,7 @@ def weight_step(module: BenchModule, batch: dict[str, torch.Tensor]) -> None:
 def search_step(module: BenchModule, batch: dict[str, torch.Tensor]) -> None:
     """Weight step, then the framework's architecture step on the next search batch."""
     weight_step(module, batch)
-    module._architecture_step(batch)  # train batch: used by dam.order=second only
+    module._architecture_step(batch)  # train batch: used by dam.arch_grad=second only
     module.step += 1
 
 

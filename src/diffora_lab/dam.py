@@ -125,7 +125,7 @@ class DAM(nn.Module):
     ) -> None:
         super().__init__()
         if relaxation not in RELAXATIONS:
-            raise ValueError(f"dam.relaxation={relaxation!r} must be one of {RELAXATIONS}.")
+            raise ValueError(f"relaxation={relaxation!r} must be one of {RELAXATIONS}.")
         self.module_types = list(module_types)
         self.relaxation = relaxation
         self.logits = nn.Parameter(torch.full((layers, len(module_types)), float(init)))

@@ -221,6 +221,19 @@ def differences(runs: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     return found
 
 
+def off_target(row: dict[str, Any]) -> bool:
+    """Whether a run kept more than one module away from its budget's target.
+
+    The budget rule keeps within half a module of the target (budget.py), so this flags a run
+    whose count is not what its budget asked for (e.g. a saved mask, or a fixed choice whose
+    rank cannot reach the target).
+    """
+    count = row.get("budget_count")
+    if not isinstance(count, dict) or count.get("target") is None:
+        return False
+    return abs(float(count["achieved"]) - float(count["target"])) > float(count["largest_module"])
+
+
 def _group_label(key: tuple) -> str:
     backbone, task, method, budget, rank = key
     return f"{method} on {task} ({backbone}, budget {budget:g}, rank {rank})"
@@ -238,8 +251,9 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         standard deviation, ddof=1; ``None`` for a single run), ``runs``, ``seeds``,
         ``params_trainable`` (mean), ``dev_examples`` (the dev set's size, if recorded) and
         ``differs_in`` (settings besides the seed that differ within the group; each also
-        warned about). Runs without a value for their primary metric are left out with a
-        warning.
+        warned about) and ``off_target`` (runs more than one module away from their budget's
+        target: :func:`off_target`, also warned about). Runs without a value for their primary
+        metric are left out with a warning.
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
@@ -270,6 +284,13 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 stacklevel=2,
             )
         metrics = sorted({str(r["primary_metric"]) for r in runs})
+        missed = [r["run_dir"] for r in runs if off_target(r)]
+        if missed:
+            warnings.warn(
+                f"{_group_label(key)}: {len(missed)} run(s) kept more than one module away from "
+                f"their budget's target (results.json budget_count): {', '.join(missed)}",
+                stacklevel=2,
+            )
         summary.append(
             {
                 **dict(zip(GROUP_KEYS, key)),
@@ -283,6 +304,7 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     (int(r["dev_examples"]) for r in runs if r.get("dev_examples")), default=None
                 ),
                 "differs_in": sorted(differ),
+                "off_target": missed,
             }
         )
     return summary
@@ -317,6 +339,7 @@ def to_markdown(groups: Sequence[dict[str, Any]], digits: int = 4) -> str:
     for g in groups:
         std = "-" if g["std"] is None else f"{g['std']:.{digits}f}"
         runs = str(g["runs"]) + (" !" if g.get("differs_in") else "")
+        params = f"{g['params_trainable']:,.0f}" + (" ‡" if g.get("off_target") else "")
         cells = [
             g["backbone"],
             g["task"],
@@ -326,7 +349,7 @@ def to_markdown(groups: Sequence[dict[str, Any]], digits: int = 4) -> str:
             g["metric"],
             f"{g['mean']:.{digits}f}",
             std,
-            f"{g['params_trainable']:,.0f}",
+            params,
             runs,
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -386,8 +409,9 @@ def write_report(
         header += " from " + ", ".join(f"`{s}`" for s in sources)
     body = (
         f"{header}. Mean and sample std (ddof=1) of the primary dev metric over seeds; "
-        "params: mean trainable parameters; `!` after the run count: the runs of that group "
-        "differ in more than their seed (listed in the warnings).\n\n"
+        "params: mean trainable parameters (`‡`: some runs kept more than one module away from "
+        "their budget's target); `!` after the run count: the runs of that group differ in more "
+        "than their seed (listed in the warnings).\n\n"
         f"{to_markdown(groups)}\n\n![budget curve](budget_curve.png)\n"
     )
     markdown = out_dir / "report.md"
