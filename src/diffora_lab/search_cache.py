@@ -192,7 +192,8 @@ class SearchCache:
             return None, "it was made with another search split"
         return meta, ""
 
-    def _readable(self, path: Path, step: int) -> bool:
+    def _readable(self, path: Path, step: int, quiet: bool = False) -> bool:
+        warn = (lambda why: None) if quiet else self._skip
         try:
             import torch
 
@@ -201,10 +202,10 @@ class SearchCache:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
             found = checkpoint[STATE_KEY]["step"]
         except Exception as error:  # truncated, empty, not a checkpoint: search afresh
-            self._skip(f"{path.name} cannot be read ({type(error).__name__}: {error})")
+            warn(f"{path.name} cannot be read ({type(error).__name__}: {error})")
             return False
         if found != step:
-            self._skip(f"{path.name} ends at step {found}, its record says {step}")
+            warn(f"{path.name} ends at step {found}, its record says {step}")
             return False
         return True
 
@@ -267,14 +268,11 @@ class SearchCache:
         return source
 
     def has(self, step: int, budget: Any) -> bool:
-        """Whether the snapshot of ``budget`` after ``step`` is written and recorded."""
+        """Whether a usable snapshot of ``budget`` after ``step`` is there (else write it)."""
         meta, _ = self._meta()
-        name = self.snapshot(step, budget).name
-        return (
-            meta is not None
-            and name in meta.get("snapshots", {})
-            and (self.folder / name).is_file()
-        )
+        path = self.snapshot(step, budget)
+        recorded = meta is not None and path.name in meta.get("snapshots", {})
+        return recorded and path.is_file() and self._readable(path, step, quiet=True)
 
     def _skip(self, why: str) -> None:
         log.warning("search cache entry %s not reused: %s; searching afresh.", self.folder, why)
