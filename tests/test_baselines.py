@@ -135,12 +135,18 @@ def test_lora_trains_adapters_and_head(tmp_path, monkeypatch):
     assert adapted_modules(trained) == {c.name for c in trained.candidates}
 
 
-def test_random_mask_keeps_k_modules(tmp_path, monkeypatch):
-    trained = run_method(tmp_path, monkeypatch, "random_mask", "budget=0.5")
+@pytest.mark.parametrize("unit", ["params", "modules"])
+def test_random_mask_keeps_the_budgets_count(tmp_path, monkeypatch, unit):
+    trained = run_method(tmp_path, monkeypatch, "random_mask", "budget=0.5", f"budget_unit={unit}")
     check_adapter_only(trained)
     mask = Mask.load(trained.out / "dam" / "mask.json")
-    k = num_kept(0.5, len(trained.candidates))
-    assert mask.k == k == len(mask.kept_modules)
+    assert mask.k == len(mask.kept_modules) and mask.unit == unit
+    if unit == "modules":
+        assert mask.k == num_kept(0.5, len(trained.candidates))
+    else:
+        sizes = [c.lora_params(8) for c in trained.candidates]
+        kept = sum(s for s, keep in zip(sizes, mask.kept) if keep)
+        assert mask.target == 0.5 * sum(sizes) and abs(kept - mask.target) <= max(sizes) / 2
     assert adapted_modules(trained) == set(mask.kept_modules)
 
 
@@ -164,7 +170,8 @@ def test_diffora_trains_kept_adapters_only(tmp_path, monkeypatch):
     trained = run_method(tmp_path, monkeypatch, "diffora", "budget=0.5")
     check_adapter_only(trained)
     mask = Mask.load(trained.out / "dam" / "mask.json")
-    assert mask.source == "search" and mask.k == num_kept(0.5, len(trained.candidates))
+    assert mask.source == "search" and mask.k == len(mask.kept_modules)
+    assert trained.results["budget_count"]["within_one_module"] is True
     assert adapted_modules(trained) == set(mask.kept_modules)
 
 

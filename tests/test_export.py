@@ -93,7 +93,7 @@ def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 def test_adapter_config_names_the_kept_modules(diffora_run):
     config = json.loads((diffora_run.out / "adapter" / "adapter_config.json").read_text())
     mask = Mask.load(diffora_run.out / "dam" / "mask.json")
-    assert mask.k == 6
+    assert mask.k == sum(mask.kept) >= 1
     assert sorted(config["target_modules"]) == sorted(mask.kept_modules)
     assert config["r"] == diffora_run.cfg.rank
     assert config["lora_alpha"] == diffora_run.cfg.method.lora_alpha

@@ -14,7 +14,6 @@ import torch
 from conftest import compose_config
 
 from diffora_lab.callbacks import Discretization
-from diffora_lab.dam import num_kept, top_k_mask
 from diffora_lab.data import TaskDataModule
 from diffora_lab.module import TrainingModule
 from diffora_lab.train import assemble, build_trainer, prepare
@@ -108,7 +107,7 @@ def searched(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"searched_{request.param}")
     cfg = compose_config(
         [
-            f"dam.order={request.param}",
+            f"dam.arch_grad={request.param}",
             "+experiment=smoke",
             f"train.max_steps={MAX_STEPS}",
             f"dam.search_steps={SEARCH_STEPS}",
@@ -237,8 +236,12 @@ def test_discretization_keeps_top_k_of_the_final_gates(searched):
     wired, _, _, out = searched
     module = wired.module
     mask = module.mask
-    n = len(module.candidates)
-    assert mask.step == SEARCH_STEPS and mask.k == num_kept(0.5, n) == sum(mask.kept)
+    assert mask.step == SEARCH_STEPS and mask.k == sum(mask.kept)
+    # The budget in parameters: within half the largest module of half of all adapters.
+    sizes = [c.lora_params(8) for c in module.candidates]
+    achieved = sum(s for s, keep in zip(sizes, mask.kept) if keep)
+    assert (mask.unit, mask.target) == ("params", 0.5 * sum(sizes))
+    assert abs(achieved - mask.target) <= max(sizes) / 2
     # tau anneals linearly from 2.0 at step 0 to 0.5 at step SEARCH_STEPS - 1 (the fixture's
     # settings); the mask is taken at step SEARCH_STEPS, past the end: tau = 0.5.
     # Modules the default (progressive) search removed before the cut have gate 0.
@@ -291,7 +294,7 @@ class CaptureLogits(pl.Callback):
                 assert module.searching
                 self.logits["gated"] = module(dev).logits
                 gates = module.current_gates()
-                keep = top_k_mask(gates, num_kept(self.budget, gates.numel()))
+                keep = module.variant.budget.keep(gates)
                 module.lora_gates.set(gates * keep)
                 self.logits["kept_only"] = module.model(**dev).logits
             else:
@@ -301,17 +304,16 @@ class CaptureLogits(pl.Callback):
 
 
 @pytest.mark.parametrize(
-    ("budget", "relaxation"), [(1.0, "sigmoid"), (0.5, "sigmoid"), (0.5, "softmax_row")]
+    ("budget", "search"), [(1.0, "faithful"), (0.5, "faithful"), (0.5, "softmax_row")]
 )
-def test_discretization_preserves_each_kept_module_function(tmp_path, budget, relaxation):
+def test_discretization_preserves_each_kept_module_function(tmp_path, budget, search):
     cfg = compose_config(
         [
             "+experiment=smoke",
             # The paper's search: dropped modules still contribute before the cut (the default
             # search has removed them by then, tests/test_search_variants.py).
-            "method=diffora_faithful",
+            f"search={search}",
             f"budget={budget}",
-            f"dam.relaxation={relaxation}",
             "train.max_steps=7",
             "dam.search_steps=6",
             "dam.warmup_steps=2",

@@ -94,7 +94,10 @@ def test_results_json(reference, fresh_backbone):
     assert results["wall_seconds"] >= results["fit_seconds"] > 0
     assert results["candidate_modules"] == 12
     assert results["kept_modules"] == reference.mask["kept_modules"]
-    assert len(results["kept_modules"]) == 6
+    assert len(results["kept_modules"]) == results["k"]
+    # The default budget: half of all adapter parameters, within half the largest module.
+    count = results["budget_count"]
+    assert count["target"] == 0.5 * 7168 and abs(count["achieved"] - count["target"]) <= 384
     # Accuracy is a count over the whole dev set (not a mean of per-batch accuracies, which
     # an uneven last batch would skew): accuracy * n_dev is a whole number.
     n_dev = compose_config(["+experiment=smoke"]).task.synthetic.n_dev
@@ -119,10 +122,11 @@ HEAD = ("classifier", "pooler")
 def test_mask_json(reference):
     mask = reference.mask
     assert MASK_KEYS <= set(mask)
-    assert mask["budget"] == 0.5 and mask["k"] == 6 and mask["step"] == SEARCH_STEPS
+    assert mask["budget"] == 0.5 and mask["step"] == SEARCH_STEPS
+    assert (mask["unit"], mask["target"]) == ("params", 0.5 * 7168)
     assert len(mask["modules"]) == len(mask["gates"]) == len(mask["kept"]) == 12
-    assert sum(mask["kept"]) == 6
-    # Kept are the six largest gates: every kept gate is at least every dropped one.
+    assert sum(mask["kept"]) == mask["k"]
+    # Kept are the largest gates: every kept gate is at least every dropped one.
     kept = [g for g, k in zip(mask["gates"], mask["kept"]) if k]
     dropped = [g for g, k in zip(mask["gates"], mask["kept"]) if not k]
     assert min(kept) >= max(dropped)
@@ -135,7 +139,7 @@ def test_mask_json(reference):
     gates = torch.sigmoid(state["dam.logits"].flatten()) * active
     assert mask["gates"] == pytest.approx(gates.tolist(), abs=1e-6)
     # The search moved the kept gates away from their common initial value.
-    assert len(set(kept)) == 6 and min(kept) > 0 and max(dropped) == 0
+    assert len(set(kept)) == mask["k"] and min(kept) > 0 and max(dropped) == 0
 
 
 def test_gate_logits_in_the_checkpoint_match_the_mask(reference):
@@ -317,7 +321,8 @@ def test_reused_search_ends_like_a_fresh_search(reused_pair):
     first, reused, fresh = reused_pair
     assert reused.results["search"]["reused"] is True
     assert fresh.results["search"]["reused"] is False
-    assert reused.mask["k"] == fresh.mask["k"] == 3
+    assert reused.mask["k"] == fresh.mask["k"]
+    assert reused.mask["target"] == fresh.mask["target"] == 0.25 * 7168
     assert reused.mask["kept"] == fresh.mask["kept"]
     assert reused.mask["gates"] == pytest.approx(fresh.mask["gates"], abs=1e-6, rel=0)
     # Same search as the budget-0.5 run: its top 3 are among that run's top 6.
@@ -353,12 +358,13 @@ def test_reused_search_has_the_dam_figures_of_a_fresh_one(reused_pair):
 def test_budget_penalty_pulls_the_mean_gate_towards_the_budget(smoke_cfg, tmp_path):
     def mean_gate(*overrides: str) -> float:
         out = tmp_path / "_".join(o.replace("=", "-") for o in overrides)
-        run(smoke_cfg("budget=0.25", "dam.reuse_search=false", *overrides), out)
+        settings = ("budget=0.25", "budget_unit=modules", "dam.reuse_search=false")
+        run(smoke_cfg(*settings, "search=budget_penalty", *overrides), out)
         gates = json.loads((out / "dam" / "mask.json").read_text())["gates"]
         return sum(gates) / len(gates)
 
-    free = mean_gate("dam.budget_penalty=0")
-    pulled = mean_gate("dam.budget_penalty=200")
+    free = mean_gate("search.weight=0")
+    pulled = mean_gate("search.weight=200")
     assert abs(pulled - 0.25) < abs(free - 0.25) - 0.02
 
 

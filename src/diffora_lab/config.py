@@ -226,7 +226,7 @@ def _check_sweep_budgets(cfg: DictConfig) -> None:
     if budgets is None:
         return
     shown = OmegaConf.to_container(budgets) if OmegaConf.is_list(budgets) else budgets
-    fix = "a list of budgets in (0, 1] that holds this run's `budget`, e.g. [0.25,0.5,0.75]."
+    fix = "a list of budgets in (0, 1] that holds this run's budget, e.g. [0.25,0.5,0.75]."
     if not OmegaConf.is_list(budgets) or not budgets:
         _fail("dam.sweep_budgets", shown, fix)
     for value in budgets:

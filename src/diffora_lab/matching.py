@@ -325,7 +325,7 @@ def params_table(
             "DeBERTa-v3-base": grid_candidates(12, 768, 3072),
         }
     lines = [
-        "| backbone | reference | target (LoRA params) | budget | DiffoRA r | modules' share "
+        "| backbone | reference | target (LoRA params) | budget | DiffoRA r | share kept (r0 / r) "
         "| achieved within ± |",
         "|---|---|---|---|---|---|---|",
     ]
