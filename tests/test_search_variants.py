@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,30 @@ def test_adalora_scale_follows_its_initial_rank(tmp_path):
     # peft's AdaLoRA multiplies by lora_alpha / ranknum, ranknum being the initial rank.
     scale = layer.scaling["default"] / float(layer.ranknum["default"])
     assert scale == pytest.approx(2.0, rel=1e-6)
+
+
+class OneDevice(SearchVariant):
+    name = "one_device_test"
+    budget_dependent = False
+    supports_ddp = False
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores for 2 CPU devices")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["search.name=one_device_test"], "search=one_device_test: runs on one device only"),
+        (["dam.arch_grad=second"], "dam.arch_grad=second: runs on one device only"),
+    ],
+)
+def test_what_declares_no_ddp_is_refused_on_two_devices(smoke_cfg, overrides, message):
+    from diffora_lab.train import ConfigError, prepare
+
+    register_search(OneDevice)
+    try:
+        cfg = smoke_cfg("trainer.accelerator=cpu", "trainer.devices=2", *overrides)
+        with pytest.raises(ConfigError, match=message):
+            prepare(cfg)
+        prepare(smoke_cfg("trainer.accelerator=cpu", "trainer.devices=1", *overrides))
+    finally:
+        registry._REGISTRY.pop("one_device_test")

@@ -300,3 +300,31 @@ def open_entry(cfg: DictConfig, train: Any, search_indices: list[int]) -> Search
     folder = Path(str(cfg.dam.search_cache_dir)).expanduser() / key
     split = hashlib.sha256(json.dumps(list(search_indices)).encode()).hexdigest()
     return SearchCache(key, folder, split)
+
+
+def shared_search(
+    cfg: DictConfig,
+    module: Any,
+    train: Any,
+    search_indices: list[int],
+    output_dir: Path,
+    ckpt_path: str | None,
+) -> tuple[dict[str, Any], SearchCache | None]:
+    """A run's entry in the search cache and what it records of it (``results.json``'s
+    ``search``): the snapshot it starts from, if any. A run resuming its own checkpoint takes
+    nothing from the cache.
+    """
+    from diffora_lab.runfolder import remove_stale_temporaries
+
+    info: dict[str, Any] = {"reused": False, "key": None}
+    if not (module.search.enabled and cfg.dam.reuse_search):
+        return info, None
+    entry = open_entry(cfg, train, search_indices)
+    remove_stale_temporaries(entry.folder)
+    info["key"] = entry.key
+    variant = module.variant
+    source = None if ckpt_path else entry.reuse(output_dir, variant.cut_step, variant.own_snapshot)
+    if source is not None:
+        module.search_reused = True
+        info.update(reused=True, source=source)
+    return info, entry

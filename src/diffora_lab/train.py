@@ -44,7 +44,7 @@ from diffora_lab.runfolder import (
     remove_stale_temporaries,
     write_hydra_files,
 )
-from diffora_lab.search_cache import open_entry
+from diffora_lab.search_cache import shared_search
 from diffora_lab.speed import compile_layers
 from diffora_lab.sweep import resolve_sweep_budgets
 from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
@@ -90,19 +90,15 @@ def _check_trainer_args(cfg: DictConfig) -> None:
             raise ValueError(
                 f"trainer.{key}: manual optimization cannot honour it; use {ours} instead."
             )
-    devices = cfg.trainer.get("devices") or 1
-    if isinstance(devices, int) and devices > 1 and methods.method_for(cfg).search_enabled(cfg):
-        rule, variant = get_architect(str(cfg.dam.arch_grad)), searches.search_for(cfg)
-        if not rule.supports_ddp:
-            raise ValueError(
-                f"dam.arch_grad={cfg.dam.arch_grad}: this architecture step runs on one device "
-                "only; use dam.arch_grad=first with trainer.devices>1."
-            )
-        if not variant.supports_ddp:
-            raise ValueError(
-                f"search={variant.name}: this search runs on one device only; use another "
-                "search= with trainer.devices>1."
-            )
+    devices = str(cfg.trainer.get("devices") or 1)
+    if devices.isdigit() and int(devices) > 1 and methods.method_for(cfg).search_enabled(cfg):
+        variant = searches.search_for(cfg)  # each part declares whether it supports DDP
+        rule = (f"dam.arch_grad={cfg.dam.arch_grad}", get_architect(str(cfg.dam.arch_grad)))
+        for setting, part in (rule, (f"search={variant.name}", variant)):
+            if not part.supports_ddp:
+                raise ValueError(
+                    f"{setting}: runs on one device only; choose another with trainer.devices>1."
+                )
     if str(cfg.trainer.get("precision")) in ("16", "16-mixed"):
         raise ValueError(
             "trainer.precision=16-mixed: fp16 loss scaling is not supported with DiffoRA's two "
@@ -238,7 +234,7 @@ def assemble(
         )
     search = search_settings(cfg)
     optim = optim_settings(cfg)
-    variant = search_variant(cfg, search, method, candidates)
+    variant = searches.for_run(cfg, search, lambda c: method.budget(c, candidates))
     cut_step = variant.cut_step if variant is not None else search.steps
     datamodule = TaskDataModule(
         spec,
@@ -267,21 +263,6 @@ def assemble(
         variant=variant,
     )
     return Assembled(module, datamodule, candidates)
-
-
-def search_variant(
-    cfg: DictConfig, search, method: methods.Method, candidates: list[Candidate]
-) -> searches.SearchVariant | None:
-    """The run's search variant, bound to its budget and its sweep's budgets (None: no search)."""
-    if not search.enabled:
-        return None
-    sweep = []
-    for fraction in cfg.dam.get("sweep_budgets") or []:
-        other = cfg.copy()
-        with open_dict(other):
-            other.budget = float(fraction)
-        sweep.append(method.budget(other, candidates))
-    return searches.build(cfg, search, method.budget(cfg, candidates), sweep)
 
 
 @dataclass
@@ -372,32 +353,6 @@ def run(
         lock.release()
 
 
-def _shared_search(
-    cfg: DictConfig,
-    module: TrainingModule,
-    datamodule: TaskDataModule,
-    checked: Checked,
-    output_dir: Path,
-    ckpt_path: str | None,
-) -> tuple[dict[str, Any], Any]:
-    """The search cache entry of this run, and the snapshot it starts from (search_cache.py).
-
-    A run resuming its own checkpoint takes nothing from the cache.
-    """
-    info: dict[str, Any] = {"reused": False, "key": None}
-    if not (module.search.enabled and cfg.dam.reuse_search):
-        return info, None
-    entry = open_entry(cfg, checked.raw.train, datamodule.search_indices)
-    remove_stale_temporaries(entry.folder)
-    info["key"] = entry.key
-    variant = module.variant
-    source = None if ckpt_path else entry.reuse(output_dir, variant.cut_step, variant.own_snapshot)
-    if source is not None:
-        module.search_reused = True
-        info.update(reused=True, source=source)
-    return info, entry
-
-
 def _fit_and_report(
     cfg: DictConfig, output_dir: Path, checked: Checked, started: float
 ) -> dict[str, Any]:
@@ -415,7 +370,9 @@ def _fit_and_report(
     if module.mask is not None:
         module.mask.save(output_dir / "dam" / "mask.json")
 
-    search_info, entry = _shared_search(cfg, module, datamodule, checked, output_dir, ckpt_path)
+    search_info, entry = shared_search(
+        cfg, module, checked.raw.train, datamodule.search_indices, output_dir, ckpt_path
+    )
     if search_info["reused"]:
         ckpt_path = search_info["source"]["path"]
 

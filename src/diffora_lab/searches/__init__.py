@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from diffora_lab.budget import Budget
 from diffora_lab.searches.registry import (
@@ -26,6 +26,7 @@ from diffora_lab.searches.registry import (
 __all__ = [
     "SearchVariant",
     "build",
+    "for_run",
     "get_search",
     "register_search",
     "search_for",
@@ -40,3 +41,24 @@ for _module in pkgutil.iter_modules(__path__):
 def build(cfg: DictConfig, settings, budget: Budget, sweep: Sequence[Budget] = ()) -> SearchVariant:
     """The run's search variant, bound to its settings, budget and sweep."""
     return search_for(cfg)(search_options(cfg), settings, budget, sweep)
+
+
+def for_run(
+    cfg: DictConfig, settings, budget_of: Callable[[DictConfig], Budget]
+) -> SearchVariant | None:
+    """The run's variant (None without a search), with its sweep's budgets.
+
+    Args:
+        cfg: The run config (``dam.sweep_budgets`` resolved).
+        settings: The shared search settings.
+        budget_of: The method's budget for a config (``Method.budget`` over the candidates).
+    """
+    if not settings.enabled:
+        return None
+    sweep = []
+    for fraction in cfg.dam.get("sweep_budgets") or []:
+        other = cfg.copy()
+        with open_dict(other):
+            other.budget = float(fraction)
+        sweep.append(budget_of(other))
+    return build(cfg, settings, budget_of(cfg), sweep)
