@@ -268,3 +268,36 @@ def test_what_declares_no_ddp_is_refused_on_two_devices(smoke_cfg, overrides, me
         prepare(smoke_cfg("trainer.accelerator=cpu", "trainer.devices=1", *overrides))
     finally:
         registry._REGISTRY.pop("one_device_test")
+
+
+@pytest.mark.parametrize(
+    ("old", "search"),
+    [
+        ({"progressive": True, "prune_end": 0.5}, {"name": "progressive", "prune_end": 0.5}),
+        ({"relaxation": "topk"}, {"name": "topk"}),
+        ({"budget_penalty": 2.0}, {"name": "budget_penalty", "weight": 2.0}),
+        ({}, {"name": "faithful"}),
+    ],
+)
+def test_a_run_config_saved_before_the_search_group_reads_in_todays_keys(tmp_path, old, search):
+    """Old run folders stay scorable (evaluate.py reads their saved config through this)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from diffora_lab.config import validate
+    from diffora_lab.evaluate import _run_config
+
+    cfg = compose_config(["+experiment=smoke"])
+    with open_dict(cfg):  # the layout of a config saved before the change
+        for key in ("budget_unit", "search"):
+            cfg.pop(key)
+        cfg.dam.pop("arch_grad")
+        cfg.dam.pop("sweep_budgets")
+        base = {"order": "second", "relaxation": "sigmoid", "progressive": False}
+        cfg.dam.update({**base, "budget_penalty": 0.0, "prune_start": None, "prune_end": 0.75})
+        cfg.dam.update(old)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    upgraded = _run_config(tmp_path)
+    validate(upgraded)
+    assert upgraded.budget_unit == "modules" and upgraded.dam.arch_grad == "second"
+    assert {k: v for k, v in upgraded.search.items() if v is not None} == search

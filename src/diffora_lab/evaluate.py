@@ -58,15 +58,17 @@ class Source:
 
 
 def _run_config(run_dir: Path) -> DictConfig | None:
+    from diffora_lab.saved_config import upgrade  # a run saved by an earlier version
+
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
     if hydra_cfg.is_file():
-        return OmegaConf.load(hydra_cfg)
+        return upgrade(OmegaConf.load(hydra_cfg))
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         config = saved.get("hyper_parameters", {}).get("config")
         if config:
-            return OmegaConf.create(config)
+            return upgrade(OmegaConf.create(config))
     return None
 
 

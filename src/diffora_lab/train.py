@@ -148,7 +148,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         if cfg.dam.get("mask_path"):
             mask = Mask.load(cfg.dam.mask_path)
             methods.check_mask_fits(mask, candidates, cfg.backbone.name, str(cfg.dam.mask_path))
-            if method.searches and (float(cfg.budget), cfg.budget_unit) != (mask.budget, mask.unit):
+            unit = cfg.get("budget_unit") or "params"
+            if method.searches and (float(cfg.budget), unit) != (mask.budget, mask.unit):
                 # A fine-tuned mask is the run's budget: results, names and reports say so.
                 log.info("budget=%s: the mask's budget %s is used", cfg.budget, mask.budget)
                 with open_dict(cfg):
