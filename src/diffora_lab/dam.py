@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffora_lab.budget import UNITS, Budget, in_modules, num_kept
+from diffora_lab.budget import UNITS, Budget, in_modules, keep_in_order, num_kept
 
 __all__ = ["DAM", "Mask", "budget_sigmoid", "cubic_count", "gate_entropy", "num_kept"]
 
@@ -24,12 +24,11 @@ RELAXATIONS = ("sigmoid", "softmax_row", "topk")
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest scores; ties go to the earlier module (row-major order)."""
-    flat = scores.detach().flatten().float().cpu()
-    order = torch.sort(flat, descending=True, stable=True).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[:k]] = True
-    return mask.view(scores.shape)
+    """Boolean mask of the k largest scores; ties go to the earlier module (row-major order).
+
+    The budget rule (:func:`~diffora_lab.budget.keep_in_order`) with one unit per module.
+    """
+    return keep_in_order(scores, [1] * scores.numel(), float(k))
 
 
 def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
@@ -165,8 +164,7 @@ class DAM(nn.Module):
         if count >= self.num_active:
             return []
         gates = self.gates(tau).detach().flatten().float().cpu()
-        gates[~self.active.flatten().cpu()] = -1.0  # already removed: never chosen again
-        keep = top_k_mask(gates, count)
+        keep = keep_in_order(gates, [1] * gates.numel(), float(count), self.active.flatten())
         return self.restrict(keep)
 
     @torch.no_grad()
