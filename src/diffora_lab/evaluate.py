@@ -178,6 +178,41 @@ def load_model(source: Source, cfg: DictConfig, prepared) -> nn.Module:
     return backbone
 
 
+def _dev_data(cfg: DictConfig, prepared, batch_size: int | None):
+    """The run's dev splits in a data module built as training builds it."""
+    from diffora_lab.data import TaskDataModule
+    from diffora_lab.tasks import RawSplits, load_raw
+
+    raw = load_raw(
+        prepared.spec,
+        cfg.task.get("data_dir") or None,
+        seed=int(cfg.seed),
+        # A GLUE task has no `synthetic` node (e.g. a synthetic run's adapter scored on RTE).
+        synthetic=(
+            OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
+        ),
+        hub_id=cfg.task.get("hub_id"),
+        dev_limit=cfg.task.get("dev_limit"),
+    )
+    # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
+    # (no tokenization of e.g. MNLI's 393k train pairs).
+    first_dev = next(iter(raw.dev.values()))
+    return TaskDataModule(
+        prepared.spec,
+        RawSplits(train=first_dev, dev=raw.dev),
+        prepared.tokenizer,
+        max_length=int(cfg.task.max_length),
+        batch_size=int(cfg.train.batch_size),
+        eval_batch_size=int(batch_size or cfg.train.eval_batch_size),
+        seed=int(cfg.seed),
+        search_split=0.0,
+        cache_dir=cfg.data.cache_dir,
+        num_workers=int(cfg.data.num_workers),
+        bucketing=int(cfg.data.get("bucketing") or 0),
+        kind=prepared.kind,
+    )
+
+
 def evaluate(
     path: str | Path,
     task: str | None = None,
@@ -196,9 +231,7 @@ def evaluate(
             reproduces ``results.json`` bit for bit).
     """
     from diffora_lab.config import optim_settings, search_settings
-    from diffora_lab.data import TaskDataModule
     from diffora_lab.module import TrainingModule
-    from diffora_lab.tasks import RawSplits, load_raw
     from diffora_lab.train import build_trainer, prepare
 
     source = locate(path, backbone=backbone, task=task)
@@ -206,34 +239,7 @@ def evaluate(
     prepared = prepare(cfg)
     spec = prepared.spec
     model = load_model(source, cfg, prepared)
-    raw = load_raw(
-        spec,
-        cfg.task.get("data_dir") or None,
-        seed=int(cfg.seed),
-        # A GLUE task has no `synthetic` node (e.g. a synthetic run's adapter scored on RTE).
-        synthetic=(
-            OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
-        ),
-        hub_id=cfg.task.get("hub_id"),
-        dev_limit=cfg.task.get("dev_limit"),
-    )
-    # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
-    # (no tokenization of e.g. MNLI's 393k train pairs).
-    first_dev = next(iter(raw.dev.values()))
-    datamodule = TaskDataModule(
-        spec,
-        RawSplits(train=first_dev, dev=raw.dev),
-        prepared.tokenizer,
-        max_length=int(cfg.task.max_length),
-        batch_size=int(cfg.train.batch_size),
-        eval_batch_size=int(batch_size or cfg.train.eval_batch_size),
-        seed=int(cfg.seed),
-        search_split=0.0,
-        cache_dir=cfg.data.cache_dir,
-        num_workers=int(cfg.data.num_workers),
-        bucketing=int(cfg.data.get("bucketing") or 0),
-        kind=prepared.kind,
-    )
+    datamodule = _dev_data(cfg, prepared, batch_size)
     module = TrainingModule(
         model,
         spec,
