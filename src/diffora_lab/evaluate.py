@@ -136,18 +136,26 @@ def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> 
     return cfg
 
 
-def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int) -> nn.Module:
-    """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights."""
-    from diffora_lab import backbones
+def load_model(source: Source, cfg: DictConfig, prepared) -> nn.Module:
+    """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights.
+
+    ``prepared`` is what ``train.prepare`` returned (its task kind picks the model class).
+    """
+    from diffora_lab import backbones, building
     from diffora_lab.checkpointing import STATE_KEY, fill
 
     if source.merged is not None:
         import transformers
 
-        return transformers.AutoModelForSequenceClassification.from_pretrained(
-            str(source.merged), dtype=torch.float32
+        auto = (
+            transformers.AutoModelForCausalLM
+            if prepared.kind.causal_lm
+            else transformers.AutoModelForSequenceClassification
         )
-    backbone = backbones.load_backbone(cfg.backbone, num_labels, vocab_size=vocab_size)
+        return auto.from_pretrained(
+            str(source.merged), dtype=backbones.model_dtype(cfg.backbone, prepared.kind.causal_lm)
+        )
+    backbone = building.load_model(cfg, prepared.resolved, prepared.tokenizer)
     if source.adapter is not None:
         with warnings.catch_warnings():
             # peft reads an AdaLoRA rank_pattern (kept singular values) as LoRA's per-module
@@ -172,6 +180,41 @@ def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int
     return backbone
 
 
+def _dev_data(cfg: DictConfig, prepared, batch_size: int | None):
+    """The run's dev splits in a data module built as training builds it."""
+    from diffora_lab.data import TaskDataModule
+    from diffora_lab.tasks import RawSplits, load_raw
+
+    raw = load_raw(
+        prepared.spec,
+        cfg.task.get("data_dir") or None,
+        seed=int(cfg.seed),
+        # A GLUE task has no `synthetic` node (e.g. a synthetic run's adapter scored on RTE).
+        synthetic=(
+            OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
+        ),
+        hub_id=cfg.task.get("hub_id"),
+        dev_limit=cfg.task.get("dev_limit"),
+    )
+    # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
+    # (no tokenization of e.g. MNLI's 393k train pairs).
+    first_dev = next(iter(raw.dev.values()))
+    return TaskDataModule(
+        prepared.spec,
+        RawSplits(train=first_dev, dev=raw.dev),
+        prepared.tokenizer,
+        max_length=int(cfg.task.max_length),
+        batch_size=int(cfg.train.batch_size),
+        eval_batch_size=int(batch_size or cfg.train.eval_batch_size),
+        seed=int(cfg.seed),
+        search_split=0.0,
+        cache_dir=cfg.data.cache_dir,
+        num_workers=int(cfg.data.num_workers),
+        bucketing=int(cfg.data.get("bucketing") or 0),
+        kind=prepared.kind,
+    )
+
+
 def evaluate(
     path: str | Path,
     task: str | None = None,
@@ -190,47 +233,22 @@ def evaluate(
             reproduces ``results.json`` bit for bit).
     """
     from diffora_lab.config import optim_settings, search_settings
-    from diffora_lab.data import TaskDataModule
     from diffora_lab.module import TrainingModule
-    from diffora_lab.tasks import RawSplits, load_raw
     from diffora_lab.train import build_trainer, prepare
 
     source = locate(path, backbone=backbone, task=task)
     cfg = _with_overrides(source.cfg, task, data_dir)
     prepared = prepare(cfg)
     spec = prepared.spec
-    model = load_model(source, cfg, spec.num_labels, len(prepared.tokenizer))
-    raw = load_raw(
-        spec,
-        cfg.task.get("data_dir") or None,
-        seed=int(cfg.seed),
-        # A GLUE task has no `synthetic` node (e.g. a synthetic run's adapter scored on RTE).
-        synthetic=(
-            OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
-        ),
-    )
-    # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
-    # (no tokenization of e.g. MNLI's 393k train pairs).
-    first_dev = next(iter(raw.dev.values()))
-    datamodule = TaskDataModule(
-        spec,
-        RawSplits(train=first_dev, dev=raw.dev),
-        prepared.tokenizer,
-        max_length=int(cfg.task.max_length),
-        batch_size=int(cfg.train.batch_size),
-        eval_batch_size=int(batch_size or cfg.train.eval_batch_size),
-        seed=int(cfg.seed),
-        search_split=0.0,
-        cache_dir=cfg.data.cache_dir,
-        num_workers=int(cfg.data.num_workers),
-        bucketing=int(cfg.data.get("bucketing") or 0),
-    )
+    model = load_model(source, cfg, prepared)
+    datamodule = _dev_data(cfg, prepared, batch_size)
     module = TrainingModule(
         model,
         spec,
         [],
         optim_settings(cfg),
         replace(search_settings(cfg), enabled=False, steps=0),
+        kind=prepared.kind,
     )
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(cfg, Path(scratch), logger=False, callbacks=[])

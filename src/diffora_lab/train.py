@@ -22,10 +22,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffora_lab import backbones, methods, searches, tracking
+from diffora_lab import backbones, building, methods, searches, tracking
 from diffora_lab.adapters import export_merged
 from diffora_lab.architect import get_architect
 from diffora_lab.backbones import Candidate
+from diffora_lab.building import Resolved
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
 from diffora_lab.config import optim_settings, search_settings, validate
 from diffora_lab.dam import Mask
@@ -47,7 +48,7 @@ from diffora_lab.runfolder import (
 from diffora_lab.search_cache import shared_search
 from diffora_lab.speed import compile_layers
 from diffora_lab.sweep import resolve_sweep_budgets
-from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
+from diffora_lab.tasks import RawSplits, TaskSpec, check_source, get_task, load_raw
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 @dataclass
 class Prepared:
-    """What the cheap checks produced: the task, tokenizer and candidate modules."""
+    """What the cheap checks produced: the task, tokenizer, candidate modules, family and kind."""
 
     spec: TaskSpec
     tokenizer: Any
     candidates: list[Candidate]
+    resolved: Resolved
+
+    @property
+    def kind(self):
+        """The run's task kind (:mod:`diffora_lab.tasks.kinds`)."""
+        return self.resolved.kind
 
 
 def _check_trainer_args(cfg: DictConfig) -> None:
@@ -106,23 +113,6 @@ def _check_trainer_args(cfg: DictConfig) -> None:
         )
 
 
-def _meta_candidates(cfg: DictConfig, spec: TaskSpec, vocab_size: int) -> list[Candidate]:
-    """Candidate modules found on a weightless (meta-device) copy of the backbone."""
-    import transformers
-
-    bcfg = cfg.backbone
-    if bcfg.get("config") is not None:
-        with torch.device("meta"):
-            model = backbones.load_backbone(bcfg, spec.num_labels, vocab_size=vocab_size)
-    else:
-        config = transformers.AutoConfig.from_pretrained(
-            backbones.resolve_source(bcfg), num_labels=max(spec.num_labels, 1)
-        )
-        with torch.device("meta"):
-            model = transformers.AutoModelForSequenceClassification.from_config(config)
-    return backbones.find_candidates(model, str(bcfg.layer_pattern), dict(bcfg.module_types))
-
-
 def prepare(cfg: DictConfig) -> Prepared:
     """All user-input checks, before any weights or data load.
 
@@ -135,10 +125,11 @@ def prepare(cfg: DictConfig) -> Prepared:
         if cfg.backbone.get("name") is None:
             raise ValueError("backbone: no backbone selected; pass backbone=<name>.")
         spec = get_task(cfg.task.name)
-        if spec.name != "synthetic" and not cfg.task.get("data_dir"):
-            check_hub_dataset(spec)
         tokenizer = backbones.load_tokenizer(cfg.backbone)
-        candidates = _meta_candidates(cfg, spec, len(tokenizer))
+        # Family, task kind and candidates from a weightless model (written into cfg).
+        resolved = building.resolve(cfg, spec, tokenizer)
+        candidates = resolved.candidates
+        check_source(spec, cfg.task.get("data_dir") or None, cfg.task.get("hub_id"))
         method = methods.method_for(cfg)
         with open_dict(cfg):
             cfg.rank = methods.resolve_rank(cfg, candidates)  # match=lora_rN (matching.py)
@@ -156,7 +147,7 @@ def prepare(cfg: DictConfig) -> Prepared:
                     cfg.budget, cfg.budget_unit = mask.budget, mask.unit
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    return Prepared(spec, tokenizer, candidates)
+    return Prepared(spec, tokenizer, candidates, resolved)
 
 
 def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path, overwrite: bool = False) -> str | None:
@@ -218,9 +209,7 @@ def assemble(
     spec = prepared.spec
     if raw is None:
         raw = _load_data(cfg, spec)
-    backbone = backbones.load_backbone(
-        cfg.backbone, spec.num_labels, vocab_size=len(prepared.tokenizer)
-    )
+    backbone = building.load_model(cfg, prepared.resolved, prepared.tokenizer)
     candidates = backbones.find_candidates(
         backbone, str(cfg.backbone.layer_pattern), dict(cfg.backbone.module_types)
     )
@@ -250,6 +239,7 @@ def assemble(
         num_workers=int(cfg.data.num_workers),
         merge_at=cut_step * optim.accumulate if search.merge_search_split else None,
         bucketing=int(cfg.data.get("bucketing") or 0),
+        kind=prepared.kind,
     )
     module = module_cls(
         built.model,
@@ -262,6 +252,7 @@ def assemble(
         hparams=OmegaConf.to_container(cfg, resolve=True),
         method=method,
         variant=variant,
+        kind=prepared.kind,
     )
     return Assembled(module, datamodule, candidates)
 
@@ -286,7 +277,17 @@ def _load_data(cfg: DictConfig, spec: TaskSpec) -> RawSplits:
             synthetic=(
                 OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
             ),
+            hub_id=cfg.task.get("hub_id"),
+            dev_limit=cfg.task.get("dev_limit"),
         )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def _check_data(prepared: Prepared, raw: RawSplits) -> None:
+    """The task kind's checks of the loaded data (e.g. answer words), before any weights."""
+    try:
+        prepared.kind.check_data(raw, prepared.tokenizer)
     except ValueError as error:
         raise ConfigError(str(error)) from error
 
@@ -312,6 +313,7 @@ def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     raw = _load_data(cfg, prepared.spec)
+    _check_data(prepared, raw)
     return Checked(prepared, raw, ckpt_path, start_step)
 
 
