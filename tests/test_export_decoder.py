@@ -37,24 +37,25 @@ MODULE_TYPES = {
 }
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, vocab: int = VOCAB, **config_extra) -> LlamaForCausalLM:
     """2 layers, 4 query heads over 2 key/value heads, tied embeddings, random weights."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=128,
         tie_word_embeddings=True,
+        **config_extra,
     )
     return LlamaForCausalLM(config).eval()
 
 
-def tokens(seed: int, batch: int = 4, seq: int = 12) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+def tokens(seed: int, batch: int = 4, seq: int = 12, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -78,9 +79,10 @@ def train_gated(model: PeftModel, candidates, gates: torch.Tensor, steps: int = 
     """Weight steps with detached gates (the search's weight step), causal-LM loss."""
     scaling = LoraGates(model, candidates)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    vocab = model.get_input_embeddings().num_embeddings
     model.train()
     for step in range(steps):
-        ids = tokens(100 + step)
+        ids = tokens(100 + step, vocab=vocab)
         scaling.set(gates)
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
@@ -88,12 +90,14 @@ def train_gated(model: PeftModel, candidates, gates: torch.Tensor, steps: int = 
     scaling.remove()
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A gated, trained, discretized tiny Llama; its base folder and its exported adapter."""
-    root = tmp_path_factory.mktemp("decoder_export")
-    tiny_llama().save_pretrained(root / "base")
-    base = tiny_llama()
+def gated_export(root: Path, tokenizer=None, **config_extra) -> dict:
+    """A gated, trained, discretized tiny Llama, its base folder (``root/base``, with the
+    tokenizer when given) and its exported adapter (``root/adapter``)."""
+    vocab = len(tokenizer) if tokenizer is not None else VOCAB
+    tiny_llama(vocab=vocab, **config_extra).save_pretrained(root / "base")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(root / "base")
+    base = tiny_llama(vocab=vocab, **config_extra)
     candidates = find_candidates(base, LAYER_PATTERN, MODULE_TYPES)
     model = lora_model(base, candidates)
     gates = torch.linspace(0.9, 0.1, len(candidates)).view(2, len(MODULE_TYPES))
@@ -105,6 +109,11 @@ def exported(tmp_path_factory):
     folder = export_adapter(model, root / "adapter", base_model="diffora_lab backbone=tiny")
     write_selection(folder, mask, {"method": "diffora", "params": {"adapter": 1}})
     return {"root": root, "model": model.eval(), "mask": mask, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return gated_export(tmp_path_factory.mktemp("decoder_export"))
 
 
 def test_adapter_config_is_plain_causal_lm_lora(exported):
