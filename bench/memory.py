@@ -40,7 +40,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.step_time import (  # noqa: E402
+from bench._steps import (  # noqa: E402
     DESCRIPTIONS,
     BenchModule,
     Variant,
