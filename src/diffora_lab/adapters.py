@@ -46,6 +46,17 @@ def lora_alpha_for(scaling: str, rank: int, scale: float, lora_alpha: float) -> 
     raise ValueError(f"method.scaling={scaling!r}: choose one of {list(SCALINGS)}.")
 
 
+def peft_task_type(model: nn.Module) -> str:
+    """peft's ``task_type`` for a transformers model: ``CAUSAL_LM`` for a causal LM (the
+    ``choice`` task kind loads one), else ``SEQ_CLS`` (a sequence classifier)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return "CAUSAL_LM" if type(model).__name__ in names else "SEQ_CLS"
+
+
 def attach_lora(
     model: nn.Module,
     candidates: list[Candidate],
@@ -53,13 +64,16 @@ def attach_lora(
     lora_alpha: float,
     lora_dropout: float,
     head_modules: list[str],
+    task_type: str | None = None,
     **peft_options: Any,
 ) -> PeftModel:
     """Wraps ``model`` with peft LoRA adapters on exactly the given candidate modules.
 
-    The backbone is frozen by peft; the classifier head (``head_modules``) stays trainable and is
-    saved with the adapter (``modules_to_save``). ``peft_options`` are further ``LoraConfig``
-    fields (a peft variant of LoRA, e.g. ``use_dora=True``).
+    The backbone is frozen by peft; the classifier head (``head_modules``, none for a causal LM
+    whose tied ``lm_head`` stays frozen) stays trainable and is saved with the adapter
+    (``modules_to_save``). ``task_type`` defaults to :func:`peft_task_type` of the model.
+    ``peft_options`` are further ``LoraConfig`` fields (a peft variant of LoRA, e.g.
+    ``use_dora=True``).
     """
     if rank < 1:
         raise ValueError(f"rank={rank} must be >= 1 (the LoRA rank r).")
@@ -68,8 +82,8 @@ def attach_lora(
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         target_modules=[c.name for c in candidates],
-        modules_to_save=list(head_modules),
-        task_type="SEQ_CLS",
+        modules_to_save=list(head_modules) or None,
+        task_type=task_type or peft_task_type(model),
         **peft_options,
     )
     return get_peft_model(model, config)

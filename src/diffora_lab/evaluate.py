@@ -134,18 +134,26 @@ def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> 
     return cfg
 
 
-def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int) -> nn.Module:
-    """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights."""
-    from diffora_lab import backbones
+def load_model(source: Source, cfg: DictConfig, prepared) -> nn.Module:
+    """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights.
+
+    ``prepared`` is what ``train.prepare`` returned (its task kind picks the model class).
+    """
+    from diffora_lab import backbones, building
     from diffora_lab.checkpointing import STATE_KEY, fill
 
     if source.merged is not None:
         import transformers
 
-        return transformers.AutoModelForSequenceClassification.from_pretrained(
-            str(source.merged), dtype=torch.float32
+        auto = (
+            transformers.AutoModelForCausalLM
+            if prepared.kind.causal_lm
+            else transformers.AutoModelForSequenceClassification
         )
-    backbone = backbones.load_backbone(cfg.backbone, num_labels, vocab_size=vocab_size)
+        return auto.from_pretrained(
+            str(source.merged), dtype=backbones.model_dtype(cfg.backbone, prepared.kind.causal_lm)
+        )
+    backbone = building.load_model(cfg, prepared.resolved, prepared.tokenizer)
     if source.adapter is not None:
         with warnings.catch_warnings():
             # peft reads an AdaLoRA rank_pattern (kept singular values) as LoRA's per-module
@@ -197,7 +205,7 @@ def evaluate(
     cfg = _with_overrides(source.cfg, task, data_dir)
     prepared = prepare(cfg)
     spec = prepared.spec
-    model = load_model(source, cfg, spec.num_labels, len(prepared.tokenizer))
+    model = load_model(source, cfg, prepared)
     raw = load_raw(
         spec,
         cfg.task.get("data_dir") or None,
@@ -206,6 +214,7 @@ def evaluate(
         synthetic=(
             OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
         ),
+        hub_id=cfg.task.get("hub_id"),
     )
     # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
     # (no tokenization of e.g. MNLI's 393k train pairs).
@@ -222,6 +231,7 @@ def evaluate(
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
         bucketing=int(cfg.data.get("bucketing") or 0),
+        kind=prepared.kind,
     )
     module = TrainingModule(
         model,
@@ -229,6 +239,7 @@ def evaluate(
         [],
         optim_settings(cfg),
         replace(search_settings(cfg), enabled=False, steps=0),
+        kind=prepared.kind,
     )
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(cfg, Path(scratch), logger=False, callbacks=[])

@@ -35,9 +35,10 @@ from diffora_lab.checkpointing import (
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask
 from diffora_lab.methods import Method
-from diffora_lab.metrics import build_metrics, predictions_from_logits
 from diffora_lab.rng import restore_rng_state, rng_state
 from diffora_lab.tasks import TaskSpec
+from diffora_lab.tasks.kinds import TaskKind, get_kind
+from diffora_lab.validation import DevEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
 
 
-class TrainingModule(pl.LightningModule):
+class TrainingModule(DevEvaluation, pl.LightningModule):
     """LightningModule for DiffoRA and the baselines that share its harness.
 
     Args:
@@ -61,6 +62,7 @@ class TrainingModule(pl.LightningModule):
         mask: A mask already applied to ``model`` (methods without a search), or None.
         hparams: The resolved run config, stored in every checkpoint.
         method: The run's method: its per-step hook and checkpoint state (None: neither).
+        kind: The task kind: dev evaluation step and metrics (None: the task's first kind).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class TrainingModule(pl.LightningModule):
         mask: Mask | None = None,
         hparams: dict[str, Any] | None = None,
         method: Method | None = None,
+        kind: TaskKind | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -93,7 +96,8 @@ class TrainingModule(pl.LightningModule):
         self.discretization: dict[str, Any] = {}
         self.search_reused = False  # resumed from a shared end-of-search snapshot
         self.ranks_consistent: bool | None = None  # checked at the end of multi-process runs
-        self.val_metrics = nn.ModuleList(build_metrics(spec) for _ in spec.dev_splits)
+        self.kind = kind if kind is not None else get_kind(spec.kinds[0])(spec)
+        self.val_metrics = nn.ModuleList(self.kind.build_metrics() for _ in spec.dev_splits)
         self.architect: Architect | None = None  # built with the optimizers while searching
         self._arch_state: dict | None = None
         self._search_iter = None
@@ -282,53 +286,6 @@ class TrainingModule(pl.LightningModule):
             f"non-finite {which} loss{value} at step {step} in phase {phase!r}{since}"
             # train.run adds where to resume from and what to change
         )
-
-    # ------------------------------------------------------------- validation
-
-    def _metric_key(self, split_index: int, metric: str) -> str:
-        if split_index == 0:
-            return f"val/{metric}"
-        return f"val/{metric}_{self.spec.dev_splits[split_index]}"
-
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        labels = batch.pop("labels")
-        logits = self(batch).logits
-        self.val_metrics[dataloader_idx].update(predictions_from_logits(self.spec, logits), labels)
-
-    def _compute_val_metrics(self) -> dict[str, float]:
-        results = {}
-        for index, metrics in enumerate(self.val_metrics):
-            for name, value in metrics.compute().items():
-                results[self._metric_key(index, name)] = float(value)
-            metrics.reset()
-        return results
-
-    def on_validation_epoch_end(self) -> None:
-        self.check_finite()
-        results = self._compute_val_metrics()
-        self.last_val = results
-        if not self.trainer.sanity_checking:
-            # torchmetrics already synced the states: every rank holds the same values.
-            self.log_dict(results, prog_bar=True, sync_dist=True)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Dev metrics of the model as it is now, from inside training (around discretization).
-
-        Lightning's validation loop cannot run within a training step, so this drives the same
-        :meth:`validation_step` and reduction over the dev loaders itself.
-        """
-        self.check_finite()
-        was_training = self.model.training
-        self.model.eval()
-        for metrics in self.val_metrics:
-            metrics.reset()
-        for index, loader in enumerate(self.trainer.datamodule.val_dataloader()):
-            for batch in loader:
-                self.validation_step(self.trainer.strategy.batch_to_device(batch), 0, index)
-        results = self._compute_val_metrics()
-        self.model.train(was_training)
-        return results
 
     # --------------------------------------------------------- discretization
 

@@ -116,7 +116,7 @@ def backbone_fingerprint(bcfg: DictConfig) -> str:
     from diffora_lab import backbones
 
     if bcfg.get("config") is not None:
-        return "config:" + folder_fingerprint(backbones.package_folder(str(bcfg.tokenizer_from)))
+        return "config:" + folder_fingerprint(Path(backbones.tokenizer_source(bcfg)))
     source = backbones.resolve_source(bcfg)
     if Path(source).is_dir():
         return "files:" + folder_fingerprint(Path(source))

@@ -22,8 +22,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffora_lab import backbones, methods, tracking
+from diffora_lab import backbones, building, methods, tracking
 from diffora_lab.backbones import Candidate
+from diffora_lab.building import Resolved
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
 from diffora_lab.config import optim_settings, search_settings, validate
 from diffora_lab.dam import Mask, num_kept
@@ -45,7 +46,7 @@ from diffora_lab.runfolder import (
 )
 from diffora_lab.search_cache import open_entry
 from diffora_lab.speed import compile_layers
-from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
+from diffora_lab.tasks import RawSplits, TaskSpec, check_source, get_task, load_raw
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 @dataclass
 class Prepared:
-    """What the cheap checks produced: the task, tokenizer and candidate modules."""
+    """What the cheap checks produced: the task, tokenizer, candidate modules, family and kind."""
 
     spec: TaskSpec
     tokenizer: Any
     candidates: list[Candidate]
+    resolved: Resolved
+
+    @property
+    def kind(self):
+        """The run's task kind (:mod:`diffora_lab.tasks.kinds`)."""
+        return self.resolved.kind
 
 
 def _check_trainer_args(cfg: DictConfig) -> None:
@@ -100,23 +107,6 @@ def _check_trainer_args(cfg: DictConfig) -> None:
         )
 
 
-def _meta_candidates(cfg: DictConfig, spec: TaskSpec, vocab_size: int) -> list[Candidate]:
-    """Candidate modules found on a weightless (meta-device) copy of the backbone."""
-    import transformers
-
-    bcfg = cfg.backbone
-    if bcfg.get("config") is not None:
-        with torch.device("meta"):
-            model = backbones.load_backbone(bcfg, spec.num_labels, vocab_size=vocab_size)
-    else:
-        config = transformers.AutoConfig.from_pretrained(
-            backbones.resolve_source(bcfg), num_labels=max(spec.num_labels, 1)
-        )
-        with torch.device("meta"):
-            model = transformers.AutoModelForSequenceClassification.from_config(config)
-    return backbones.find_candidates(model, str(bcfg.layer_pattern), dict(bcfg.module_types))
-
-
 def prepare(cfg: DictConfig) -> Prepared:
     """All user-input checks, before any weights or data load.
 
@@ -129,10 +119,11 @@ def prepare(cfg: DictConfig) -> Prepared:
         if cfg.backbone.get("name") is None:
             raise ValueError("backbone: no backbone selected; pass backbone=<name>.")
         spec = get_task(cfg.task.name)
-        if spec.name != "synthetic" and not cfg.task.get("data_dir"):
-            check_hub_dataset(spec)
         tokenizer = backbones.load_tokenizer(cfg.backbone)
-        candidates = _meta_candidates(cfg, spec, len(tokenizer))
+        # Family, task kind and candidates from a weightless model (written into cfg).
+        resolved = building.resolve(cfg, spec, tokenizer)
+        candidates = resolved.candidates
+        check_source(spec, cfg.task.get("data_dir") or None, cfg.task.get("hub_id"))
         with open_dict(cfg):
             cfg.rank = methods.resolve_rank(cfg, candidates)  # match=lora_rN (matching.py)
         if methods.method_for(cfg).uses_budget:
@@ -147,7 +138,7 @@ def prepare(cfg: DictConfig) -> Prepared:
                     cfg.budget = mask.budget
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    return Prepared(spec, tokenizer, candidates)
+    return Prepared(spec, tokenizer, candidates, resolved)
 
 
 def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path, overwrite: bool = False) -> str | None:
@@ -209,9 +200,7 @@ def assemble(
     spec = prepared.spec
     if raw is None:
         raw = _load_data(cfg, spec)
-    backbone = backbones.load_backbone(
-        cfg.backbone, spec.num_labels, vocab_size=len(prepared.tokenizer)
-    )
+    backbone = building.load_model(cfg, prepared.resolved, prepared.tokenizer)
     candidates = backbones.find_candidates(
         backbone, str(cfg.backbone.layer_pattern), dict(cfg.backbone.module_types)
     )
@@ -239,6 +228,7 @@ def assemble(
         num_workers=int(cfg.data.num_workers),
         merge_at=search.steps * optim.accumulate if search.merge_search_split else None,
         bucketing=int(cfg.data.get("bucketing") or 0),
+        kind=prepared.kind,
     )
     module = module_cls(
         built.model,
@@ -250,6 +240,7 @@ def assemble(
         mask=built.mask,
         hparams=OmegaConf.to_container(cfg, resolve=True),
         method=method,
+        kind=prepared.kind,
     )
     return Assembled(module, datamodule, candidates)
 
@@ -274,7 +265,16 @@ def _load_data(cfg: DictConfig, spec: TaskSpec) -> RawSplits:
             synthetic=(
                 OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
             ),
+            hub_id=cfg.task.get("hub_id"),
         )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def _check_data(prepared: Prepared, raw: RawSplits) -> None:
+    """The task kind's checks of the loaded data (e.g. answer words), before any weights."""
+    try:
+        prepared.kind.check_data(raw, prepared.tokenizer)
     except ValueError as error:
         raise ConfigError(str(error)) from error
 
@@ -300,6 +300,7 @@ def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     raw = _load_data(cfg, prepared.spec)
+    _check_data(prepared, raw)
     return Checked(prepared, raw, ckpt_path, start_step)
 
 
