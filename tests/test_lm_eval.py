@@ -12,8 +12,14 @@ same requests, give per-choice log-likelihoods within 1e-3 and the same predicti
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
 
 import pytest
+import torch
 from peft import PeftModel
 from test_export_decoder import gated_export
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -145,3 +151,76 @@ def test_write_task_rejects_items_it_cannot_express(tmp_path):
         write_task(mixed, tmp_path, "x")
     with pytest.raises(ValueError, match="task name"):
         write_task(ITEMS, tmp_path, "my task")
+
+
+# ----------------------------------------------------- the README's decoder walk-through (CLI)
+
+SECTION = "### Taking a decoder adapter away"
+# Appended to the walk-through's training command: fewer steps, the same search and cut.
+SHORT = ("train.max_steps=12", "train.val_every=6", "train.ckpt_every=6", "dam.warmup_steps=2")
+
+
+def walkthrough() -> tuple[list[str], str]:
+    """The commands of the section's first bash block and its Python (``py``) block."""
+    from test_readme import README, commands
+
+    text = README.read_text()
+    section = text[text.index(SECTION) :]
+    section = section[: section.index("\n## ")]
+    bash = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    python = re.search(r"```py\n(.*?)```", section, flags=re.S).group(1)
+    return commands(bash), python
+
+
+@pytest.mark.slow
+def test_readme_walkthrough_scores_the_run_as_the_run_scored_itself(tmp_path, monkeypatch):
+    """train, write the lm_eval task, run lm_eval's CLI: its acc and acc_norm are the run's."""
+    from conftest import REPO, run_cli
+
+    bash, python = walkthrough()
+    assert [c.split()[:3] for c in bash] == [
+        ["python", "-m", "diffora_lab"],
+        ["python", "-m", "diffora_lab.lm_eval_task"],
+        ["lm_eval", "--model", "hf"],
+    ]
+    path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=path)
+    trained = run_cli([*shlex.split(bash[0])[3:], *SHORT], tmp_path, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    written = subprocess.run(
+        [sys.executable, *shlex.split(bash[1])[1:]],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
+    assert written.returncode == 0, written.stderr[-3000:]
+    assert "lm_eval --model hf" in written.stdout  # the printed command
+    scored = subprocess.run(
+        [sys.executable, "-m", *shlex.split(bash[2]), "--output_path", "lm_eval_out"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=900,
+    )
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    run = tmp_path / "runs" / "smoke_decoder"
+    ours = json.loads((run / "results.json").read_text())["metrics"]
+    found = sorted((tmp_path / "lm_eval_out").rglob("results_*.json"))
+    theirs = json.loads(found[-1].read_text())["results"]["diffora_synthetic_choice"]
+    assert theirs["acc,none"] == pytest.approx(ours["val/accuracy"], abs=1e-6)
+    assert theirs["acc_norm,none"] == pytest.approx(ours["val/acc_norm"], abs=1e-6)
+    # The Python block: peft loads the adapter on the saved base, merging keeps the outputs.
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(python, "README.md", "exec"), namespace)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    base = LlamaForCausalLM.from_pretrained(run / "lm_eval" / "base")
+    adapted = PeftModel.from_pretrained(base, run / "adapter").eval()
+    merged = LlamaForCausalLM.from_pretrained(run / "merged").eval()
+    assert isinstance(namespace["model"], PeftModel)
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=0)

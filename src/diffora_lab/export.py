@@ -187,17 +187,30 @@ def base_model_name(backbone: Any, reference: str) -> tuple[str, str | None]:
     """``(how the card names the base model, its hub id or None)``, never a machine's path.
 
     ``reference`` is :func:`diffora_lab.backbones.model_reference`'s: a hub id, a package
-    folder, ``diffora_lab backbone=NAME`` or a path as the user gave it; an absolute path is
-    reduced to the folder's name, which is all another machine can use.
+    folder, a converted GGUF folder, ``diffora_lab backbone=NAME`` or a path as the user gave
+    it; an absolute path is reduced to the folder's name, which is all another machine can use.
     """
-    hub_id = backbone.get("hub_id") if not backbone.get("path") else None
-    if hub_id:
-        return f"[{hub_id}](https://huggingface.co/{hub_id}) (Hugging Face Hub)", str(hub_id)
-    if backbone.get("path") and Path(str(reference)).is_absolute():
-        return f"a local model folder named `{Path(str(reference)).name}` (backbone.path)", None
-    if backbone.get("package") and not backbone.get("path"):
-        package = str(backbone.get("package")).split("/", 1)[0].replace("_", "-")
-        return f"`{reference}`, the model folder inside the pip package `{package}`", None
+    if backbone.get("path"):
+        if Path(str(reference)).is_absolute():
+            return f"a local model folder named `{Path(str(reference)).name}` (backbone.path)", None
+        return f"`{reference}` (backbone.path)", None
+    if backbone.get("hub_id"):
+        hub_id = str(backbone.get("hub_id"))
+        return f"[{hub_id}](https://huggingface.co/{hub_id}) (Hugging Face Hub)", hub_id
+    for key in ("package", "gguf"):
+        spec = backbone.get(key)
+        if spec:
+            package = str(spec).split("/", 1)[0].replace("_", "-")
+            what = "model folder" if key == "package" else "GGUF file (converted by diffora_lab)"
+            return f"`{spec}`, the {what} inside the pip package `{package}`", None
+    if Path(str(reference)).is_absolute():
+        return f"a local model folder named `{Path(str(reference)).name}`", None
+    if backbone.get("config") is not None:
+        return (
+            f"`{reference}`: random weights from a config with a fixed seed "
+            "(`python -m diffora_lab.lm_eval_task RUN` saves them as a folder)",
+            None,
+        )
     return f"`{reference}`", None
 
 

@@ -11,17 +11,23 @@ highest per character. :func:`write_task` writes the items so that lm_eval build
   ``doc_to_choice: choices``, ``doc_to_target: gold``, the items' ``target_delimiter``, metrics
   ``acc`` and ``acc_norm``, and the JSONL file read with the ``datasets`` JSON loader (offline).
 
-Then, with an exported run::
+For a finished run, ``python -m diffora_lab.lm_eval_task RUN`` writes the run's dev items
+into ``RUN/lm_eval/`` (task ``diffora_<task>``), saves the base model there as ``base/`` when the
+backbone is built from a config (random weights: nothing else could load it), and prints the
+command that scores the run's adapter::
 
     lm_eval --model hf --model_args pretrained=BASE,peft=RUN/adapter \\
-        --tasks NAME --include_path FOLDER
+        --tasks diffora_<task> --include_path RUN/lm_eval
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from diffora_lab.scoring import ChoiceItem
 
@@ -91,3 +97,91 @@ def write_task(items: Sequence[ChoiceItem], folder: str | Path, name: str) -> Pa
     config = folder / f"{name}.yaml"
     config.write_text(task_yaml(name, data_file, delimiters.pop()), encoding="utf-8")
     return config
+
+
+def run_items(cfg: Any, split: str | None = None) -> tuple[list[ChoiceItem], Any, Any]:
+    """A run's dev items as its task kind scores them, with the tokenizer and the resolved build.
+
+    Raises:
+        ValueError: The run's task kind is not a causal LM's (nothing for lm_eval to score).
+    """
+    from omegaconf import OmegaConf
+
+    from diffora_lab import backbones, building
+    from diffora_lab.tasks import get_task, load_raw
+
+    spec = get_task(cfg.task.name)
+    tokenizer = backbones.load_tokenizer(cfg.backbone)
+    resolved = building.resolve(cfg, spec, tokenizer)
+    prompt = getattr(resolved.kind, "prompt", None)
+    if not resolved.family.causal_lm or prompt is None:
+        raise ValueError(
+            f"task={spec.name} on backbone={cfg.backbone.name} is not scored by a causal LM's "
+            "log-likelihoods; lm_eval tasks are written for decoder runs (task kind choice)."
+        )
+    split = split or spec.dev_splits[0]
+    if split not in spec.dev_splits:
+        raise ValueError(f"--split {split}: task {spec.name} has dev splits {spec.dev_splits}")
+    synthetic = cfg.task.get("synthetic")
+    raw = load_raw(
+        spec,
+        cfg.task.get("data_dir") or None,
+        seed=int(cfg.seed),
+        synthetic=OmegaConf.to_container(synthetic) if synthetic else None,
+        hub_id=cfg.task.get("hub_id"),
+    )
+    dev = raw.dev[split]
+    second = dev.text_b or [None] * len(dev)
+    items = [prompt.item(a, b, y) for a, b, y in zip(dev.text_a, second, dev.labels)]
+    return items, tokenizer, resolved
+
+
+def base_for_lm_eval(cfg: Any, resolved: Any, tokenizer, out: Path) -> str:
+    """What lm_eval loads as ``pretrained=``: the backbone's folder or hub id; a config-built
+    (random, fixed-seed) backbone is saved to ``out/base`` first, with its tokenizer."""
+    from diffora_lab import backbones, building
+
+    if cfg.backbone.get("config") is None:
+        return backbones.resolve_source(cfg.backbone)
+    folder = out / "base"
+    building.load_model(cfg, resolved, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffora_lab.lm_eval_task RUN``: see the module docstring."""
+    from diffora_lab.evaluate import locate
+
+    parser = argparse.ArgumentParser(
+        prog="python -m diffora_lab.lm_eval_task",
+        description="Write a decoder run's dev items as an lm-evaluation-harness task.",
+    )
+    parser.add_argument("run", type=Path, help="a finished run folder (with adapter/)")
+    parser.add_argument("--out", type=Path, help="task folder (default RUN/lm_eval)")
+    parser.add_argument("--name", help="task name (default diffora_<task>)")
+    parser.add_argument("--split", help="dev split (default the task's first)")
+    args = parser.parse_args(argv)
+    try:
+        source = locate(args.run)
+        items, tokenizer, resolved = run_items(source.cfg, args.split)
+        out = args.out or args.run / "lm_eval"
+        name = args.name or f"diffora_{source.cfg.task.name}"
+        write_task(items, out, name)
+        base = base_for_lm_eval(source.cfg, resolved, tokenizer, out)
+    except ValueError as error:
+        print(f"diffora_lab.lm_eval_task: {error}", file=sys.stderr)
+        return 2
+    peft = f",peft={source.adapter}" if source.adapter is not None else ""
+    limit = source.cfg.task.get("eval_max_length")
+    length = f",max_length={limit}" if limit else ""
+    print(f"wrote {len(items)} items to {out / (name + '.jsonl')} ({out / (name + '.yaml')})")
+    print(
+        f"lm_eval --model hf --model_args pretrained={base}{peft}{length} "
+        f"--tasks {name} --include_path {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
