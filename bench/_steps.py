@@ -1,9 +1,14 @@
 """The measuring core shared by ``step_time.py`` and ``memory.py``: the variants and their steps.
 
 Every variant is built in one process from the same backbone with the framework's own code
-(``methods.build``, ``TrainingModule.forward`` / ``configure_optimizers`` /
-``_architecture_step`` / ``discretize``); only the Lightning trainer is stubbed out
-(:class:`BenchModule`). The baseline is plain ``peft.get_peft_model`` + ``torch.optim.AdamW``.
+(``building.resolve`` for the family, task kind and candidates, ``methods.build``,
+``TrainingModule.forward`` / ``configure_optimizers`` / ``_architecture_step`` /
+``discretize``); only the Lightning trainer is stubbed out (:class:`BenchModule`). The baseline
+is plain ``peft.get_peft_model`` + ``torch.optim.AdamW``.
+
+Two grids (:data:`GRIDS`, ``--grid``): the encoder one (MiniLM-L6, sequence classification) and a
+Llama-style decoder (a causal LM, the causal-LM loss on every token, as the commonsense recipes
+train); the goals are the same for both.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ from types import SimpleNamespace
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import LoraConfig, get_peft_model
 
-from diffora_lab import backbones, methods
+from diffora_lab import backbones, building, methods
+from diffora_lab.adapters import peft_task_type
 from diffora_lab.config import optim_settings, search_settings
 from diffora_lab.dam import Mask
 from diffora_lab.module import TrainingModule
 from diffora_lab.tasks import get_task
+from diffora_lab.tasks.kinds import TaskKind, get_kind
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = ("lora", "gated", "search", "post")
@@ -40,13 +47,52 @@ DESCRIPTIONS = {
 }
 
 
+@dataclass(frozen=True)
+class Grid:
+    """What a grid measures: a backbone, a task, the batch shape, backbone config overrides."""
+
+    backbone: str  # a conf/backbone option
+    task: str  # a conf/task option (its kind decides the loss)
+    batch: int
+    seq: int
+    vocab: int | None = None  # a config-built backbone's vocabulary (None: the tokenizer's)
+    config: tuple[tuple[str, int], ...] = ()  # backbone.config overrides
+    about: str = ""
+
+
+GRIDS = {
+    "encoder": Grid("minilm_l6", "synthetic", 32, 64, about="MiniLM-L6 (BERT), 36 modules"),
+    # SmolLM2-135M's layer (hidden 576, 9 heads over 3 KV heads, MLP 1536) with 4 of its 30
+    # layers; vocab 8192 keeps the lm_head's share of a step near SmolLM2's (~1/4), random weights.
+    "decoder": Grid(
+        "tiny_llama",
+        "synthetic_choice",
+        8,
+        64,
+        vocab=8192,
+        config=(
+            ("hidden_size", 576),
+            ("num_hidden_layers", 4),
+            ("num_attention_heads", 9),
+            ("num_key_value_heads", 3),
+            ("intermediate_size", 1536),
+        ),
+        about="Llama, SmolLM2-135M's layer shape, 4 layers, vocab 8192: 28 modules",
+    ),
+}
+
+
 def compose_config(
-    rank: int, budget: float, method: str = "diffora", backbone: str = "minilm_l6"
+    rank: int,
+    budget: float,
+    method: str = "diffora",
+    backbone: str = "minilm_l6",
+    task: str = "synthetic",
 ) -> DictConfig:
     """The project's own composed config (conf/config.yaml); MiniLM backbone by default."""
     overrides = [
         f"backbone={backbone}",
-        "task=synthetic",
+        f"task={task}",
         f"method={method}",
         "logger=none",
         f"rank={rank}",
@@ -57,13 +103,24 @@ def compose_config(
 
 
 def make_batches(
-    n: int, batch: int, seq: int, vocab: int, seed: int = 0, device: str = "cpu"
+    n: int,
+    batch: int,
+    seq: int,
+    vocab: int,
+    seed: int = 0,
+    device: str = "cpu",
+    causal: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """Random token ids (fixed seed); shapes are what matters for step time."""
+    """Random token ids (fixed seed); shapes are what matters for step time. ``causal``: a
+    causal LM's batch (labels = the ids: the loss on every token), else a classifier's."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         ids = torch.randint(min(1000, vocab // 2), vocab, (batch, seq), generator=gen)
+        if causal:
+            mask = torch.ones(batch, seq, dtype=torch.long)
+            out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})
+            continue
         ids[:, 0] = 101  # [CLS]
         out.append(
             {
@@ -120,10 +177,25 @@ class Variant:
     optimizer: torch.optim.Optimizer | None = None  # the baseline's (DiffoRA: module.optimizers())
 
 
+def resolve(cfg: DictConfig) -> int:
+    """Family, task kind and candidates written into ``cfg`` as ``train.prepare`` does it
+    (``building.resolve``); returns the tokenizer's vocabulary size."""
+    tokenizer = backbones.load_tokenizer(cfg.backbone)
+    building.resolve(cfg, get_task(cfg.task.name), tokenizer)
+    return len(tokenizer)
+
+
+def task_kind(cfg: DictConfig) -> TaskKind:
+    """The run's task kind (``task.kind`` once resolved, else the task's first)."""
+    spec = get_task(cfg.task.name)
+    options = OmegaConf.to_container(cfg.task, resolve=True)
+    return get_kind(cfg.task.get("kind") or spec.kinds[0])(spec, options)
+
+
 def _load_backbone(cfg: DictConfig, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)  # same classifier-head init for every variant
     vocab = int(cfg.bench.vocab) if cfg.backbone.get("config") is not None else None
-    return backbones.load_backbone(cfg.backbone, num_labels=2, vocab_size=vocab)
+    return task_kind(cfg).load_model(cfg.backbone, vocab, None)
 
 
 def _candidates(cfg: DictConfig, model: torch.nn.Module) -> list[backbones.Candidate]:
@@ -143,8 +215,8 @@ def build_lora(cfg: DictConfig, seed: int = 0) -> Variant:
             lora_alpha=float(cfg.method.lora_alpha),
             lora_dropout=float(cfg.method.lora_dropout),
             target_modules=[c.name for c in candidates],
-            modules_to_save=list(cfg.backbone.head_modules),
-            task_type="SEQ_CLS",
+            modules_to_save=list(cfg.backbone.head_modules) or None,
+            task_type=peft_task_type(backbone),
         ),
     )
     model.to(cfg.bench.device).train()
@@ -171,12 +243,13 @@ def build_diffora(cfg: DictConfig, search_batches: list, seed: int = 0) -> tuple
     built = methods.build(cfg, backbone, candidates)
     module = BenchModule(
         built.model,
-        get_task("synthetic"),
+        get_task(cfg.task.name),
         candidates,
         optim_settings(cfg),
         search_settings(cfg),
         dam=built.dam,
         mask=built.mask,
+        kind=task_kind(cfg),
     )
     module.to(cfg.bench.device)  # before the optimizers are built, as Lightning does
     module.attach(search_batches)
@@ -235,16 +308,37 @@ def build_post(
     return Variant("post", module, partial(weight_step, module), info)
 
 
-def build_all(args: argparse.Namespace, names=VARIANTS) -> tuple[dict[str, Variant], list, list]:
-    """Builds the variants named; ``args`` holds batch, seq, rank, budget and optionally
-    backbone (a conf/backbone option), vocab (for config-built backbones) and device."""
-    cfg = compose_config(args.rank, args.budget, backbone=getattr(args, "backbone", "minilm_l6"))
-    device = getattr(args, "device", "cpu")
-    vocab = getattr(args, "vocab", None) or int(cfg_vocab(cfg))
+def grid_config(args: argparse.Namespace) -> tuple[DictConfig, Grid]:
+    """The composed config of ``args.grid`` (default encoder), resolved, with ``cfg.bench``.
+
+    ``args`` holds rank and budget and optionally grid, backbone (a conf/backbone option
+    instead of the grid's), vocab (for config-built backbones) and device.
+    """
+    grid = GRIDS[getattr(args, "grid", None) or "encoder"]
+    backbone = getattr(args, "backbone", None) or grid.backbone
+    cfg = compose_config(args.rank, args.budget, backbone=backbone, task=grid.task)
+    if backbone == grid.backbone:
+        with open_dict(cfg):
+            for key, value in grid.config:
+                cfg.backbone.config[key] = value
+    tokenizer_vocab = resolve(cfg)
+    vocab = getattr(args, "vocab", None) or grid.vocab
+    if vocab is None:
+        vocab = tokenizer_vocab if cfg.backbone.get("config") is not None else cfg_vocab(cfg)
     with open_dict(cfg):
-        cfg.bench = {"device": device, "vocab": vocab}
-    train_batches = make_batches(4, args.batch, args.seq, vocab, seed=1, device=device)
-    search_batches = make_batches(4, args.batch, args.seq, vocab, seed=2, device=device)
+        cfg.bench = {"device": getattr(args, "device", "cpu"), "vocab": int(vocab)}
+    return cfg, grid
+
+
+def build_all(args: argparse.Namespace, names=VARIANTS) -> tuple[dict[str, Variant], list, list]:
+    """Builds the variants named on the grid of :func:`grid_config`; ``args`` also holds batch
+    and seq (None: the grid's)."""
+    cfg, grid = grid_config(args)
+    batch, seq = args.batch or grid.batch, args.seq or grid.seq
+    shape = dict(vocab=int(cfg.bench.vocab), device=cfg.bench.device)
+    causal = task_kind(cfg).causal_lm
+    train_batches = make_batches(4, batch, seq, seed=1, causal=causal, **shape)
+    search_batches = make_batches(4, batch, seq, seed=2, causal=causal, **shape)
     builders = {
         "lora": lambda: build_lora(cfg),
         "gated": lambda: build_gated(cfg, search_batches),
