@@ -212,6 +212,9 @@ def test_readme_walkthrough_scores_the_run_as_the_run_scored_itself(tmp_path, mo
     theirs = json.loads(found[-1].read_text())["results"]["diffora_synthetic_choice"]
     assert theirs["acc,none"] == pytest.approx(ours["val/accuracy"], abs=1e-6)
     assert theirs["acc_norm,none"] == pytest.approx(ours["val/acc_norm"], abs=1e-6)
+    card = (run / "adapter" / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM" in card
+    assert f"| val/accuracy | {ours['val/accuracy']:.4f} |" in card
     # The Python block: peft loads the adapter on the saved base, merging keeps the outputs.
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
