@@ -131,6 +131,29 @@ def older_format(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def boolq_with(broken: dict) -> Callable:
+    """A commonsense folder (LLM-Adapters layout) whose boolq test.json item 1 is ``broken``."""
+
+    def make(ctx: Context) -> None:
+        item = {
+            "instruction": "Please answer the following question with true or false, question: "
+            "is the sky blue?\n\nAnswer format: true/false",
+            "input": "",
+            "output": "the correct answer is true",
+            "answer": "true",
+        }
+        folder = ctx.data / "dataset" / "boolq"
+        folder.mkdir(parents=True)
+        (folder / "train.json").write_text(json.dumps([item] * 8))
+        (folder / "test.json").write_text(json.dumps([item, {**item, **broken}]))
+        if broken.get("answer") is None:
+            test = json.loads((folder / "test.json").read_text())
+            del test[1]["answer"]
+            (folder / "test.json").write_text(json.dumps(test))
+
+    return make
+
+
 def finished_folder(ctx: Context) -> None:
     ctx.run.mkdir(parents=True)
     (ctx.run / "results.json").write_text(json.dumps({"task": "synthetic", "steps": 40}))
@@ -153,6 +176,8 @@ SITUATIONS: dict[str, Callable] = {
     "an empty checkpoint": checkpoint(lambda data: b""),
     "a truncated checkpoint": checkpoint(lambda data: data[: len(data) // 2]),
     "a checkpoint written by another version (format 1)": checkpoint(older_format),
+    "a commonsense folder whose boolq test item 1 has no `answer`": boolq_with({"answer": None}),
+    "a commonsense folder whose boolq test item 1 answers `maybe`": boolq_with({"answer": "maybe"}),
     "a finished run folder": finished_folder,
     "a run folder in use by another process": busy_folder,
 }

@@ -33,6 +33,7 @@ NOT_RUN = {
     "vllm serve": "vLLM on a GPU",
     "convert_lora_to_gguf.py": "llama.cpp's converter (a llama.cpp checkout)",
     "llama-cli": "llama.cpp",
+    "+experiment=llama3_8b_commonsense": "Llama-3-8B and the LLM-Adapters data on a GPU",
 }
 # Placeholders the README uses -> what the test puts there (filled in by the fixture).
 RUN_PLACEHOLDER = "outputs/2026-11-28/11-40-02"
@@ -48,6 +49,9 @@ FAST = (
     "logger=none",
 )
 TINY = ("backbone=tiny_deberta", "task.max_length=64")
+# Decoder commands (README "Decoder LLMs") run on the tiny random Llama instead.
+DECODER = ("smoke_decoder", "smollm2", "tiny_llama", "tiny_qwen2", "commonsense")
+TINY_DECODER = ("backbone=tiny_llama", "task.max_length=64")
 
 
 def blocks() -> list[tuple[str, str]]:
@@ -115,7 +119,8 @@ def _prepare(command: str, tmp: Path, index: int, default_run: Path | None) -> l
         args[0] = sys.executable
     if args[1:3] == ["-m", "diffora_lab"]:
         quickstart = args[3:] == []
-        args += [*FAST, *([] if quickstart else TINY)]
+        tiny = TINY_DECODER if any(key in command for key in DECODER) else TINY
+        args += [*FAST, *([] if quickstart else tiny)]
         args += [f"hydra.run.dir={tmp}/run{index}", f"hydra.sweep.dir={tmp}/multi{index}"]
     return args
 

@@ -15,6 +15,7 @@ from diffora_lab.scoring import (
     collate_rows,
     continuation_logprobs,
     encode_pair,
+    encode_pairs,
     model_inputs,
     score_choices,
     score_row,
@@ -79,6 +80,21 @@ def test_encode_pair_bos_conventions(tokenizer_dir):
     )
 
 
+def test_batched_encoding_equals_one_pair_at_a_time(tokenizer_dir):
+    with_bos = AutoTokenizer.from_pretrained(tokenizer_dir, add_bos_token=True)
+    plain = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pairs = [
+        ("Question: is it?  ", "yes"),
+        ("Answer:", "positive"),
+        ("Answer:", " positive"),
+        ("", "alone"),
+        (plain.bos_token + "Is it?", " no"),
+        ("### Response:\n", "the correct answer is answer2"),
+    ]
+    for tok in (plain, with_bos):
+        assert encode_pairs(tok, pairs) == [encode_pair(tok, c, x) for c, x in pairs]
+
+
 def test_score_row_truncates_from_the_left():
     inputs, targets = score_row([1, 2, 3, 4, 5], [6, 7], max_length=4)
     assert inputs == [3, 4, 5, 6] and targets == [6, 7]
@@ -126,5 +142,12 @@ def test_greedy_flag_and_the_batched_logprobs(model, tokenizer):
     batch = collate_rows([(ids, [nxt]), (ids[1:], [nxt])], tokenizer.pad_token_id)
     with torch.no_grad():
         logits = model(**model_inputs(batch)).logits
-    loglik, greedy = continuation_logprobs(logits, batch["targets"], batch["target_mask"])
+    loglik, greedy = continuation_logprobs(logits, batch)
     assert bool(greedy[0]) and loglik.shape == (2,) and bool((loglik < 0).all())
+
+
+def test_choices_with_the_same_input_run_once(tokenizer):
+    # One-token answers: every choice's input is the context, so the batch holds it once.
+    rows = [score_row(*encode_pair(tokenizer, "Answer:", f" {w}"), 64) for w in ("no", "yes")]
+    batch = collate_rows(rows, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 1 and batch["row_input"].tolist() == [0, 0]

@@ -1,4 +1,8 @@
-"""Batches: tokenization (cached), the search split carved from train, resumable loaders.
+"""Batches: the search split carved from train, resumable loaders, the data module.
+
+Tokenization, collation and how dev splits are cut into batches belong to the run's task kind
+(:mod:`diffora_lab.tasks.kinds`: classification pads on the right, causal-LM choice on the left,
+with an item's choices in one dev batch); the data module asks it.
 
 METHOD.md, "Phase 1": the search split comes from the task's TRAIN set (seeded, fraction
 configurable, indices saved with the run); the dev set is only for reporting.

@@ -215,6 +215,7 @@ def evaluate(
             OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
         ),
         hub_id=cfg.task.get("hub_id"),
+        dev_limit=cfg.task.get("dev_limit"),
     )
     # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
     # (no tokenization of e.g. MNLI's 393k train pairs).

@@ -109,6 +109,40 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, whole[len(context_ids) :]
 
 
+def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    """:func:`tok_encode` of many texts with two batched tokenizer calls (same ids)."""
+    prefix = prefix_token_id(tokenizer)
+    marker = tokenizer.decode(prefix) if prefix is not None else None
+    plain = [i for i, t in enumerate(texts) if not (marker and t.startswith(marker))]
+    marked = [i for i, t in enumerate(texts) if marker and t.startswith(marker)]
+    ids: list[list[int]] = [[] for _ in texts]
+    for group, special in ((plain, {}), (marked, {"add_special_tokens": False})):
+        if group:
+            encoded = tokenizer([texts[i] for i in group], **special)["input_ids"]
+            for i, row in zip(group, encoded):
+                ids[i] = list(row)
+    return ids
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_pair` of many pairs, batched (a split's worth of prompts at once)."""
+    contexts, wholes, empty = [], [], {}
+    for index, (context, continuation) in enumerate(pairs):
+        if context == "":
+            empty[index] = encode_pair(tokenizer, context, continuation)
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            continuation, context = context[-spaces:] + continuation, context[:-spaces]
+        contexts.append(context)
+        wholes.append(context + continuation)
+    context_ids = _encode_many(tokenizer, contexts)
+    whole_ids = _encode_many(tokenizer, wholes)
+    return [
+        empty[i] if i in empty else (ctx, whole[len(ctx) :])
+        for i, (ctx, whole) in enumerate(zip(context_ids, whole_ids))
+    ]
+
+
 def model_max_length(model: nn.Module, tokenizer=None) -> int:
     """The context length lm-evaluation-harness would use for this model."""
     config = getattr(model, "config", None)
@@ -138,20 +172,29 @@ def score_row(
 def collate_rows(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
     """A left-padded batch of ``(input_ids, continuation_ids)`` rows (see :func:`score_row`).
 
+    Rows with the same input (the choices of an item whose continuations differ only in their
+    last token: one-token answers, ``answer1``/``answer2``) are run once, as lm-evaluation-harness
+    does with its logits cache.
+
     Returns:
-        ``input_ids``, ``attention_mask``, ``position_ids`` (what the model reads), the int
-        ``logits_to_keep`` (the longest continuation), and ``targets`` / ``target_mask``
-        (continuation tokens right-aligned in ``logits_to_keep`` columns).
+        ``input_ids``, ``attention_mask``, ``position_ids`` (the distinct inputs, what the model
+        reads), the int ``logits_to_keep`` (the longest continuation), ``row_input`` (each row's
+        input), and ``targets`` / ``target_mask`` (continuation tokens right-aligned in
+        ``logits_to_keep`` columns, one row per row).
     """
-    width = max(len(inputs) for inputs, _ in rows)
+    distinct: dict[tuple[int, ...], int] = {}
+    row_input = [distinct.setdefault(tuple(inputs), len(distinct)) for inputs, _ in rows]
+    inputs_list = list(distinct)
+    width = max(len(inputs) for inputs in inputs_list)
     keep = max(len(targets) for _, targets in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    targets = torch.zeros((len(rows), keep), dtype=torch.long)
-    target_mask = torch.zeros((len(rows), keep), dtype=torch.bool)
-    for i, (inputs, scored) in enumerate(rows):
+    input_ids = torch.full((len(inputs_list), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(inputs_list), width), dtype=torch.long)
+    for i, inputs in enumerate(inputs_list):
         input_ids[i, width - len(inputs) :] = torch.tensor(inputs)
         attention[i, width - len(inputs) :] = 1
+    targets = torch.zeros((len(rows), keep), dtype=torch.long)
+    target_mask = torch.zeros((len(rows), keep), dtype=torch.bool)
+    for i, (_, scored) in enumerate(rows):
         targets[i, keep - len(scored) :] = torch.tensor(scored)
         target_mask[i, keep - len(scored) :] = True
     return {
@@ -159,6 +202,7 @@ def collate_rows(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int)
         "attention_mask": attention,
         "position_ids": left_padded_positions(attention),
         "logits_to_keep": keep,
+        "row_input": torch.tensor(row_input),
         "targets": targets,
         "target_mask": target_mask,
     }
@@ -170,21 +214,19 @@ def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp_min(0)
 
 
-def continuation_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def continuation_logprobs(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of the continuations, and whether each is the greedy one.
 
     Args:
-        logits: ``[rows, logits_to_keep, vocab]``: the model's last ``logits_to_keep`` logits,
-            whose last column predicts the token after the input.
-        targets: ``[rows, logits_to_keep]`` continuation tokens, right-aligned.
-        target_mask: Which entries of ``targets`` are real.
+        logits: ``[inputs, logits_to_keep, vocab]``: the model's last ``logits_to_keep`` logits
+            for each distinct input, whose last column predicts the token after the input.
+        batch: A :func:`collate_rows` batch (``row_input``, ``targets``, ``target_mask``).
 
     Returns:
         ``(loglik, is_greedy)``, each ``[rows]`` (float32 and bool), on the logits' device.
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets, target_mask = batch["targets"], batch["target_mask"]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)[batch["row_input"]]
     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     loglik = (picked * target_mask).sum(-1)
     greedy = ((logprobs.argmax(-1) == targets) | ~target_mask).all(-1)
@@ -247,7 +289,7 @@ def score_choices(
         batch = collate_rows([row for i in indices for row in rows[i]], pad)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         logits = model(**model_inputs(batch)).logits
-        loglik, greedy = continuation_logprobs(logits, batch["targets"], batch["target_mask"])
+        loglik, greedy = continuation_logprobs(logits, batch)
         pairs = list(zip(loglik.tolist(), greedy.tolist()))
         for i in indices:
             results[i], pairs = pairs[: len(rows[i])], pairs[len(rows[i]) :]

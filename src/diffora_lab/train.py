@@ -266,6 +266,7 @@ def _load_data(cfg: DictConfig, spec: TaskSpec) -> RawSplits:
                 OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
             ),
             hub_id=cfg.task.get("hub_id"),
+            dev_limit=cfg.task.get("dev_limit"),
         )
     except ValueError as error:
         raise ConfigError(str(error)) from error

@@ -103,6 +103,35 @@ def load_raw(
     seed: int = 0,
     synthetic: Mapping[str, Any] | None = None,
     hub_id: str | None = None,
+    dev_limit: int | None = None,
+) -> RawSplits:
+    """Load a task's raw splits from the right source (see :func:`_load_all`), dev splits cut to
+    their first ``dev_limit`` examples when it is set (``task.dev_limit``: cheaper evaluations of
+    a large model on a CPU; the same examples in every run and in ``diffora_lab.evaluate``).
+
+    Raises:
+        ValueError: A ``dev_limit`` below 1, or what :func:`_load_all` raises.
+    """
+    if dev_limit is not None and (isinstance(dev_limit, bool) or int(dev_limit) < 1):
+        raise ValueError(f"task.dev_limit={dev_limit!r}: a number of dev examples >= 1, or null.")
+    raw = _load_all(spec, data_dir, seed=seed, synthetic=synthetic, hub_id=hub_id)
+    if dev_limit is None:
+        return raw
+    return RawSplits(raw.train, {name: _first(ex, int(dev_limit)) for name, ex in raw.dev.items()})
+
+
+def _first(examples: Examples, n: int) -> Examples:
+    text_b = None if examples.text_b is None else examples.text_b[:n]
+    return Examples(examples.text_a[:n], text_b, examples.labels[:n])
+
+
+def _load_all(
+    spec: TaskSpec,
+    data_dir: str | Path | None,
+    *,
+    seed: int = 0,
+    synthetic: Mapping[str, Any] | None = None,
+    hub_id: str | None = None,
 ) -> RawSplits:
     """Load a task's raw splits from the right source.
 

@@ -76,8 +76,12 @@ class Choice(TaskKind):
     peft_task_type = "CAUSAL_LM"
 
     @property
+    def _base_prompt(self) -> Prompt:
+        return PROMPTS.get(self.spec.name, COMMONSENSE)
+
+    @property
     def prompt(self) -> Prompt:
-        prompt = PROMPTS.get(self.spec.name, COMMONSENSE)
+        prompt = self._base_prompt
         words = self.options.get("label_words")
         return prompt.with_words(tuple(str(w) for w in words)) if words is not None else prompt
 
@@ -98,6 +102,11 @@ class Choice(TaskKind):
                 f"task.train_on_inputs={self.options['train_on_inputs']!r}: true, false or null."
             )
         words = self.prompt.label_words
+        if self.options.get("label_words") is not None and self._base_prompt.label_words is None:
+            raise ValueError(
+                f"task.label_words: task {self.spec.name!r} reads each item's answers from its "
+                "'Answer format' line; remove task.label_words."
+            )
         if words is None:
             return
         setting = "task.label_words" if self.options.get("label_words") is not None else "task"
@@ -171,7 +180,10 @@ class Choice(TaskKind):
                 return rows.generate_columns(contexts, items, tokenizer, eval_length)
             return rows.dev_columns(items, tokenizer, eval_length)
 
-        return TokenizedSplit(cached_columns(key, cache_dir, build))
+        columns = cached_columns(key, cache_dir, build)
+        if dev and scoring == "loglik":
+            return rows.ItemRows(columns)
+        return TokenizedSplit(columns)
 
     def collator(self, tokenizer, multiple: int, max_length: int, dev: bool = False):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -203,7 +215,7 @@ class Choice(TaskKind):
             self._generate_step(host, batch, metrics)
             return
         logits = host(model_inputs(batch)).logits
-        loglik, _ = continuation_logprobs(logits, batch["targets"], batch["target_mask"])
+        loglik, _ = continuation_logprobs(logits, batch)
         shape = (batch["gold"].shape[0], self.spec.num_labels)
         scores = loglik.new_full(shape, float("-inf"))
         normed = loglik.new_full(shape, float("-inf"))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from diffora_lab.scoring import ChoiceItem, collate_rows, encode_pair, score_row, tok_encode
+from diffora_lab.scoring import ChoiceItem, collate_rows, encode_pairs, score_row, tok_encode
 from diffora_lab.tasks.tokenized import TokenizedSplit, padded_length
 
 
@@ -43,8 +43,7 @@ def train_columns(
     """``input_ids`` and ``n_masked`` (leading tokens without loss) of training rows."""
     eos = tokenizer.eos_token_id
     input_ids, n_masked = [], []
-    for context, target in pairs:
-        context_ids, target_ids = encode_pair(tokenizer, context, target)
+    for context_ids, target_ids in encode_pairs(tokenizer, pairs):
         if eos is not None and (not target_ids or target_ids[-1] != eos):
             target_ids = [*target_ids, eos]
         context_ids = _fit(context_ids, target_ids, max_length, tokenizer.bos_token_id)
@@ -59,11 +58,12 @@ def dev_columns(items: Sequence[ChoiceItem], tokenizer, max_length: int) -> dict
     columns: dict[str, list] = {
         k: [] for k in ("input_ids", "targets", "item", "choice", "gold", "char_len")
     }
+    pairs = iter(
+        encode_pairs(tokenizer, [(i.context, c) for i in items for c in i.continuations()])
+    )
     for index, item in enumerate(items):
-        for choice, continuation in enumerate(item.continuations()):
-            inputs, targets = score_row(
-                *encode_pair(tokenizer, item.context, continuation), max_length
-            )
+        for choice in range(len(item.choices)):
+            inputs, targets = score_row(*next(pairs), max_length)
             columns["input_ids"].append(inputs)
             columns["targets"].append(targets)
             columns["item"].append(index)
@@ -82,6 +82,14 @@ def generate_columns(
         "choices": [list(item.choices) for item in items],
         "gold": [item.gold for item in items],
     }
+
+
+class ItemRows(TokenizedSplit):
+    """Dev rows of multiple-choice items: ``len`` counts items (the dev set's size, as reported);
+    batches come from :func:`item_batches` over the rows."""
+
+    def __len__(self) -> int:
+        return len(set(self.columns["item"]))
 
 
 def _left_pad(rows: list[list[int]], pad: int, multiple: int, max_length: int | None):
@@ -167,7 +175,7 @@ class GenerateCollator:
 
 def item_batches(split: TokenizedSplit, batch_size: int) -> list[list[int]]:
     """Row indices per dev batch: whole items, by length, up to ``batch_size`` rows each."""
-    items, lengths = split.columns["item"], split.lengths()
+    items, lengths = split.columns["item"], split.lengths()  # one entry per row
     spans: list[list[int]] = []
     for row, item in enumerate(items):
         if not spans or items[spans[-1][0]] != item:
