@@ -250,6 +250,14 @@ def _kept_lines(results: dict[str, Any], config: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _front_matter(results: dict[str, Any], hub_id: str | None, causal: bool) -> list[str]:
+    """The card's YAML header (what the Hub reads): library, base model, pipeline, tags."""
+    front = ["---", "library_name: peft"]
+    front += [f"base_model: {hub_id}"] if hub_id else []
+    front += [f"pipeline_tag: {'text-generation' if causal else 'text-classification'}"]
+    return front + ["tags:", "- diffora_lab", "- lora", f"- {results.get('method')}", "---", ""]
+
+
 def write_model_card(
     folder: str | Path, results: dict[str, Any], backbone: Any, reference: str
 ) -> Path:
@@ -263,10 +271,7 @@ def write_model_card(
     config = json.loads((folder / "adapter_config.json").read_text())
     causal = config.get("task_type") == "CAUSAL_LM"
     name, hub_id = base_model_name(backbone, reference)
-    front = ["---", "library_name: peft"]
-    front += [f"base_model: {hub_id}"] if hub_id else []
-    front += [f"pipeline_tag: {'text-generation' if causal else 'text-classification'}"]
-    front += ["tags:", "- diffora_lab", "- lora", f"- {results.get('method')}", "---", ""]
+    front = _front_matter(results, hub_id, causal)
     metrics = results.get("metrics") or {}
     auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
     labels = "" if causal else f", num_labels={results.get('num_labels')}"
