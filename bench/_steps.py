@@ -187,10 +187,11 @@ def resolve(cfg: DictConfig) -> int:
 
 
 def task_kind(cfg: DictConfig) -> TaskKind:
-    """The run's task kind (``task.kind`` once resolved, else the task's first)."""
-    spec = get_task(cfg.task.name)
+    """The run's task kind, resolved into ``cfg`` first when it is not (``task.kind=auto``)."""
+    if cfg.task.get("kind") in (None, "auto"):
+        resolve(cfg)
     options = OmegaConf.to_container(cfg.task, resolve=True)
-    return get_kind(cfg.task.get("kind") or spec.kinds[0])(spec, options)
+    return get_kind(cfg.task.kind)(get_task(cfg.task.name), options)
 
 
 def _load_backbone(cfg: DictConfig, seed: int) -> torch.nn.Module:
