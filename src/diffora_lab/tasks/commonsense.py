@@ -186,13 +186,13 @@ def check_hub(spec: TaskSpec, hub_id: str | None) -> None:
     files = sorted(set(split_files(spec).values()))
     if hub_id is None:
         raise ValueError(
-            f"task {spec.name!r} needs task.data_dir=DIR, a folder in the LLM-Adapters layout "
-            f"with {files}, or task.hub_id=REPO, a Hugging Face dataset repository in that layout."
+            f"task {spec.name!r} needs task.data_dir (a folder in the LLM-Adapters layout with "
+            f"{files}) or task.hub_id (a Hugging Face dataset repository in that layout)."
         )
     if not hub_reachable() and not _hub_cached(hub_id, files):
         raise ValueError(
             f"task.hub_id={hub_id!r}: the Hugging Face Hub cannot be reached from here and has no "
-            f"cached copy of {files}; pass task.data_dir=DIR (the LLM-Adapters layout) instead."
+            f"cached copy of {files}; pass task.data_dir, a folder in the LLM-Adapters layout."
         )
 
 
@@ -215,7 +215,7 @@ def load_hub(spec: TaskSpec, hub_id: str) -> RawSplits:
         except Exception as error:  # offline, missing file, no access: all mean "use data_dir"
             raise ValueError(
                 f"task.hub_id={hub_id!r}: could not download {rel} ({type(error).__name__}: "
-                f"{error}); pass task.data_dir=DIR, a folder in the LLM-Adapters layout."
+                f"{error}); pass task.data_dir, a folder in the LLM-Adapters layout."
             ) from error
         splits[split] = read_items(path, spec, f"task.hub_id={hub_id!r}: {rel}")
     train = splits.pop("train")
