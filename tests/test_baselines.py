@@ -111,8 +111,8 @@ def test_full_trains_the_backbone(tmp_path, monkeypatch):
     )
     # A run without adapter/ is scored from its checkpoint, with the config stored there, and
     # a full model "merged" is the model itself.
-    from diffora_lab.adapters import export_merged
     from diffora_lab.evaluate import evaluate
+    from diffora_lab.export import export_merged
 
     assert evaluate(trained.out) == trained.results["metrics"]
     export_merged(trained.built.model, trained.out / "merged")

@@ -29,6 +29,10 @@ NOT_RUN = {
     "+experiment=deberta_mnli": "DeBERTa-v3-base and MNLI from the hub",
     "backbone.path=/models/deberta-v3-base": "a local DeBERTa-v3-base folder",
     "hydra/launcher=slurm": "a SLURM cluster with GPUs",
+    "runs/smoke_decoder": "the decoder export walk-through: tests/test_lm_eval.py runs it",
+    "vllm serve": "vLLM on a GPU",
+    "convert_lora_to_gguf.py": "llama.cpp's converter (a llama.cpp checkout)",
+    "llama-cli": "llama.cpp",
     "+experiment=llama3_8b_commonsense": "Llama-3-8B and the LLM-Adapters data on a GPU",
 }
 # Placeholders the README uses -> what the test puts there (filled in by the fixture).

@@ -15,7 +15,7 @@ of:
 ``--task`` and ``--data-dir`` override the run's task and GLUE folder (e.g. the same adapter on
 a local copy of GLUE).
 
-Merged models are written by :func:`diffora_lab.adapters.export_merged`.
+Merged models are written by :func:`diffora_lab.export.export_merged`.
 """
 
 from __future__ import annotations

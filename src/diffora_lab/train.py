@@ -23,7 +23,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffora_lab import backbones, building, methods, searches, tracking
-from diffora_lab.adapters import export_merged
 from diffora_lab.architect import get_architect
 from diffora_lab.backbones import Candidate
 from diffora_lab.building import Resolved
@@ -31,6 +30,7 @@ from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClo
 from diffora_lab.config import optim_settings, search_settings, validate
 from diffora_lab.dam import Mask
 from diffora_lab.data import TaskDataModule
+from diffora_lab.export import export_merged, export_run
 from diffora_lab.module import TrainingModule
 from diffora_lab.progress import PhaseProgressBar, progress_callbacks
 from diffora_lab.results import collect_results, summary_for_logger, summary_text
@@ -445,8 +445,7 @@ def _fit_and_report(
         results["fit_seconds"] = round(clock.fit_seconds(), 2)
         results["search"] = search_info
         if trainer.is_global_zero:
-            reference = backbones.model_reference(cfg.backbone)
-            if module.method.export(module.model, output_dir / "adapter", reference) is not None:
+            if export_run(cfg, module, output_dir / "adapter", results) is not None:
                 results["adapter"] = str(output_dir / "adapter")
             if cfg.get("export") is not None and cfg.export.get("merged"):
                 export_merged(module.model, output_dir / "merged", prepared.tokenizer)

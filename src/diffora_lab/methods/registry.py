@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig
 from torch import nn
 
-from diffora_lab.adapters import export_adapter
 from diffora_lab.backbones import Candidate
 from diffora_lab.budget import Budget, target_rank_of
 from diffora_lab.dam import DAM, Mask
+from diffora_lab.export import export_adapter
 
 
 @dataclass
