@@ -10,6 +10,11 @@ os.environ["WANDB_MODE"] = os.environ.get("WANDB_MODE_TESTS", "offline")
 os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -46,6 +51,118 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Process-wide tables a test may add to (a test search variant, method, task or backbone).
+REGISTRIES = (
+    ("diffora_lab.architect", "_ARCHITECTS"),
+    ("diffora_lab.methods.registry", "_REGISTRY"),
+    ("diffora_lab.tasks.spec", "TASKS"),
+    ("diffora_lab.backbones", "_CONFIG_BUILDERS"),
+)
+COMPILE_CONFIGS = ("torch._dynamo.config", "torch._inductor.config")
+
+
+def _registries() -> list[dict]:
+    tables = []
+    for module, name in REGISTRIES:
+        try:
+            table = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # renamed or moved: nothing to guard there
+            continue
+        if isinstance(table, dict):
+            tables.append(table)
+    return tables
+
+
+@contextlib.contextmanager
+def process_state_restored():
+    """Puts back process-wide state that tests and the code they run change (see below)."""
+    import torch
+
+    environ, cwd = dict(os.environ), os.getcwd()
+    torch_state = (
+        torch.get_num_threads(),
+        torch.is_grad_enabled(),
+        torch.get_default_dtype(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    configs = {
+        name: sys.modules[name].get_config_copy() for name in COMPILE_CONFIGS if name in sys.modules
+    }
+    loggers = logging.root.manager.loggerDict
+    levels = {
+        name: logger.level for name, logger in loggers.items() if isinstance(logger, logging.Logger)
+    }
+    root_level = logging.root.level
+    tables = [(table, dict(table)) for table in _registries()]
+    modules = set(sys.modules)
+    try:
+        yield
+    finally:
+        if dict(os.environ) != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        os.chdir(cwd)
+        threads, grad, dtype, deterministic = torch_state
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        torch.use_deterministic_algorithms(deterministic)
+        for name, saved in configs.items():
+            config = sys.modules[name]
+            for key, value in saved.items():
+                try:
+                    changed = bool(getattr(config, key) != value)
+                except Exception:  # deleted (unittest.mock.patch deletes), or not comparable
+                    changed = True
+                if changed:
+                    setattr(config, key, value)
+        if "torch._dynamo" in sys.modules:
+            torch._dynamo.reset()
+        for name, level in levels.items():
+            logger = loggers.get(name)
+            if isinstance(logger, logging.Logger) and logger.level != level:
+                logger.setLevel(level)
+        logging.root.setLevel(root_level)
+        # An entry added meanwhile stays only if a module imported meanwhile (a lazily loaded
+        # part of the package) registered it.
+        imported = set(sys.modules) - modules
+        for table, saved in tables:
+            for key in [key for key in table if key not in saved]:
+                if getattr(table[key], "__module__", None) not in imported:
+                    del table[key]
+            table.update(saved)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def isolated_module_state():
+    """What a module's shared fixtures change (a reference run) ends with the module."""
+    with process_state_restored():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def isolated_process_state():
+    """Every test starts from the same RNG state and leaves the process as it found it.
+
+    Tests patch process-wide state, and so does the code they run (Lightning writes
+    ``PL_GLOBAL_SEED``, ``train.compile`` raises dynamo's recompile limit and leaves compiled
+    code behind). Put back after each test: environment variables, the working directory,
+    torch's thread count, grad mode, default dtype and deterministic flag, the torch.compile
+    configs (dynamo, inductor) and dynamo's caches, log levels, and entries a test added to the
+    registries in ``REGISTRIES``. The RNGs (random, numpy, torch) are seeded before each test,
+    so no outcome depends on which tests ran first. Warnings filters need nothing here: pytest
+    restores them around every test.
+    """
+    import numpy as np
+    import torch
+
+    with process_state_restored():
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        yield
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300, env_extra: dict | None = None):

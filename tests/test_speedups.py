@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch._inductor.config  # noqa: F401  (patched in the compile test)
 from conftest import compose_config
 
 from diffora_lab.module import STATE_KEY, TrainingModule
@@ -156,9 +157,14 @@ INDUCTOR = pytest.mark.skipif(
 @pytest.mark.parametrize(
     "backend", ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, INDUCTOR])]
 )
-def test_compiled_layers_match_eager_and_share_checkpoints(tmp_path, monkeypatch, backend):
+def test_compiled_layers_match_eager_and_share_checkpoints(tmp_path, backend):
     # Inductor's own RNG would draw other dropout masks; with fallback_random it uses eager's.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # torch's own patch() restores the config on exit (conftest's guard also resets dynamo).
+    with torch._inductor.config.patch(fallback_random=True):
+        _compare_compiled_with_eager(tmp_path, backend)
+
+
+def _compare_compiled_with_eager(tmp_path, backend):
     cfg = compose_config(["+experiment=smoke", "method=lora"], tmp_path)
     eager, compiled = _lora_model(cfg), _lora_model(cfg)
     layers = compile_layers(compiled.module.model, str(cfg.backbone.layer_pattern), backend)
