@@ -15,6 +15,7 @@ import importlib  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -109,15 +110,17 @@ def process_state_restored():
         torch.set_grad_enabled(grad)
         torch.set_default_dtype(dtype)
         torch.use_deterministic_algorithms(deterministic)
-        for name, saved in configs.items():
-            config = sys.modules[name]
-            for key, value in saved.items():
-                try:
-                    changed = bool(getattr(config, key) != value)
-                except Exception:  # deleted (unittest.mock.patch deletes), or not comparable
-                    changed = True
-                if changed:
-                    setattr(config, key, value)
+        with warnings.catch_warnings():  # reading deprecated keys warns
+            warnings.simplefilter("ignore")
+            for name, saved in configs.items():
+                config = sys.modules[name]
+                for key, value in saved.items():
+                    try:
+                        changed = bool(getattr(config, key) != value)
+                    except Exception:  # deleted (unittest.mock.patch deletes), not comparable
+                        changed = True
+                    if changed:
+                        setattr(config, key, value)
         if "torch._dynamo" in sys.modules:
             torch._dynamo.reset()
         for name, level in levels.items():
