@@ -16,6 +16,7 @@ import logging  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -42,10 +43,10 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
     return cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """One intra-op thread: several times faster for tiny models on shared 2-core machines, and
-    reference and resumed runs stay numerically comparable."""
+    reference and resumed runs stay numerically comparable (the shared reference run included)."""
     import torch
 
     before = torch.get_num_threads()
@@ -192,3 +193,36 @@ def smoke_cfg(tmp_path):
         return compose_config(["+experiment=smoke", *overrides], tmp_path)
 
     return make
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run folder and what ``train.run`` returned for it."""
+
+    out: Path
+    results: dict
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> FinishedRun:
+    """The smoke experiment as it is (``+experiment=smoke``, nothing else), run once per session.
+
+    Read-only: many tests compare with it (artifacts, resumes, histories). A test that writes
+    into the folder (resumes in it, deletes from it) takes :func:`reference_copy` instead.
+    """
+    from diffora_lab.train import run
+
+    out = tmp_path_factory.mktemp("reference")
+    with process_state_restored():
+        results = run(compose_config(["+experiment=smoke"], out), out)
+    return FinishedRun(out, results)
+
+
+@pytest.fixture
+def reference_copy(reference_run, tmp_path) -> FinishedRun:
+    """A private copy of :func:`reference_run`'s folder (caches included), free to change."""
+    import shutil
+
+    out = tmp_path / "reference"
+    shutil.copytree(reference_run.out, out)
+    return FinishedRun(out, dict(reference_run.results))

@@ -91,9 +91,9 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_killed_ones(tmp_path, caplo
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("reference")
-    return out, smoke(out)
+def reference(reference_run) -> tuple[Path, dict]:
+    """The session's shared smoke run (conftest): read-only here."""
+    return reference_run.out, reference_run.results
 
 
 def test_history_survives_a_kill_and_resume(reference, tmp_path):
