@@ -32,11 +32,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 
 
+_HYDRA = {"ours": None}  # the Hydra instance compose_config initialized last
+
+
 def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """Composes the app's config as the CLI would (no Hydra run dir involved)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    """Composes the app's config as the CLI would (no Hydra run dir involved).
+
+    Hydra is initialized on the app's config folder once and reused while nothing else has
+    replaced it (initializing costs more than composing); anything else re-initializes it.
+    """
+    hydra = GlobalHydra.instance()
+    if not (hydra.is_initialized() and hydra.hydra is _HYDRA["ours"]):
+        hydra.clear()
+        initialize_config_dir(config_dir=config_dir(), version_base="1.3")
+        _HYDRA["ours"] = hydra.hydra
+    cfg = compose(config_name="config", overrides=overrides)
     if output_dir is not None:
         with open_dict(cfg):
             cfg.data.cache_dir = str(output_dir / "cache")

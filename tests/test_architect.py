@@ -42,6 +42,7 @@ def test_unknown_search_variant_lists_the_registered_ones(smoke_cfg):
         validate(smoke_cfg("dam.order=third"))
 
 
+@pytest.mark.slow
 def test_a_registered_variant_drives_the_search(constant_push, smoke_cfg, tmp_path):
     cfg = smoke_cfg(
         "logger=none",

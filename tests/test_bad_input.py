@@ -249,6 +249,7 @@ def test_bad_input_is_refused_with_the_readme_message(row, tmp_path, stopped):
     assert after == before, "a refused run changed its folder"
 
 
+@pytest.mark.slow
 def test_cli_refusals_exit_2_without_traceback_and_leave_the_folder(tmp_path):
     """Two processes, one folder: the second exits 2 at once naming the first's pid and host,
     prints no traceback, and leaves the first one's .hydra/ and logs untouched."""

@@ -135,6 +135,7 @@ def test_lora_trains_adapters_and_head(tmp_path, monkeypatch):
     assert adapted_modules(trained) == {c.name for c in trained.candidates}
 
 
+@pytest.mark.slow
 def test_random_mask_keeps_k_modules(tmp_path, monkeypatch):
     trained = run_method(tmp_path, monkeypatch, "random_mask", "budget=0.5")
     check_adapter_only(trained)
@@ -160,6 +161,7 @@ def test_random_masks_differ_across_seeds():
     assert again == masks[0]
 
 
+@pytest.mark.slow
 def test_diffora_trains_kept_adapters_only(tmp_path, monkeypatch):
     trained = run_method(tmp_path, monkeypatch, "diffora", "budget=0.5")
     check_adapter_only(trained)
@@ -168,6 +170,7 @@ def test_diffora_trains_kept_adapters_only(tmp_path, monkeypatch):
     assert adapted_modules(trained) == set(mask.kept_modules)
 
 
+@pytest.mark.slow
 def test_adalora_allocates_every_step_within_budget(tmp_path, monkeypatch):
     steps: list[int] = []
     real = AdaLoraModel.update_and_allocate
@@ -221,7 +224,7 @@ def test_adalora_loss_includes_the_configured_orthogonal_regularizer():
         "labels": torch.tensor([0, 1, 0, 1]),
     }
     losses, logits = {}, {}
-    for weight in (0.0, 0.1, 0.2):
+    for weight in (0.1, 0.2, 0.3):  # peft < 0.20 refuses a weight of 0
         cfg = compose_config(
             ["+experiment=smoke", "method=adalora", f"method.orth_reg_weight={weight}"]
         )
@@ -231,7 +234,7 @@ def test_adalora_loss_includes_the_configured_orthogonal_regularizer():
             losses[weight] = float(model(**batch).loss)
             unlabelled = {k: v for k, v in batch.items() if k != "labels"}
             logits[weight] = model(**unlabelled).logits
-    first, second = losses[0.1] - losses[0.0], losses[0.2] - losses[0.0]
+    first, second = losses[0.2] - losses[0.1], losses[0.3] - losses[0.1]
     assert first > 1e-4
     assert second == pytest.approx(2 * first, rel=1e-4)
-    torch.testing.assert_close(logits[0.2], logits[0.0], atol=0, rtol=0)
+    torch.testing.assert_close(logits[0.3], logits[0.1], atol=0, rtol=0)

@@ -251,6 +251,7 @@ def test_prepare_rejects_a_glue_task_the_hub_cannot_serve():
         prepare(compose_config(["+experiment=smoke", "task=rte"]))
 
 
+@pytest.mark.slow
 def test_cli_prints_config_errors_without_traceback(tmp_path):
     env = {
         **os.environ,

@@ -159,6 +159,7 @@ def test_evaluate_outside_a_run_needs_backbone_and_task(diffora_run, tmp_path, c
     assert capsys.readouterr().out.startswith("val/accuracy ")
 
 
+@pytest.mark.slow
 def test_adalora_export_round_trip(adalora_run, tmp_path):
     inputs = batch(adalora_run.cfg)
     expected = logits(adalora_run.model, inputs)

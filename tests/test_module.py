@@ -98,7 +98,7 @@ def fit(wired: Wired, output_dir, callbacks) -> pl.Trainer:
 SEARCH_STEPS, WARMUP, MAX_STEPS = 6, 2, 10
 
 
-@pytest.fixture(scope="module", params=["first", "second"])
+@pytest.fixture(scope="module", params=["first", pytest.param("second", marks=pytest.mark.slow)])
 def searched(request, tmp_path_factory):
     """A short search (2 warmup + 4 alternating steps), discretization, 4 fine-tuning steps.
 

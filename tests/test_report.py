@@ -250,6 +250,7 @@ def test_broken_files_are_skipped(tmp_path):
     assert [row["score"] for row in rows] == [0.9]
 
 
+@pytest.mark.slow
 def test_cli_errors_clearly_on_empty_folder(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     result = subprocess.run(

@@ -199,6 +199,7 @@ def test_checkpoint_holds_what_training_changed_and_fingerprints_the_backbone(
     assert record["fingerprint"] == fingerprint(model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_budget_one_keeps_everything_and_has_no_discretization_gap(tmp_path):
     done = smoke_run(tmp_path, "budget=1.0")
     results = done.saved_results
@@ -211,6 +212,7 @@ def test_budget_one_keeps_everything_and_has_no_discretization_gap(tmp_path):
 # ----------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "stop_at",
     [
@@ -283,6 +285,7 @@ def test_resume_onto_another_backbone_exits_2_with_the_reason(reference, tmp_pat
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_saved_mask_fed_back_fine_tunes_exactly_its_modules(reference, tmp_path):
     mask_file = reference.out / "dam" / "mask.json"
     done = smoke_run(tmp_path, f"dam.mask_path={mask_file}")
@@ -315,6 +318,7 @@ def reused_pair(tmp_path_factory):
     return first, reused, fresh
 
 
+@pytest.mark.slow
 def test_reused_search_ends_like_a_fresh_search(reused_pair):
     first, reused, fresh = reused_pair
     assert reused.results["search"]["reused"] is True
@@ -335,6 +339,7 @@ def test_reused_search_ends_like_a_fresh_search(reused_pair):
             torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0, msg=key)
 
 
+@pytest.mark.slow
 def test_the_default_search_is_not_shared_across_budgets(reference, tmp_path):
     # The default search prunes towards its budget: another budget must search afresh.
     cfg = compose_config(["+experiment=smoke", "budget=0.25"], tmp_path)
@@ -344,6 +349,7 @@ def test_the_default_search_is_not_shared_across_budgets(reference, tmp_path):
     assert results["search"]["key"] != reference.results["search"]["key"]
 
 
+@pytest.mark.slow
 def test_reused_search_has_the_dam_figures_of_a_fresh_one(reused_pair):
     _, reused, fresh = reused_pair
     assert [r["step"] for r in reused.gate_records()] == [r["step"] for r in fresh.gate_records()]
@@ -352,6 +358,7 @@ def test_reused_search_has_the_dam_figures_of_a_fresh_one(reused_pair):
     assert sorted(p.name for p in (reused.out / "dam" / "heatmaps").glob("*.png")) == names
 
 
+@pytest.mark.slow
 def test_budget_penalty_pulls_the_mean_gate_towards_the_budget(smoke_cfg, tmp_path):
     def mean_gate(*overrides: str) -> float:
         out = tmp_path / "_".join(o.replace("=", "-") for o in overrides)
@@ -402,6 +409,7 @@ def stsb_rows() -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("task", "folder", "rows", "metrics", "head_outputs"),
     [
@@ -447,6 +455,7 @@ NO_DROPOUT = (
 )
 
 
+@pytest.mark.slow
 def test_accumulating_two_batches_is_one_step_on_twice_the_batch(tmp_path, monkeypatch):
     """``train.accumulate=2`` with batches of 8 takes the weight step that one batch of 16 (the
     same 16 examples: no bucketing, one permutation per epoch) takes, up to float rounding: the
@@ -505,6 +514,7 @@ def write_mnli(root: Path, sizes: dict[str, int]) -> None:
         (root / "MNLI" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_mnli_from_glue_files_reports_both_dev_splits(tmp_path):
     """MNLI end to end from a folder in GLUE's layout: three labels, and the matched and the
     mismatched dev sets each scored on their own file (accuracy counts on 30 and on 7 rows)."""
@@ -531,6 +541,7 @@ def test_mnli_from_glue_files_reports_both_dev_splits(tmp_path):
     assert results["params"]["head"] == hidden * hidden + hidden + hidden * 3 + 3
 
 
+@pytest.mark.slow
 def test_bf16_mixed_runs_on_cpu_with_finite_metrics(reference, tmp_path):
     """The harness allows ``trainer.precision=bf16-mixed`` on CPU (Lightning autocasts to
     bfloat16 there): the smoke run finishes with finite losses and metrics, and its losses are not

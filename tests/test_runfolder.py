@@ -96,6 +96,7 @@ def reference(reference_run) -> tuple[Path, dict]:
     return reference_run.out, reference_run.results
 
 
+@pytest.mark.slow
 def test_history_survives_a_kill_and_resume(reference, tmp_path):
     """Stopped at 10, continued to 14, then "killed" back to its step-10 checkpoint (records of
     steps 10-14 already written) with a half-written checkpoint left behind, then resumed: the
@@ -180,6 +181,7 @@ def test_run_clock_adds_wall_and_fit_time_over_resumes_exactly():
     assert (reuser.wall_seconds(), reuser.fit_seconds()) == (8.0, 1.0)
 
 
+@pytest.mark.slow
 def test_finished_folder_is_rerun_only_with_overwrite(tmp_path):
     short = ("train.max_steps=8", "dam.warmup_steps=1", "train.val_every=4")
     first = smoke(tmp_path, *short)
@@ -201,6 +203,7 @@ def test_finished_folder_is_rerun_only_with_overwrite(tmp_path):
 # ------------------------------------------------------------------------------ divergence
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("clip", "every", "expected", "absent"),
     [

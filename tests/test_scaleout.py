@@ -126,6 +126,7 @@ def test_sigint_checkpoints_and_exits_130_like_sigterm(tmp_path):
     assert not (run / "results.json").exists() and not (run / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_step_and_phase(tmp_path):
     done = cli(
         smoke_args(tmp_path, "train.lr=1e30", "train.grad_clip=0", f"hydra.run.dir={tmp_path}/r"),

@@ -91,6 +91,7 @@ def eager_losses(cfg, steps: int) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_speedups_off_reproduce_the_eager_loop_bit_for_bit(tmp_path):
     # finite_check_every=5: the deferred check is on (it never changes what is computed).
     out = tmp_path / "run"
@@ -100,6 +101,7 @@ def test_speedups_off_reproduce_the_eager_loop_bit_for_bit(tmp_path):
     assert logged_losses(out) == expected
 
 
+@pytest.mark.slow
 def test_nan_weights_stop_the_run_and_no_checkpoint_holds_them(tmp_path, monkeypatch):
     poison_at = 5
     original = TrainingModule._after_weight_step
@@ -154,9 +156,8 @@ INDUCTOR = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize(
-    "backend", ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, INDUCTOR])]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=INDUCTOR)])
 def test_compiled_layers_match_eager_and_share_checkpoints(tmp_path, backend):
     # Inductor's own RNG would draw other dropout masks; with fallback_random it uses eager's.
     # torch's own patch() restores the config on exit (conftest's guard also resets dynamo).
