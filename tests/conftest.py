@@ -179,8 +179,11 @@ def isolated_process_state():
         yield
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300, env_extra: dict | None = None):
-    """``python -m diffora_lab ARGS`` in a subprocess, offline, output captured."""
+def run_cli(args: list[str], cwd: Path, timeout: int = 900, env_extra: dict | None = None):
+    """``python -m diffora_lab ARGS`` in a subprocess, offline, output captured.
+
+    ``timeout`` guards against a hang; it is no speed limit (a loaded machine is slow).
+    """
     import subprocess
     import sys
 

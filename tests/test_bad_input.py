@@ -269,7 +269,7 @@ def test_cli_refusals_exit_2_without_traceback_and_leave_the_folder(tmp_path):
             env={**__import__("os").environ, **env},
             capture_output=True,
             text=True,
-            timeout=180,
+            timeout=900,  # hang guard
         )  # fmt: skip
         assert snapshot(folder) == before_locked
     assert done.returncode == 2, done.stderr[-2000:]

@@ -257,7 +257,7 @@ def test_cli_errors_clearly_on_empty_folder(tmp_path):
         [sys.executable, "-m", "diffora_lab.report", str(tmp_path / "empty")],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=900,  # hang guard
     )
     assert result.returncode == 2
     assert "no results.json found under" in result.stderr
