@@ -88,8 +88,12 @@ def _registries() -> list[dict]:
 
 
 @contextlib.contextmanager
-def process_state_restored():
-    """Puts back process-wide state that tests and the code they run change (see below)."""
+def process_state_restored(compile_state: bool = True):
+    """Puts back process-wide state that tests and the code they run change (see below).
+
+    ``compile_state``: also the torch.compile configs and dynamo's caches (tens of milliseconds:
+    once per module, not per test).
+    """
     import torch
 
     environ, cwd = dict(os.environ), os.getcwd()
@@ -100,7 +104,9 @@ def process_state_restored():
         torch.are_deterministic_algorithms_enabled(),
     )
     configs = {
-        name: sys.modules[name].get_config_copy() for name in COMPILE_CONFIGS if name in sys.modules
+        name: sys.modules[name].get_config_copy()
+        for name in (COMPILE_CONFIGS if compile_state else ())
+        if name in sys.modules
     }
     loggers = logging.root.manager.loggerDict
     levels = {
@@ -108,7 +114,7 @@ def process_state_restored():
     }
     root_level = logging.root.level
     tables = [(table, dict(table)) for table in _registries()]
-    modules = set(sys.modules)
+    modules = tuple(sys.modules)  # a set only when needed below (cheaper per test)
     try:
         yield
     finally:
@@ -132,21 +138,25 @@ def process_state_restored():
                         changed = True
                     if changed:
                         setattr(config, key, value)
-        if "torch._dynamo" in sys.modules:
+        if compile_state and "torch._dynamo" in sys.modules:
             torch._dynamo.reset()
         for name, level in levels.items():
             logger = loggers.get(name)
             if isinstance(logger, logging.Logger) and logger.level != level:
                 logger.setLevel(level)
-        logging.root.setLevel(root_level)
+        if logging.root.level != root_level:
+            logging.root.setLevel(root_level)
         # An entry added meanwhile stays only if a module imported meanwhile (a lazily loaded
         # part of the package) registered it.
-        imported = set(sys.modules) - modules
         for table, saved in tables:
-            for key in [key for key in table if key not in saved]:
-                if getattr(table[key], "__module__", None) not in imported:
-                    del table[key]
-            table.update(saved)
+            added = [key for key in table if key not in saved]
+            if added:
+                imported = set(sys.modules) - set(modules)
+                for key in added:
+                    if getattr(table[key], "__module__", None) not in imported:
+                        del table[key]
+            if any(table.get(key) is not value for key, value in saved.items()):
+                table.update(saved)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -163,16 +173,17 @@ def isolated_process_state():
     Tests patch process-wide state, and so does the code they run (Lightning writes
     ``PL_GLOBAL_SEED``, ``train.compile`` raises dynamo's recompile limit and leaves compiled
     code behind). Put back after each test: environment variables, the working directory,
-    torch's thread count, grad mode, default dtype and deterministic flag, the torch.compile
-    configs (dynamo, inductor) and dynamo's caches, log levels, and entries a test added to the
-    registries in ``REGISTRIES``. The RNGs (random, numpy, torch) are seeded before each test,
-    so no outcome depends on which tests ran first. Warnings filters need nothing here: pytest
-    restores them around every test.
+    torch's thread count, grad mode, default dtype and deterministic flag, log levels, and
+    entries a test added to the registries in ``REGISTRIES``; after each module also the
+    torch.compile configs (dynamo, inductor) and dynamo's caches (a test that patches them uses
+    ``config.patch()``, which restores them itself). The RNGs (random, numpy, torch) are seeded
+    before each test, so no outcome depends on which tests ran first. Warnings filters need
+    nothing here: pytest restores them around every test.
     """
     import numpy as np
     import torch
 
-    with process_state_restored():
+    with process_state_restored(compile_state=False):
         random.seed(0)
         np.random.seed(0)
         torch.manual_seed(0)

@@ -100,6 +100,7 @@ def adapted_modules(trained: Trained) -> set[str]:
     return {c.name for c in trained.candidates if isinstance(base.get_submodule(c.name), LoraLayer)}
 
 
+@pytest.mark.slow
 def test_full_trains_the_backbone(tmp_path, monkeypatch):
     trained = run_method(tmp_path, monkeypatch, "full")
     changed = trained.changed
@@ -129,6 +130,7 @@ def test_bitfit_trains_biases_and_head(tmp_path, monkeypatch):
     assert "deberta.encoder.layer.0.attention.self.query_proj.weight" not in changed
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_and_head(tmp_path, monkeypatch):
     trained = run_method(tmp_path, monkeypatch, "lora")
     check_adapter_only(trained)

@@ -301,7 +301,12 @@ class CaptureLogits(pl.Callback):
 
 
 @pytest.mark.parametrize(
-    ("budget", "relaxation"), [(1.0, "sigmoid"), (0.5, "sigmoid"), (0.5, "softmax_row")]
+    ("budget", "relaxation"),
+    [
+        pytest.param(1.0, "sigmoid", marks=pytest.mark.slow),
+        (0.5, "sigmoid"),
+        pytest.param(0.5, "softmax_row", marks=pytest.mark.slow),
+    ],
 )
 def test_discretization_preserves_each_kept_module_function(tmp_path, budget, relaxation):
     cfg = compose_config(

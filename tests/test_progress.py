@@ -81,6 +81,7 @@ def test_off_a_terminal_the_interval_holds_lines_back(tmp_path, monkeypatch, cap
     ]
 
 
+@pytest.mark.slow
 def test_on_a_terminal_the_bar_shows_phase_steps_losses_rate_and_eta(tmp_path, monkeypatch):
     terminal = Terminal()
     monkeypatch.setattr("sys.stdout", terminal)
