@@ -274,6 +274,7 @@ def test_bad_input_is_refused_with_the_readme_message(row, tmp_path, stopped):
     assert after == before, "a refused run changed its folder"
 
 
+@pytest.mark.slow
 def test_cli_refusals_exit_2_without_traceback_and_leave_the_folder(tmp_path):
     """Two processes, one folder: the second exits 2 at once naming the first's pid and host,
     prints no traceback, and leaves the first one's .hydra/ and logs untouched."""
@@ -293,7 +294,7 @@ def test_cli_refusals_exit_2_without_traceback_and_leave_the_folder(tmp_path):
             env={**__import__("os").environ, **env},
             capture_output=True,
             text=True,
-            timeout=180,
+            timeout=900,  # hang guard
         )  # fmt: skip
         assert snapshot(folder) == before_locked
     assert done.returncode == 2, done.stderr[-2000:]

@@ -260,6 +260,7 @@ def test_prepare_rejects_a_glue_task_the_hub_cannot_serve():
         prepare(compose_config(["+experiment=smoke", "task=rte"]))
 
 
+@pytest.mark.slow
 def test_cli_prints_config_errors_without_traceback(tmp_path):
     env = {
         **os.environ,
@@ -278,7 +279,7 @@ def test_cli_prints_config_errors_without_traceback(tmp_path):
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 2
     assert "budget" in done.stderr

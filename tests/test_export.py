@@ -201,6 +201,7 @@ def test_evaluate_reproduces_results(diffora_run, capsys):
     assert f"val/accuracy {metrics['val/accuracy']:.6f}" in printed
 
 
+@pytest.mark.slow
 def test_evaluate_outside_a_run_needs_backbone_and_task(diffora_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DIFFORA_CACHE", str(tmp_path / "cache"))
     adapter = export_adapter(diffora_run.model, tmp_path / "adapter")
@@ -210,6 +211,7 @@ def test_evaluate_outside_a_run_needs_backbone_and_task(diffora_run, tmp_path, c
     assert capsys.readouterr().out.startswith("val/accuracy ")
 
 
+@pytest.mark.slow
 def test_adalora_export_round_trip(adalora_run, tmp_path):
     inputs = batch(adalora_run.cfg)
     expected = logits(adalora_run.model, inputs)

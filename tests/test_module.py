@@ -97,7 +97,7 @@ def fit(wired: Wired, output_dir, callbacks) -> pl.Trainer:
 SEARCH_STEPS, WARMUP, MAX_STEPS = 6, 2, 10
 
 
-@pytest.fixture(scope="module", params=["first", "second"])
+@pytest.fixture(scope="module", params=["first", pytest.param("second", marks=pytest.mark.slow)])
 def searched(request, tmp_path_factory):
     """A short search (2 warmup + 4 alternating steps), discretization, 4 fine-tuning steps.
 
@@ -304,7 +304,12 @@ class CaptureLogits(pl.Callback):
 
 
 @pytest.mark.parametrize(
-    ("budget", "search"), [(1.0, "faithful"), (0.5, "faithful"), (0.5, "softmax_row")]
+    ("budget", "search"),
+    [
+        pytest.param(1.0, "faithful", marks=pytest.mark.slow),
+        (0.5, "faithful"),
+        pytest.param(0.5, "softmax_row", marks=pytest.mark.slow),
+    ],
 )
 def test_discretization_preserves_each_kept_module_function(tmp_path, budget, search):
     cfg = compose_config(

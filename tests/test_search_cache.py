@@ -55,6 +55,7 @@ def first(tmp_path_factory) -> tuple[Path, Path, dict]:
     return root, data, results
 
 
+@pytest.mark.slow
 def test_an_identical_run_reuses_the_search_and_says_where_from(first, tmp_path):
     root, data, made = first
     again = short_run(tmp_path / "again", data, root / "cache", "dam.fold_gates=false")
@@ -73,6 +74,7 @@ def test_an_identical_run_reuses_the_search_and_says_where_from(first, tmp_path)
     }
 
 
+@pytest.mark.slow
 def test_changed_training_rows_are_searched_afresh(first, tmp_path):
     root, data, made = first
     changed = write_sst2(tmp_path / "glue", "a dull plot")  # same size, other rows
@@ -117,6 +119,7 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_a_bad_cache_entry_is_skipped_with_a_warning(first, tmp_path, caplog, name):
     entry = copy_entry(first, tmp_path)
@@ -128,6 +131,7 @@ def test_a_bad_cache_entry_is_skipped_with_a_warning(first, tmp_path, caplog, na
     assert why in caplog.text and "searching afresh" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_truncated_cache_entry_never_fails_a_run(first, tmp_path):
     root, data, made = first
     entry = copy_entry(first, tmp_path)

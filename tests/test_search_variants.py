@@ -121,6 +121,7 @@ def _run(smoke_cfg, tmp_path, name: str, *overrides: str) -> tuple[dict, dict]:
     return results, json.loads((out / "dam" / "mask.json").read_text())
 
 
+@pytest.mark.slow
 def test_progressive_search_has_no_discretization_gap(smoke_cfg, tmp_path):
     """Only k modules are active when the search ends: the cut removes nothing in use, so
     the dev metric just after discretization is the one just before (and the kept modules'
@@ -133,6 +134,7 @@ def test_progressive_search_has_no_discretization_gap(smoke_cfg, tmp_path):
     assert disc["val_before"] == disc["val_after"] and disc["gap"] == 0.0
 
 
+@pytest.mark.slow
 def test_topk_search_ends_with_gates_summing_to_k(smoke_cfg, tmp_path):
     results, mask = _run(smoke_cfg, tmp_path, "topk", "search=topk")
     # k: the budget's expected count (a quarter of 12 modules, in parameters or in modules)
@@ -145,6 +147,7 @@ def key(*overrides: str) -> str:
     return search_key(compose_config(["+experiment=smoke", *overrides]))
 
 
+@pytest.mark.slow
 def test_search_cache_key_has_the_budget_only_when_the_search_uses_it():
     for budget_free in ("search=faithful", "search=softmax_row", "method=diffora_faithful"):
         assert key(budget_free, "budget=0.25") == key(budget_free, "budget=0.5")

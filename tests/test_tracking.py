@@ -52,6 +52,7 @@ def test_budget_multirun_searches_once_when_reuse_is_on(tmp_path, reuse):
         assert len({r["discretization"]["val_before"] for r in rows}) == 1
 
 
+@pytest.mark.slow
 def test_search_key_ignores_only_post_search_settings(smoke_cfg):
     def key(*overrides: str) -> str:
         return search_key(smoke_cfg("method=diffora_faithful", *overrides))
@@ -68,6 +69,7 @@ def test_search_key_ignores_only_post_search_settings(smoke_cfg):
     assert search_key(smoke_cfg("budget=0.25")) != search_key(smoke_cfg())
 
 
+@pytest.mark.slow
 def test_mask_path_fine_tunes_a_saved_mask_without_search(smoke_cfg, tmp_path):
     first = run(smoke_cfg("dam.reuse_search=false"), tmp_path / "first")
     mask_file = tmp_path / "first" / "dam" / "mask.json"

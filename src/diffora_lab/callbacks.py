@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -203,32 +205,32 @@ class RunClock(pl.Callback):
     """Wall and fit seconds of a run, added up over its resumes (kept in the checkpoint).
 
     Args:
-        started: ``time.time()`` when this process started the run.
+        started: ``now()`` when this process started the run.
         restore: False when the checkpoint is another run's (a reused search): its time is not
             this run's.
+        now: The time source (seconds); tests pass a fake one to check the arithmetic.
     """
 
-    def __init__(self, started: float, restore: bool = True) -> None:
+    def __init__(
+        self, started: float, restore: bool = True, now: Callable[[], float] = time.time
+    ) -> None:
         self.started = started
         self.restore = restore
+        self.now = now
         self.fit_started: float | None = None
         self.wall_before = 0.0  # spent by earlier processes of this run
         self.fit_before = 0.0
 
     def on_fit_start(self, trainer, module) -> None:
-        import time
-
-        self.fit_started = time.time()
+        self.fit_started = self.now()
 
     def wall_seconds(self) -> float:
-        import time
-
-        return self.wall_before + time.time() - self.started
+        return self.wall_before + self.now() - self.started
 
     def fit_seconds(self) -> float:
-        import time
-
-        return self.fit_before + (time.time() - self.fit_started if self.fit_started else 0.0)
+        return self.fit_before + (
+            self.now() - self.fit_started if self.fit_started is not None else 0.0
+        )
 
     def state_dict(self) -> dict[str, float]:
         return {"wall_seconds": self.wall_seconds(), "fit_seconds": self.fit_seconds()}
