@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import socket
@@ -124,8 +125,27 @@ def older_format(data: bytes) -> bytes:
     """The same checkpoint, its diffora_lab state marked as written in format 1."""
     import torch
 
-    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     saved["diffora_lab"]["format"] = 1
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    return buffer.getvalue()
+
+
+class Planted:
+    """Unpickling this would call ``os.getcwd`` (a harmless stand-in for ``os.system``);
+    tests/test_untrusted_files.py proves such a file runs code when unpickled, and is refused."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def planted(data: bytes) -> bytes:
+    """The same checkpoint with an object planted among its entries."""
+    import torch
+
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    saved["callbacks"]["Planted"] = Planted()
     buffer = io.BytesIO()
     torch.save(saved, buffer)
     return buffer.getvalue()
@@ -153,6 +173,8 @@ SITUATIONS: dict[str, Callable] = {
     "an empty checkpoint": checkpoint(lambda data: b""),
     "a truncated checkpoint": checkpoint(lambda data: data[: len(data) // 2]),
     "a checkpoint written by another version (format 1)": checkpoint(older_format),
+    "a checkpoint that would run code when unpickled": checkpoint(planted),
+    "a mask file": mask_file(lambda mask: mask),
     "a finished run folder": finished_folder,
     "a run folder in use by another process": busy_folder,
 }

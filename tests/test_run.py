@@ -53,7 +53,7 @@ class Run:
         return json.loads((self.out / "results.json").read_text())
 
     def state(self) -> dict[str, torch.Tensor]:
-        ckpt = torch.load(self.out / "checkpoints" / "last.ckpt", weights_only=False)
+        ckpt = torch.load(self.out / "checkpoints" / "last.ckpt", weights_only=True)
         return ckpt["state_dict"]
 
     def gate_records(self) -> list[dict]:
@@ -185,7 +185,7 @@ def test_checkpoint_holds_what_training_changed_and_fingerprints_the_backbone(
     reference, fresh_backbone
 ):
     model, _ = fresh_backbone
-    checkpoint = torch.load(reference.out / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(reference.out / "checkpoints" / "last.ckpt", weights_only=True)
     state = checkpoint["state_dict"]
     # Only adapters, the head's trained copy and the DAM: no frozen backbone tensor.
     for key in state:

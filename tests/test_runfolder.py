@@ -110,7 +110,7 @@ def test_history_survives_a_kill_and_resume(reference, tmp_path):
     shutil.copyfile(at_ten, ckpt)
     stale = tmp_path / "checkpoints" / f".last.ckpt.{dead_pid()}.tmp"
     stale.write_bytes(b"half a checkpoint")
-    clock = torch.load(at_ten, weights_only=False)["callbacks"]["RunClock"]
+    clock = torch.load(at_ten, weights_only=True)["callbacks"]["RunClock"]
 
     began = time.time()
     results = smoke(tmp_path)
@@ -181,7 +181,7 @@ def test_divergence_advice_matches_the_run(tmp_path, clip, every, expected, abse
         named = Path(message.split("the last checkpoint is ")[1].split(" (step")[0])
         assert named.is_file()
         step = int(message.split("(step ")[1].split(")")[0])
-        assert torch.load(named, weights_only=False)[STATE_KEY]["step"] == step
+        assert torch.load(named, weights_only=True)[STATE_KEY]["step"] == step
 
 
 @pytest.mark.parametrize(

@@ -58,12 +58,14 @@ class Source:
 
 
 def _run_config(run_dir: Path) -> DictConfig | None:
+    from diffora_lab.checkpointing import read_checkpoint
+
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
     if hydra_cfg.is_file():
         return OmegaConf.load(hydra_cfg)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = read_checkpoint(ckpt)
         config = saved.get("hyper_parameters", {}).get("config")
         if config:
             return OmegaConf.create(config)
@@ -137,7 +139,7 @@ def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> 
 def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int) -> nn.Module:
     """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights."""
     from diffora_lab import backbones
-    from diffora_lab.checkpointing import STATE_KEY, fill
+    from diffora_lab.checkpointing import STATE_KEY, fill, read_checkpoint
 
     if source.merged is not None:
         import transformers
@@ -159,7 +161,7 @@ def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int
             f"{source.checkpoint}: a {cfg.method.name} run is scored from its adapter/ folder "
             "(written at the end of training), which this run lacks."
         )
-    checkpoint = torch.load(source.checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(source.checkpoint)
     # Checkpoints leave the frozen backbone out (checkpointing.py): filled from the one loaded.
     current = {f"model.{k}": v for k, v in backbone.state_dict().items()}
     state = checkpoint["state_dict"]

@@ -224,20 +224,24 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int:
         ValueError: A damaged file, one written with other settings, or one past
             ``train.max_steps``.
     """
-    import torch
-
-    from diffora_lab.checkpointing import our_state
+    from diffora_lab.checkpointing import UnsafeFile, our_state, read_checkpoint
 
     setting = f"ckpt_path={cfg.get('ckpt_path')}"
+    if cfg.get("ckpt_path") == "last":  # the run's own checkpoint
+        fix = "Delete it to start this run over, or pass ckpt_path=null to start fresh"
+    else:  # a file the user named: never advise deleting it (it may be a mask, another run's)
+        fix = "Point ckpt_path at a checkpoints/last.ckpt, or pass ckpt_path=null to start fresh"
     try:
         # mmap: only the small entries are read here; Lightning loads the tensors later.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = read_checkpoint(path, mmap=True)
+    except UnsafeFile as error:
+        raise ValueError(f"{setting}: {error}. {fix}.") from None
     except Exception as error:
         size = Path(path).stat().st_size
         what = "empty (0 bytes)" if size == 0 else f"truncated or not a checkpoint ({size} bytes)"
         raise ValueError(
-            f"{setting}: {path} is damaged: {what}, {type(error).__name__}. Delete it to start "
-            "this run over, or pass ckpt_path=null to start fresh without reading it."
+            f"{setting}: {path} is damaged: {what}, {type(error).__name__}. {fix} without "
+            "reading it."
         ) from None
     state = our_state(checkpoint, f"{setting}: {path}")
     step = int(state["step"])
@@ -263,14 +267,12 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int:
 
 def divergence_message(error: FloatingPointError, ckpt_dir: Path, grad_clip: float) -> str:
     """The non-finite-loss message with advice that matches this run."""
-    import torch
-
-    from diffora_lab.checkpointing import STATE_KEY
+    from diffora_lab.checkpointing import STATE_KEY, read_checkpoint
 
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
         try:
-            saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+            saved = read_checkpoint(last, mmap=True)
             where = f"the last checkpoint is {last} (step {saved[STATE_KEY]['step']})"
         except Exception:
             where = f"the last checkpoint is {last}"

@@ -180,15 +180,16 @@ class SearchCache:
             return self._skip(f"its record {meta_file} is missing or unreadable")
         if meta.get("split") != self.split or meta.get("key") != self.key:
             return self._skip("it was made with another search split")
+        from diffora_lab.checkpointing import STATE_KEY, UnsafeFile, read_checkpoint
+
         try:
-            import torch
-
-            from diffora_lab.checkpointing import STATE_KEY
-
-            checkpoint = torch.load(
-                self.snapshot, map_location="cpu", weights_only=False, mmap=True
-            )
+            checkpoint = read_checkpoint(self.snapshot, mmap=True)
             step = checkpoint[STATE_KEY]["step"]
+        except UnsafeFile as error:  # planted in a shared cache: say so, never search over it
+            raise UnsafeFile(
+                f"dam.search_cache_dir: {error}. Delete {self.folder} (and find out who wrote "
+                "it), or pass dam.reuse_search=false."
+            ) from None
         except Exception as error:  # truncated, empty, not a checkpoint: search afresh
             return self._skip(f"it cannot be read ({type(error).__name__}: {error})")
         if step != search_steps:

@@ -26,6 +26,7 @@ from diffora_lab import backbones, methods, tracking
 from diffora_lab.adapters import export_merged
 from diffora_lab.backbones import Candidate
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
+from diffora_lab.checkpointing import UnsafeFile
 from diffora_lab.config import optim_settings, search_settings, validate
 from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import TaskDataModule
@@ -63,7 +64,16 @@ class ConfigError(ValueError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file, then renames it: a kill never truncates one."""
+    """Writes a checkpoint to a temporary file, then renames it: a kill never truncates one.
+
+    Reads with ``weights_only=True`` whatever the caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    asks: a checkpoint is data, never code (``checkpointing.read_checkpoint``).
+    """
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        from diffora_lab.checkpointing import read_checkpoint
+
+        return read_checkpoint(path)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
@@ -365,7 +375,10 @@ def _fit_and_report(
         entry = open_entry(cfg, checked.raw.train, datamodule.search_indices)
         remove_stale_temporaries(entry.folder)
         search_info["key"] = entry.key
-        source = None if ckpt_path else entry.reuse(output_dir, search.steps)
+        try:
+            source = None if ckpt_path else entry.reuse(output_dir, search.steps)
+        except UnsafeFile as error:
+            raise ConfigError(str(error)) from None
         if source is not None:
             ckpt_path = source["path"]
             module.search_reused = True
