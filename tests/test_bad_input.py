@@ -8,7 +8,8 @@ folder (the folder is compared byte for byte before and after). The CLI's side (
 traceback) is covered by ``test_cli_refusals_exit_2_without_traceback_and_leave_the_folder``.
 
 Placeholders in the table: ``RUN`` the run folder, ``DIR`` the data folder, ``MASK`` the mask
-file, ``PID``/``HOST`` the process holding the folder, ``…`` any text (e.g. a machine's core count).
+file, ``PID``/``HOST`` the process holding the folder, ``CKPT`` another run's checkpoint, ``…``
+any text (e.g. a machine's core count).
 """
 
 from __future__ import annotations
@@ -151,6 +152,15 @@ def planted(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def finished_with_checkpoint(ctx: Context) -> None:
+    """The finished budget-0.5 run (8 steps) that wrote the mask, in the run folder."""
+    shutil.copytree(ctx.saved_mask.parents[1], ctx.run, ignore=shutil.ignore_patterns("cache"))
+
+
+def another_runs_checkpoint(ctx: Context) -> None:
+    shutil.copyfile(ctx.saved_mask.parents[1] / "checkpoints" / "last.ckpt", ctx.ckpt)
+
+
 def finished_folder(ctx: Context) -> None:
     ctx.run.mkdir(parents=True)
     (ctx.run / "results.json").write_text(json.dumps({"task": "synthetic", "steps": 40}))
@@ -176,6 +186,8 @@ SITUATIONS: dict[str, Callable] = {
     "a checkpoint that would run code when unpickled": checkpoint(planted),
     "a mask file": mask_file(lambda mask: mask),
     "a finished run folder": finished_folder,
+    "a run folder finished at budget 0.5": finished_with_checkpoint,
+    "another run's finished checkpoint at CKPT": another_runs_checkpoint,
     "a run folder in use by another process": busy_folder,
 }
 
@@ -199,11 +211,16 @@ class Context:
     def mask(self) -> Path:
         return self.root / "mask.json"
 
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "finished.ckpt"
+
     def substitute(self, text: str) -> str:
         for name, value in (
             ("RUN", str(self.run)),
             ("DIR", str(self.data)),
             ("MASK", str(self.mask)),
+            ("CKPT", str(self.ckpt)),
             ("PID", str(__import__("os").getpid())),
             ("HOST", socket.gethostname()),
         ):

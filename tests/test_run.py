@@ -262,8 +262,12 @@ def test_resume_refuses_a_checkpoint_written_with_another_rank(reference, tmp_pa
 
 @pytest.mark.slow
 def test_resume_onto_another_backbone_exits_2_with_the_reason(reference, tmp_path):
-    # Same name, method, task and rank; only the frozen weights differ (another init seed).
-    ckpt = reference.out / "checkpoints" / "last.ckpt"
+    # Same settings, other frozen weights: the checkpoint's record is made to say init_seed=1
+    # (the settings check would name a changed seed first), so only the fingerprint differs.
+    ckpt = tmp_path / "seed1.ckpt"
+    saved = torch.load(reference.out / "checkpoints" / "last.ckpt", weights_only=True)
+    saved["hyper_parameters"]["config"]["backbone"]["init_seed"] = 1
+    torch.save(saved, ckpt)
     done = run_cli(
         [
             "+experiment=smoke",

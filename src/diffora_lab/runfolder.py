@@ -152,18 +152,47 @@ def _read_owner(fd: int) -> dict[str, Any]:
         return {}
 
 
-def check_not_finished(folder: Path, overwrite: bool) -> None:
-    """Refuses to rerun a folder that already holds ``results.json`` unless asked to.
+def finished_run(folder: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """A finished folder (one with ``results.json``): its results when this command is that run.
+
+    A rerun with the settings the run was made with (its ``checkpoints/last.ckpt`` records them;
+    :data:`RESUME_SAFE` may differ) has nothing to do: a requeued job or a rerun sweep skips it.
+
+    Returns:
+        The stored results; None when the folder is not finished or ``overwrite=true`` (its
+        outputs are then deleted and the run starts over).
 
     Raises:
-        ValueError: Naming ``overwrite`` and the alternative (another run folder).
+        ValueError: Finished with other settings (each named), or without a checkpoint that says
+            what it was made with; the fix is ``overwrite=true`` or another folder.
     """
+    from diffora_lab.checkpointing import UnsafeFile, read_checkpoint
+
     results = folder / "results.json"
-    if results.is_file() and not overwrite:
+    if not results.is_file() or cfg.get("overwrite"):
+        return None
+    again = (
+        "pass overwrite=true to delete its outputs and run again, or choose another hydra.run.dir."
+    )
+    last = folder / "checkpoints" / "last.ckpt"
+    differences = None
+    try:
+        saved = read_checkpoint(last, mmap=True)["hyper_parameters"]["config"]
+        differences = setting_differences(saved, OmegaConf.to_container(cfg, resolve=True))
+        if not differences:
+            return json.loads(results.read_text())
+    except UnsafeFile as error:
+        raise ValueError(f"hydra.run.dir={str(folder)!r}: {error}; {again}") from None
+    except Exception:  # no (readable) checkpoint or results: what it was made with is unknown
+        pass
+    if differences:
         raise ValueError(
-            f"hydra.run.dir={str(folder)!r} holds a finished run ({results.name}); pass "
-            "overwrite=true to delete its outputs and run again, or choose another hydra.run.dir."
+            f"hydra.run.dir={str(folder)!r} holds a run finished with other settings: "
+            f"{'; '.join(differences)}. To run it with these, {again}"
         )
+    raise ValueError(
+        f"hydra.run.dir={str(folder)!r} holds a finished run ({results.name}); {again}"
+    )
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -217,6 +246,67 @@ def write_hydra_files(folder: Path, task_cfg: DictConfig | None) -> None:
     OmegaConf.save(hydra_cfg.overrides.task, target / "overrides.yaml")
 
 
+# Settings a resume may change (README, "Long runs and clusters"): how a run is watched, stored
+# and scheduled, never what it computes. Any other difference from the config stored in the
+# checkpoint refuses the resume (a dotted name covers everything below it). Not here on purpose:
+# trainer.devices (the global batch is train.batch_size x devices), trainer.accelerator and
+# .precision (other numerics), train.eval_batch_size (dev scores in other batches).
+RESUME_SAFE = (
+    "ckpt_path",
+    "overwrite",
+    "logger",
+    "export",
+    "train.log_every",
+    "train.progress_every",
+    "train.ckpt_every",
+    "train.stop_after",
+    "train.finite_check_every",
+    "train.compile",  # compiled and eager runs resume from each other (README, "Speed-ups")
+    "train.compile_backend",
+    "train.compile_mode",
+    "dam.log_every",
+    "dam.reuse_search",
+    "dam.search_cache_dir",
+    "data.cache_dir",
+    "data.num_workers",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "hydra",
+)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def setting_differences(
+    saved: dict[str, Any], current: dict[str, Any], safe: tuple[str, ...] = RESUME_SAFE
+) -> list[str]:
+    """Each setting (outside ``safe``) whose value differs, as ``key=old there, key=new here``."""
+    theirs, mine = _flat(saved), _flat(current)
+    differences = []
+    for key in sorted(set(theirs) | set(mine)):
+        if any(key == s or key.startswith(f"{s}.") for s in safe):
+            continue
+        old, new = theirs.get(key, "(not set)"), mine.get(key, "(not set)")
+        if old != new:  # 1 == 1.0: a number typed either way is the same setting
+            differences.append(f"{key}={_shown(old)} there, {key}={_shown(new)} here")
+    return differences
+
+
 def check_checkpoint(path: str, cfg: DictConfig) -> int:
     """Checks a checkpoint to resume before anything loads; returns its step.
 
@@ -245,15 +335,20 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int:
         ) from None
     state = our_state(checkpoint, f"{setting}: {path}")
     step = int(state["step"])
-    saved = checkpoint.get("hyper_parameters", {})
-    saved_cfg = OmegaConf.create(saved.get("config") or {})
-    for key in ("method.name", "backbone.name", "task.name", "rank"):
-        mine = OmegaConf.select(cfg, key)
-        theirs = OmegaConf.select(saved_cfg, key)
-        if theirs is not None and theirs != mine:
+    saved = (checkpoint.get("hyper_parameters") or {}).get("config")
+    if saved:  # the resolved config of the run that wrote it (TrainingModule's hparams)
+        differences = setting_differences(saved, OmegaConf.to_container(cfg, resolve=True))
+        if differences:
+            start_over = (
+                "start a new run folder"
+                if cfg.get("ckpt_path") == "last"
+                else "pass ckpt_path=null to start without it"
+            )
             raise ValueError(
-                f"ckpt_path={path!r} was written with {key}={theirs!r}, this run has "
-                f"{key}={mine!r}; resume with the same settings or start a new run."
+                f"{setting}: {path} was written with other settings: {'; '.join(differences)}. "
+                f"A resume continues the same run: use the checkpoint's settings, or {start_over}"
+                " (a resume may change only logging, progress, checkpoint cadence, "
+                "train.stop_after and cache folders: runfolder.RESUME_SAFE)."
             )
     max_steps = int(cfg.train.max_steps)
     if step > max_steps:

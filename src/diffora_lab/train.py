@@ -37,9 +37,9 @@ from diffora_lab.runfolder import (
     FolderState,
     RunFolderLock,
     check_checkpoint,
-    check_not_finished,
     clear_outputs,
     divergence_message,
+    finished_run,
     global_rank,
     remove_stale_temporaries,
     write_hydra_files,
@@ -160,13 +160,13 @@ def prepare(cfg: DictConfig) -> Prepared:
     return Prepared(spec, tokenizer, candidates)
 
 
-def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path, overwrite: bool = False) -> str | None:
+def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path, restart: bool = False) -> str | None:
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
         return None
     if ckpt == "last":
         last = ckpt_dir / "last.ckpt"
-        if last.is_file() and not overwrite:
+        if last.is_file() and not restart:
             return str(last)
         log.info("ckpt_path=last: no checkpoint in %s to resume, starting fresh", ckpt_dir)
         return None
@@ -269,9 +269,11 @@ class Checked:
     """What the checks of a run produced, before anything was written to its folder."""
 
     prepared: Prepared
-    raw: RawSplits
+    raw: RawSplits | None
     ckpt_path: str | None
     start_step: int
+    restart: bool = False  # overwrite=true on a finished folder: its outputs go first
+    finished: dict[str, Any] | None = None  # this very run, finished already: its results
 
 
 def _load_data(cfg: DictConfig, spec: TaskSpec) -> RawSplits:
@@ -299,18 +301,19 @@ def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
         ConfigError: With the setting and the fix.
     """
     prepared = prepare(cfg)
-    overwrite = bool(cfg.get("overwrite", False))
+    # overwrite=true deletes a finished run's outputs; an unfinished run resumes (a requeued
+    # command that carries overwrite=true continues instead of starting over every time).
+    restart = bool(cfg.get("overwrite")) and (output_dir / "results.json").is_file()
     try:
-        check_not_finished(output_dir, overwrite)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    ckpt_path = _resolve_ckpt(cfg, output_dir / "checkpoints", overwrite)
-    try:
+        done = finished_run(output_dir, cfg)
+        if done is not None:
+            return Checked(prepared, None, None, 0, finished=done)
+        ckpt_path = _resolve_ckpt(cfg, output_dir / "checkpoints", restart)
         start_step = check_checkpoint(ckpt_path, cfg) if ckpt_path else 0
     except ValueError as error:
         raise ConfigError(str(error)) from error
     raw = _load_data(cfg, prepared.spec)
-    return Checked(prepared, raw, ckpt_path, start_step)
+    return Checked(prepared, raw, ckpt_path, start_step, restart=restart)
 
 
 def run(
@@ -341,15 +344,28 @@ def run(
         if isinstance(error, ConfigError):
             raise
         raise ConfigError(str(error)) from error
+    if checked.finished is not None:
+        lock.release()
+        return _already_finished(checked.finished, output_dir)
     try:
         if global_rank() == 0:
-            if cfg.get("overwrite"):
+            if checked.restart:
                 clear_outputs(output_dir)
             remove_stale_temporaries(output_dir / "checkpoints")
             write_hydra_files(output_dir, task_cfg)
         return _fit_and_report(cfg, output_dir, checked, started)
     finally:
         lock.release()
+
+
+def _already_finished(results: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    metric = results.get("primary_metric")
+    value = (results.get("metrics") or {}).get(metric)
+    print(
+        f"diffora_lab: {output_dir} holds this run, finished ({metric} {value}); skipped, nothing "
+        "written (overwrite=true runs it again)."
+    )
+    return results
 
 
 def _fit_and_report(
