@@ -1,4 +1,4 @@
-"""A resume is the same run: it checks every setting that shapes the result (runfolder.py), a
+"""A resume is the same run: it checks every setting that shapes the result (resume.py), a
 requeued ``overwrite=true`` command continues, and a rerun of a finished run (alone or in a sweep)
 is skipped, not redone. Refusals of changed settings are rows of the README's bad-input table."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from diffora_lab.runfolder import RESUME_SAFE, setting_differences
+from diffora_lab.resume import RESUME_SAFE, setting_differences
 from diffora_lab.train import run
 
 SHORT = ("+experiment=smoke", "train.max_steps=8", "dam.warmup_steps=1", "train.val_every=4")

@@ -9,7 +9,7 @@ different one, and fills the left-out tensors back in from it, so the state dict
 strictly (a trainable tensor missing from a checkpoint is an error, not a silent re-init).
 
 Our own entry in a Lightning checkpoint (``STATE_KEY``) carries a format number; :func:`our_state`
-is the one check of it, used before anything loads (``runfolder.check_checkpoint``) and again when
+is the one check of it, used before anything loads (``resume.check_checkpoint``) and again when
 Lightning hands the checkpoint to the module (``TrainingModule.on_load_checkpoint``, for code that
 calls ``trainer.fit(ckpt_path=...)`` directly).
 

@@ -33,13 +33,12 @@ from diffora_lab.data import TaskDataModule
 from diffora_lab.module import TrainingModule
 from diffora_lab.progress import PhaseProgressBar, progress_callbacks
 from diffora_lab.results import collect_results, summary_for_logger, summary_text
+from diffora_lab.resume import check_checkpoint, finished_run, resolve_checkpoint, say_skipped
 from diffora_lab.runfolder import (
     FolderState,
     RunFolderLock,
-    check_checkpoint,
     clear_outputs,
     divergence_message,
-    finished_run,
     global_rank,
     remove_stale_temporaries,
     write_hydra_files,
@@ -158,19 +157,6 @@ def prepare(cfg: DictConfig) -> Prepared:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return Prepared(spec, tokenizer, candidates)
-
-
-def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path, restart: bool = False) -> str | None:
-    ckpt = cfg.get("ckpt_path")
-    if not ckpt:
-        return None
-    if ckpt == "last":
-        last = ckpt_dir / "last.ckpt"
-        if last.is_file() and not restart:
-            return str(last)
-        log.info("ckpt_path=last: no checkpoint in %s to resume, starting fresh", ckpt_dir)
-        return None
-    return str(ckpt)
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Trainer:
@@ -308,7 +294,7 @@ def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
         done = finished_run(output_dir, cfg)
         if done is not None:
             return Checked(prepared, None, None, 0, finished=done)
-        ckpt_path = _resolve_ckpt(cfg, output_dir / "checkpoints", restart)
+        ckpt_path = resolve_checkpoint(cfg, output_dir / "checkpoints", restart)
         start_step = check_checkpoint(ckpt_path, cfg) if ckpt_path else 0
     except ValueError as error:
         raise ConfigError(str(error)) from error
@@ -346,7 +332,7 @@ def run(
         raise ConfigError(str(error)) from error
     if checked.finished is not None:
         lock.release()
-        return _already_finished(checked.finished, output_dir)
+        return say_skipped(checked.finished, output_dir)
     try:
         if global_rank() == 0:
             if checked.restart:
@@ -356,16 +342,6 @@ def run(
         return _fit_and_report(cfg, output_dir, checked, started)
     finally:
         lock.release()
-
-
-def _already_finished(results: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    metric = results.get("primary_metric")
-    value = (results.get("metrics") or {}).get(metric)
-    print(
-        f"diffora_lab: {output_dir} holds this run, finished ({metric} {value}); skipped, nothing "
-        "written (overwrite=true runs it again)."
-    )
-    return results
 
 
 def _fit_and_report(
