@@ -100,6 +100,34 @@ def mask_file(edit: Callable[[dict], object]) -> Callable:
     return make
 
 
+def edited(**changes) -> Callable[[dict], dict]:
+    def edit(mask: dict) -> dict:
+        mask.update(changes)
+        return mask
+
+    return edit
+
+
+def keep_all(mask: dict) -> dict:
+    return {**mask, "kept": [True] * len(mask["kept"]), "k": len(mask["kept"])}
+
+
+def nan_gate(mask: dict) -> str:
+    return json.dumps({**mask, "gates": [float("nan"), *mask["gates"][1:]]})  # NaN, as json writes
+
+
+def kept_as_numbers(mask: dict) -> dict:
+    return {**mask, "kept": [int(flag) for flag in mask["kept"]]}
+
+
+def sst2_raw(train: bytes) -> Callable:
+    def make(ctx: Context) -> None:
+        write_sst2(ctx.data)
+        (ctx.data / "SST-2" / "train.tsv").write_bytes(train)
+
+    return make
+
+
 def drop_one(mask: dict) -> dict:
     mask["kept"] = mask["kept"][:-1]
     return mask
@@ -176,7 +204,18 @@ SITUATIONS: dict[str, Callable] = {
     "SST-2 train.tsv with a non-UTF-8 byte on line 3": sst2_with(3, b"caf\xe9 au lait\t1"),
     "SST-2 train.tsv with label `2` on line 4": sst2_with(4, b"a fine film\t2"),
     "CoLA train.tsv with a header line": cola_with_header,
+    "SST-2 train.tsv with one example": sst2_raw(b"sentence\tlabel\na fine film\t1\n"),
+    "SST-2 train.tsv with CR-only line endings": sst2_raw(
+        b"\r".join([b"sentence\tlabel", *("\t".join(r).encode() for r in sst2_rows())]) + b"\r"
+    ),
     "an empty mask file": mask_file(lambda mask: ""),
+    "a mask with budget 0.9 that keeps 6 of 12": mask_file(edited(budget=0.9)),
+    "a mask that keeps 12 of 12 at budget 0.5": mask_file(keep_all),
+    "a mask with 5 `module_types` for 6 columns": mask_file(
+        lambda mask: {**mask, "module_types": mask["module_types"][:5]}
+    ),
+    "a mask with a NaN gate": mask_file(nan_gate),
+    "a mask whose `kept` holds 1 and 0": mask_file(kept_as_numbers),
     "a mask with one `kept` entry missing": mask_file(drop_one),
     "a mask that keeps no module": mask_file(keep_none),
     "a checkpoint at step 6": checkpoint(lambda data: data),
@@ -273,6 +312,9 @@ def test_bad_input_is_refused_with_the_readme_message(row, tmp_path, stopped):
     SITUATIONS[row.situation](ctx)
     overrides = [ctx.substitute(o) for o in row.overrides]
     cfg = compose_config(["+experiment=smoke", *overrides], tmp_path)
+    for override in overrides:  # compose_config points data.cache_dir into tmp_path
+        if override.startswith("data.cache_dir="):
+            cfg.data.cache_dir = override.split("=", 1)[1]
     before = snapshot(ctx.run)
     try:
         with pytest.raises(ConfigError) as refused:

@@ -12,6 +12,9 @@ of:
 - an adapter folder (``adapter_config.json``) or a merged model folder (``config.json``): the
   config comes from the run folder around it, or is composed from ``--backbone`` and ``--task``.
 
+A run folder that has not finished (no ``results.json``) is refused: its checkpoint is not the
+run's result. ``--unfinished`` scores it anyway, with a note naming its step.
+
 ``--task`` and ``--data-dir`` override the run's task and GLUE folder (e.g. the same adapter on
 a local copy of GLUE).
 
@@ -62,7 +65,18 @@ def _run_config(run_dir: Path) -> DictConfig | None:
 
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
     if hydra_cfg.is_file():
-        return OmegaConf.load(hydra_cfg)
+        try:
+            cfg = OmegaConf.load(hydra_cfg)
+        except Exception as error:  # YAML errors come in several classes
+            cfg, why = None, f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        else:
+            why = "not a run's config"
+        if not isinstance(cfg, DictConfig) or "task" not in cfg or "backbone" not in cfg:
+            raise ValueError(
+                f"{hydra_cfg} is damaged ({why}); restore it, or delete it to use the config "
+                "stored in checkpoints/last.ckpt."
+            )
+        return cfg
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
         saved = read_checkpoint(ckpt)
@@ -123,6 +137,19 @@ def locate(path: str | Path, backbone: str | None = None, task: str | None = Non
     raise ValueError(f"{path}: the run has no adapter/, merged/ or checkpoints/last.ckpt.")
 
 
+def unfinished(source: Source, path: str | Path) -> str | None:
+    """What is unfinished about a run folder scored from its checkpoint (None: it finished)."""
+    from diffora_lab.checkpointing import STATE_KEY, read_checkpoint
+
+    if source.checkpoint is None or (source.checkpoint.parents[1] / "results.json").is_file():
+        return None
+    step = read_checkpoint(source.checkpoint, mmap=True).get(STATE_KEY, {}).get("step", "?")
+    return (
+        f"{path} has not finished (no results.json; its checkpoint is at step {step} of "
+        f"{source.cfg.train.max_steps})"
+    )
+
+
 def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> DictConfig:
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
@@ -178,6 +205,7 @@ def evaluate(
     data_dir: str | None = None,
     backbone: str | None = None,
     batch_size: int | None = None,
+    allow_unfinished: bool = False,
 ) -> dict[str, float]:
     """Dev metrics of the model at PATH, keyed as in training (``val/accuracy``, ...).
 
@@ -188,6 +216,8 @@ def evaluate(
         backbone: Backbone name, for a folder outside any run.
         batch_size: Dev batch size (default: the run's ``train.eval_batch_size``, which is what
             reproduces ``results.json`` bit for bit).
+        allow_unfinished: Score a run folder that has not finished (its checkpoint as it is;
+            a note says so). Without it such a folder is refused.
     """
     from diffora_lab.config import optim_settings, search_settings
     from diffora_lab.data import TaskDataModule
@@ -196,6 +226,14 @@ def evaluate(
     from diffora_lab.train import build_trainer, prepare
 
     source = locate(path, backbone=backbone, task=task)
+    partial = unfinished(source, path)
+    if partial and not allow_unfinished:
+        raise ValueError(
+            f"{partial}: finish it with python -m diffora_lab hydra.run.dir={path}, or pass "
+            "--unfinished to score the checkpoint as it is."
+        )
+    if partial:
+        print(f"note: {partial}; scoring the checkpoint as it is.", file=sys.stderr)
     cfg = _with_overrides(source.cfg, task, data_dir)
     prepared = prepare(cfg)
     spec = prepared.spec
@@ -238,6 +276,16 @@ def evaluate(
     return dict(module.last_val)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number >= 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m diffora_lab.evaluate PATH [--task T] [--data-dir D] ...``"""
     parser = argparse.ArgumentParser(
@@ -248,9 +296,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--task", help="task name (conf/task/); default: the run's")
     parser.add_argument("--data-dir", help="GLUE folder in the original TSV layout")
     parser.add_argument("--backbone", help="backbone name (conf/backbone/) outside a run folder")
-    parser.add_argument("--batch-size", type=int, help="dev batch size; default: the run's")
+    parser.add_argument("--batch-size", type=_positive, help="dev batch size; default: the run's")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
+    parser.add_argument(
+        "--unfinished", action="store_true", help="score a run that has not finished (labelled)"
+    )
     args = parser.parse_args(argv)
+    if args.json and not Path(args.json).expanduser().parent.is_dir():
+        parser.error(f"--json {args.json}: no folder {Path(args.json).parent}; create it first.")
+    if args.json and Path(args.json).expanduser().is_dir():
+        parser.error(f"--json {args.json} is a folder; give a file name.")
 
     from diffora_lab.runtime import quiet_libraries
     from diffora_lab.train import ConfigError
@@ -263,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             backbone=args.backbone,
             batch_size=args.batch_size,
+            allow_unfinished=args.unfinished,
         )
     except (ConfigError, ValueError) as error:
         print(f"diffora_lab.evaluate: error: {error}", file=sys.stderr)

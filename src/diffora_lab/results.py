@@ -30,7 +30,8 @@ def collect_results(
         "method": cfg.method.name,
         "preset": cfg.method.get("preset"),
         "backbone": cfg.backbone.name,
-        "budget": float(cfg.budget),
+        # Only module-selecting methods have one: others record none (reports group them as one).
+        "budget": float(cfg.budget) if module.method.uses_budget else None,
         "rank": int(cfg.rank),
         "seed": int(cfg.seed),
         "params_trainable": params["total"],
@@ -143,6 +144,8 @@ def summary_text(results: dict[str, Any], output_dir: Path) -> str:
         )
     for key, value in results["metrics"].items():
         lines.append(f"  final {key:<14}{value:.4f}")
+    for warning in results.get("warnings") or []:
+        lines.append(f"  warning             {warning}")
     written = ["results.json", "checkpoints/last.ckpt"]
     for name in ("dam/mask.json", "dam/heatmaps/", "adapter/", "merged/"):
         if (output_dir / name).exists():

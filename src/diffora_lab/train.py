@@ -7,11 +7,12 @@ fitted, scored, exported and summarised.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ from diffora_lab.adapters import export_merged
 from diffora_lab.backbones import Candidate
 from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
 from diffora_lab.checkpointing import UnsafeFile
-from diffora_lab.config import optim_settings, search_settings, validate
+from diffora_lab.config import check_against_backbone, optim_settings, search_settings, validate
 from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import TaskDataModule
+from diffora_lab.input_files import check_mask_values, check_train_data, check_writable
 from diffora_lab.module import TrainingModule
 from diffora_lab.progress import PhaseProgressBar, progress_callbacks
 from diffora_lab.results import collect_results, summary_for_logger, summary_text
@@ -43,19 +45,13 @@ from diffora_lab.runfolder import (
     remove_stale_temporaries,
     write_hydra_files,
 )
+from diffora_lab.runtime import WRITE_ERRORS, write_error_message
 from diffora_lab.search_cache import open_entry
 from diffora_lab.speed import compile_layers
 from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
+from diffora_lab.trainer_args import check_trainer_args
 
 log = logging.getLogger(__name__)
-
-REFUSED_TRAINER_ARGS = {
-    "gradient_clip_val": "train.grad_clip",
-    "gradient_clip_algorithm": "train.grad_clip",
-    "accumulate_grad_batches": "train.accumulate",
-    "max_steps": "train.max_steps",
-    "max_epochs": "train.max_steps",
-}
 
 
 class ConfigError(ValueError):
@@ -78,7 +74,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(checkpoint, tmp)
+        try:
+            torch.save(checkpoint, tmp)
+        except RuntimeError as error:  # torch's zip writer hides the errno: a full disk, mostly
+            tmp.unlink(missing_ok=True)
+            failed = f"writing the checkpoint failed ({error})"
+            raise OSError(errno.EIO, failed, str(path)) from None
         os.replace(tmp, path)
 
 
@@ -91,26 +92,10 @@ class Prepared:
     candidates: list[Candidate]
 
 
-def _check_trainer_args(cfg: DictConfig) -> None:
-    for key, ours in REFUSED_TRAINER_ARGS.items():
-        if cfg.trainer.get(key) is not None:
-            raise ValueError(
-                f"trainer.{key}: manual optimization cannot honour it; use {ours} instead."
-            )
-    if cfg.dam.order == "second" and int(cfg.trainer.get("devices") or 1) > 1:
-        raise ValueError(
-            "dam.order=second: the unrolled architecture step runs on one device only; "
-            "use dam.order=first with trainer.devices>1."
-        )
-    if str(cfg.trainer.get("precision")) in ("16", "16-mixed"):
-        raise ValueError(
-            "trainer.precision=16-mixed: fp16 loss scaling is not supported with DiffoRA's two "
-            "optimizers; use bf16-mixed (GPU) or 32-true."
-        )
-
-
-def _meta_candidates(cfg: DictConfig, spec: TaskSpec, vocab_size: int) -> list[Candidate]:
-    """Candidate modules found on a weightless (meta-device) copy of the backbone."""
+def _meta_candidates(
+    cfg: DictConfig, spec: TaskSpec, vocab_size: int
+) -> tuple[list[Candidate], int | None]:
+    """Candidate modules and the positions of a weightless (meta-device) copy of the backbone."""
     import transformers
 
     bcfg = cfg.backbone
@@ -123,7 +108,24 @@ def _meta_candidates(cfg: DictConfig, spec: TaskSpec, vocab_size: int) -> list[C
         )
         with torch.device("meta"):
             model = transformers.AutoModelForSequenceClassification.from_config(config)
-    return backbones.find_candidates(model, str(bcfg.layer_pattern), dict(bcfg.module_types))
+    candidates = backbones.find_candidates(model, str(bcfg.layer_pattern), dict(bcfg.module_types))
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return candidates, positions
+
+
+def _check_folders(cfg: DictConfig) -> None:
+    check_writable("data.cache_dir", cfg.data.cache_dir)
+    if methods.method_for(cfg).search_enabled(cfg) and cfg.dam.reuse_search:
+        check_writable("dam.search_cache_dir", cfg.dam.search_cache_dir)
+
+
+def _check_mask_method(cfg: DictConfig) -> None:
+    if not methods.method_for(cfg).searches:  # it never reads a mask: refuse, not ignore
+        takes = [name for name in methods.method_names() if methods.get_method(name).searches]
+        raise ValueError(
+            f"dam.mask_path={str(cfg.dam.mask_path)!r}: method={cfg.method.name} does not read "
+            f"a mask; drop dam.mask_path, or fine-tune the mask with method={takes[0]}."
+        )
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -134,20 +136,24 @@ def prepare(cfg: DictConfig) -> Prepared:
     """
     try:
         validate(cfg)
-        _check_trainer_args(cfg)
+        check_trainer_args(cfg)
         if cfg.backbone.get("name") is None:
             raise ValueError("backbone: no backbone selected; pass backbone=<name>.")
         spec = get_task(cfg.task.name)
         if spec.name != "synthetic" and not cfg.task.get("data_dir"):
             check_hub_dataset(spec)
         tokenizer = backbones.load_tokenizer(cfg.backbone)
-        candidates = _meta_candidates(cfg, spec, len(tokenizer))
+        candidates, positions = _meta_candidates(cfg, spec, len(tokenizer))
         with open_dict(cfg):
             cfg.rank = methods.resolve_rank(cfg, candidates)  # match=lora_rN (matching.py)
+        check_against_backbone(cfg, positions, candidates)
         if methods.method_for(cfg).uses_budget:
             num_kept(float(cfg.budget), len(candidates))
+        _check_folders(cfg)
         if cfg.dam.get("mask_path"):
+            _check_mask_method(cfg)
             mask = Mask.load(cfg.dam.mask_path)
+            check_mask_values(cfg.dam.mask_path)
             methods.check_mask_fits(mask, candidates, cfg.backbone.name, str(cfg.dam.mask_path))
             if methods.method_for(cfg).searches and float(cfg.budget) != mask.budget:
                 # A fine-tuned mask is the run's budget: results, names and reports say so.
@@ -260,6 +266,7 @@ class Checked:
     start_step: int
     restart: bool = False  # overwrite=true on a finished folder: its outputs go first
     finished: dict[str, Any] | None = None  # this very run, finished already: its results
+    warnings: list[str] = field(default_factory=list)  # about the data, in the summary
 
 
 def _load_data(cfg: DictConfig, spec: TaskSpec) -> RawSplits:
@@ -299,7 +306,17 @@ def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     raw = _load_data(cfg, prepared.spec)
-    return Checked(prepared, raw, ckpt_path, start_step, restart=restart)
+    search = search_settings(cfg)
+    try:
+        split = float(cfg.dam.search_split) if search.enabled else 0.0
+        warnings = check_train_data(
+            raw.train, prepared.spec, int(cfg.train.batch_size), split, int(cfg.seed)
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    for warning in warnings:
+        log.warning("training data: %s", warning)
+    return Checked(prepared, raw, ckpt_path, start_step, restart=restart, warnings=warnings)
 
 
 def run(
@@ -324,11 +341,16 @@ def run(
     try:
         lock.acquire()
         checked = check_run(cfg, output_dir)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         lock.release()
         found.restore()
-        if isinstance(error, ConfigError):
+        if isinstance(error, ConfigError) or (
+            isinstance(error, OSError) and error.errno not in WRITE_ERRORS
+        ):
             raise
+        if isinstance(error, OSError):  # e.g. a read-only folder: nothing was written
+            message = write_error_message(error)
+            raise ConfigError(f"hydra.run.dir={str(output_dir)!r}: {message}") from None
         raise ConfigError(str(error)) from error
     if checked.finished is not None:
         lock.release()
@@ -441,6 +463,7 @@ def _fit_and_report(
         results["wall_seconds"] = round(clock.wall_seconds(), 2)
         results["fit_seconds"] = round(clock.fit_seconds(), 2)
         results["search"] = search_info
+        results["warnings"] = checked.warnings
         if trainer.is_global_zero:
             reference = backbones.model_reference(cfg.backbone)
             if module.method.export(module.model, output_dir / "adapter", reference) is not None:
