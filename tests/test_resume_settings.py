@@ -99,3 +99,50 @@ def test_an_interrupted_sweep_continues_when_run_again(tmp_path):
     assert (sweep / "0" / "results.json").read_bytes() == first  # not trained again
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
     assert [(r["budget"], r["steps"]) for r in results] == [(0.25, 80), (0.5, 80)]
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def csv_rows(out: Path) -> dict[tuple[int, tuple[str, ...]], dict[str, float]]:
+    """``{(step, metric names): values}`` of ``csv/metrics.csv`` (each row once)."""
+    import csv
+
+    rows: dict[tuple[int, tuple[str, ...]], dict[str, float]] = {}
+    with (out / "csv" / "metrics.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            values = {k: float(v) for k, v in row.items() if v and k not in ("step", "epoch")}
+            key = (int(row["step"]), tuple(sorted(values)))
+            assert key not in rows, f"row {key} twice"
+            rows[key] = values
+    return rows
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(compose_config(["+experiment=smoke"], out), out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "stop_at", [11, 20, 21], ids=["off-the-log-schedule", "at-the-cut", "right-after-the-cut"]
+)
+def test_a_stopped_and_resumed_run_records_what_an_uninterrupted_one_does(
+    uninterrupted, tmp_path, stop_at
+):
+    """The discretization's row (gap, kept, dev before/after) survives a stop at or right after
+    the cut; a stop adds no train or dev row the schedule lacks; the search's metrics are not
+    repeated after it ends."""
+    cfg = compose_config(["+experiment=smoke", f"train.stop_after={stop_at}"], tmp_path)
+    stopped = run(cfg, tmp_path)
+    assert stopped["stopped_at"] == stop_at
+    run(compose_config(["+experiment=smoke"], tmp_path), tmp_path)
+    mine, reference = csv_rows(tmp_path), csv_rows(uninterrupted)
+    assert sorted(mine) == sorted(reference)
+    for key, values in reference.items():
+        assert mine[key] == pytest.approx(values, abs=1e-5), key
+    cut = [key for key in reference if "dam/val_before" in key[1]]
+    assert [step for step, _ in cut] == [20]
+    after = [names for step, names in reference if step > 20]
+    assert after and not any(n.startswith(("search/", "dam/")) for names in after for n in names)

@@ -105,7 +105,9 @@ def test_history_survives_a_kill_and_resume(reference, tmp_path):
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     at_ten = tmp_path / "at_ten.ckpt"
     shutil.copyfile(ckpt, at_ten)
-    smoke(tmp_path, "train.stop_after=14")
+    # Rows after the step-10 checkpoint: a stop logs none of its own (issue 23), so this
+    # segment logs every 2 steps (a setting a resume may change).
+    smoke(tmp_path, "train.stop_after=14", "train.log_every=2")
     assert max(int(r["step"]) for r in csv_rows(tmp_path)) >= 13
     shutil.copyfile(at_ten, ckpt)
     stale = tmp_path / "checkpoints" / f".last.ckpt.{dead_pid()}.tmp"

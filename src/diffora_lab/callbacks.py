@@ -46,12 +46,18 @@ class Discretization(pl.Callback):
         self.output_dir = Path(output_dir)
         self.backbone = backbone
         self.search_cache = search_cache
+        self._forget = False
 
     def on_train_start(self, trainer, module) -> None:
         # A run resumed from a search snapshot (or stopped right at the end of the search)
         # discretizes before its first fine-tuning step.
         if module.search_finished:
             self.discretize(trainer, module)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self._forget:
+            _forget_search_metrics(trainer)
+            self._forget = False
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if module.searching and module.search.progressive:
@@ -95,6 +101,7 @@ class Discretization(pl.Callback):
         # Ranks hold identical gates, but the mask must be identical bit for bit: rank 0 decides.
         mask = trainer.strategy.broadcast(mask, src=0)
         module.discretize(mask, gates)
+        self._forget = True  # after this step's row is logged: it holds its search metrics
         val_after = module.evaluate()
         metrics = module.record_discretization(val_before, val_after)
         for logger in trainer.loggers:  # direct: this may run in on_train_start
@@ -112,19 +119,48 @@ class Discretization(pl.Callback):
         return mask
 
 
+def stop_here(trainer: pl.Trainer) -> None:
+    """Ends training after the current step as if ``max_steps`` were reached there.
+
+    ``trainer.should_stop`` would also log a train row and run a dev evaluation the schedule does
+    not have (Lightning does both on a requested stop): the records of a stopped and resumed run
+    would hold rows an uninterrupted one lacks.
+    """
+    trainer.fit_loop.epoch_loop.max_steps = trainer.global_step
+
+
+def _forget_search_metrics(trainer: pl.Trainer) -> None:
+    """Drops the search's metrics from Lightning's step results once the search has ended.
+
+    Lightning logs every metric of the epoch's results at each log step until the metric is
+    logged again; without this, ``search/loss``, ``dam/mean`` ... would repeat the search's last
+    values at every fine-tuning log step (and only in an uninterrupted run: a resumed one starts
+    a fresh collection). Lightning 2.6 keeps them in the epoch loop's ``_results``.
+    """
+    results = getattr(trainer.fit_loop.epoch_loop, "_results", None) or {}
+    for key, metric in list(results.items()):
+        if key.rsplit(".", 1)[-1].startswith(("search/", "dam/")) or "search/" in key:
+            metric.reset()
+
+
 class StopAfter(pl.Callback):
-    """Stops a run after ``step`` weight steps (its checkpoint is then resumable).
+    """Stops a run after ``step`` weight steps, saving ``checkpoint`` to resume from.
 
     For time-limited slots: a run split over several jobs with ``ckpt_path=last`` ends exactly
-    as one uninterrupted run.
+    as one uninterrupted run, records included. The checkpoint is written here, at the end of
+    the step (after the discretization when the step ends the search: keep this callback after
+    :class:`Discretization`), where Lightning's own checkpoints are written: its loop counters
+    resume from there without an off-by-one in the logged steps.
     """
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, checkpoint: str | Path) -> None:
         self.step = int(step)
+        self.checkpoint = Path(checkpoint)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if module.step >= self.step:
-            trainer.should_stop = True
+            trainer.save_checkpoint(str(self.checkpoint))
+            stop_here(trainer)
 
 
 class Preemption(pl.Callback):
@@ -191,7 +227,7 @@ class Preemption(pl.Callback):
         if self.signalled or trainer.received_sigterm:
             self.stopped_by = self.stop_signal()
             trainer.save_checkpoint(str(self.checkpoint))
-            trainer.should_stop = True
+            stop_here(trainer)
             log.warning("signal received: saved %s at step %d", self.checkpoint, module.step)
 
 

@@ -80,8 +80,12 @@ def setting_differences(
     return differences
 
 
-def check_checkpoint(path: str, cfg: DictConfig) -> int:
-    """Checks a checkpoint to resume before anything loads; returns its step.
+def check_checkpoint(path: str, cfg: DictConfig) -> tuple[int, int | None]:
+    """Checks a checkpoint to resume before anything loads.
+
+    Returns:
+        Its step, and the step of the discretization it holds (None: still searching, or no
+        search).
 
     Raises:
         ValueError: A damaged file, one written with other settings, or one past
@@ -130,7 +134,7 @@ def check_checkpoint(path: str, cfg: DictConfig) -> int:
             f"({path}, step {step}); raise train.max_steps to at least {step}, or start a new "
             "run folder."
         )
-    return step
+    return step, (state.get("discretization") or {}).get("step")
 
 
 def finished_run(folder: Path, cfg: DictConfig) -> dict[str, Any] | None:

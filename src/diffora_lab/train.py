@@ -264,6 +264,7 @@ class Checked:
     raw: RawSplits | None
     ckpt_path: str | None
     start_step: int
+    cut_step: int | None  # the discretization the checkpoint holds (its record row is kept)
     restart: bool = False  # overwrite=true on a finished folder: its outputs go first
     finished: dict[str, Any] | None = None  # this very run, finished already: its results
     warnings: list[str] = field(default_factory=list)  # about the data, in the summary
@@ -300,9 +301,9 @@ def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
     try:
         done = finished_run(output_dir, cfg)
         if done is not None:
-            return Checked(prepared, None, None, 0, finished=done)
+            return Checked(prepared, None, None, 0, None, finished=done)
         ckpt_path = resolve_checkpoint(cfg, output_dir / "checkpoints", restart)
-        start_step = check_checkpoint(ckpt_path, cfg) if ckpt_path else 0
+        start_step, cut_step = check_checkpoint(ckpt_path, cfg) if ckpt_path else (0, None)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     raw = _load_data(cfg, prepared.spec)
@@ -316,7 +317,9 @@ def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
         raise ConfigError(str(error)) from error
     for warning in warnings:
         log.warning("training data: %s", warning)
-    return Checked(prepared, raw, ckpt_path, start_step, restart=restart, warnings=warnings)
+    return Checked(
+        prepared, raw, ckpt_path, start_step, cut_step, restart=restart, warnings=warnings
+    )
 
 
 def run(
@@ -403,7 +406,8 @@ def _fit_and_report(
     if ckpt_path and not search_info["reused"] and run_id_file.is_file():
         resume_id = run_id_file.read_text().strip()
     start_step = search.steps if search_info["reused"] else checked.start_step
-    logger = tracking.build_logger(cfg, output_dir, resume_id, start_step)
+    cut_kept = not search_info["reused"] and checked.cut_step == start_step
+    logger = tracking.build_logger(cfg, output_dir, resume_id, start_step, cut_kept)
     failed = True
     try:
         run_id = tracking.wandb_run_id(logger)
@@ -426,13 +430,13 @@ def _fit_and_report(
                 float(cfg.train.get("progress_every", 30)),
             ),
         ]
-        if cfg.train.get("stop_after"):
-            callbacks.append(StopAfter(int(cfg.train.stop_after)))
         if search.enabled:
             callbacks += [
                 Discretization(output_dir, cfg.backbone.name, entry),
                 DAMMonitor(output_dir, int(cfg.dam.log_every)),
             ]
+        if cfg.train.get("stop_after"):  # last: its checkpoint holds all that its step did
+            callbacks.append(StopAfter(int(cfg.train.stop_after), ckpt_dir / "last.ckpt"))
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -441,7 +445,8 @@ def _fit_and_report(
         except FloatingPointError as error:
             raise FloatingPointError(divergence_message(error, ckpt_dir, optim.grad_clip)) from None
         else:
-            trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
+            if module.step >= optim.max_steps:  # a stop saved its own, at the end of its step
+                trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
         if module.step < optim.max_steps:
             failed = False
             print(
