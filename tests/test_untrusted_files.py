@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import compose_config, run_cli
 
-from diffora_lab.checkpointing import UnsafeFile, read_checkpoint
-from diffora_lab.train import AtomicCheckpointIO, run
+from diffora_lab.checkpointing import AtomicCheckpointIO, UnsafeFile, read_checkpoint
+from diffora_lab.train import run
 
 SAFELY = "is not a checkpoint this version of diffora_lab can read safely"
 

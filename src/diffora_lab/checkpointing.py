@@ -20,13 +20,17 @@ values (the RNG states too, ``rng.py``), so nothing needs an allow-list.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import pickle
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 # Tensors whose names contain these are created by the adapter or the DAM, not loaded from the
@@ -218,3 +222,26 @@ def fill(
         )
     for key in missing:
         state[key] = current[key]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file, then renames it: a kill never truncates one.
+
+    Reads with ``weights_only=True`` whatever the caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    asks: a checkpoint is data, never code (``checkpointing.read_checkpoint``).
+    """
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return read_checkpoint(path)
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(checkpoint, tmp)
+        except RuntimeError as error:  # torch's zip writer hides the errno: a full disk, mostly
+            tmp.unlink(missing_ok=True)
+            failed = f"writing the checkpoint failed ({error})"
+            raise OSError(errno.EIO, failed, str(path)) from None
+        os.replace(tmp, path)

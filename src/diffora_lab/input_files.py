@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 UNEDITED = "use an unedited dam/mask.json"
 
 
@@ -117,3 +119,24 @@ def check_train_data(
     if empty:
         warnings.append(f"{empty} of {n} train examples have empty text")
     return warnings
+
+
+def check_folders(cfg: DictConfig) -> None:
+    """The cache folders a run writes: ``data.cache_dir``, and the search cache when used."""
+    from diffora_lab import methods
+
+    check_writable("data.cache_dir", cfg.data.cache_dir)
+    if methods.method_for(cfg).search_enabled(cfg) and cfg.dam.reuse_search:
+        check_writable("dam.search_cache_dir", cfg.dam.search_cache_dir)
+
+
+def check_mask_method(cfg: DictConfig) -> None:
+    """Refuses ``dam.mask_path`` for a method that would ignore it."""
+    from diffora_lab import methods
+
+    if not methods.method_for(cfg).searches:  # it never reads a mask: refuse, not ignore
+        takes = [name for name in methods.method_names() if methods.get_method(name).searches]
+        raise ValueError(
+            f"dam.mask_path={str(cfg.dam.mask_path)!r}: method={cfg.method.name} does not read "
+            f"a mask; drop dam.mask_path, or fine-tune the mask with method={takes[0]}."
+        )

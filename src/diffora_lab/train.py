@@ -7,10 +7,8 @@ fitted, scored, exported and summarised.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,21 +17,25 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffora_lab import backbones, methods, tracking
 from diffora_lab.adapters import export_merged
 from diffora_lab.backbones import Candidate
-from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
+from diffora_lab.callbacks import DAMMonitor, Discretization, RunClock
 from diffora_lab.checkpointing import UnsafeFile
 from diffora_lab.config import check_against_backbone, optim_settings, search_settings, validate
 from diffora_lab.dam import Mask, num_kept
 from diffora_lab.data import TaskDataModule
-from diffora_lab.input_files import check_mask_values, check_train_data, check_writable
+from diffora_lab.input_files import (
+    check_folders,
+    check_mask_method,
+    check_mask_values,
+    check_train_data,
+)
 from diffora_lab.module import TrainingModule
-from diffora_lab.progress import PhaseProgressBar, progress_callbacks
+from diffora_lab.progress import progress_callbacks
 from diffora_lab.results import collect_results, summary_for_logger, summary_text
 from diffora_lab.resume import check_checkpoint, finished_run, resolve_checkpoint, say_skipped
 from diffora_lab.runfolder import (
@@ -48,39 +50,15 @@ from diffora_lab.runfolder import (
 from diffora_lab.runtime import WRITE_ERRORS, write_error_message
 from diffora_lab.search_cache import open_entry
 from diffora_lab.speed import compile_layers
+from diffora_lab.stopping import Preemption, StopAfter
 from diffora_lab.tasks import RawSplits, TaskSpec, check_hub_dataset, get_task, load_raw
-from diffora_lab.trainer_args import check_trainer_args
+from diffora_lab.trainer_args import build_trainer, check_trainer_args
 
 log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A setting the user can fix; the CLI prints it without a traceback and exits with 2."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file, then renames it: a kill never truncates one.
-
-    Reads with ``weights_only=True`` whatever the caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
-    asks: a checkpoint is data, never code (``checkpointing.read_checkpoint``).
-    """
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        from diffora_lab.checkpointing import read_checkpoint
-
-        return read_checkpoint(path)
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(checkpoint, tmp)
-        except RuntimeError as error:  # torch's zip writer hides the errno: a full disk, mostly
-            tmp.unlink(missing_ok=True)
-            failed = f"writing the checkpoint failed ({error})"
-            raise OSError(errno.EIO, failed, str(path)) from None
-        os.replace(tmp, path)
 
 
 @dataclass
@@ -113,21 +91,6 @@ def _meta_candidates(
     return candidates, positions
 
 
-def _check_folders(cfg: DictConfig) -> None:
-    check_writable("data.cache_dir", cfg.data.cache_dir)
-    if methods.method_for(cfg).search_enabled(cfg) and cfg.dam.reuse_search:
-        check_writable("dam.search_cache_dir", cfg.dam.search_cache_dir)
-
-
-def _check_mask_method(cfg: DictConfig) -> None:
-    if not methods.method_for(cfg).searches:  # it never reads a mask: refuse, not ignore
-        takes = [name for name in methods.method_names() if methods.get_method(name).searches]
-        raise ValueError(
-            f"dam.mask_path={str(cfg.dam.mask_path)!r}: method={cfg.method.name} does not read "
-            f"a mask; drop dam.mask_path, or fine-tune the mask with method={takes[0]}."
-        )
-
-
 def prepare(cfg: DictConfig) -> Prepared:
     """All user-input checks, before any weights or data load.
 
@@ -149,9 +112,9 @@ def prepare(cfg: DictConfig) -> Prepared:
         check_against_backbone(cfg, positions, candidates)
         if methods.method_for(cfg).uses_budget:
             num_kept(float(cfg.budget), len(candidates))
-        _check_folders(cfg)
+        check_folders(cfg)
         if cfg.dam.get("mask_path"):
-            _check_mask_method(cfg)
+            check_mask_method(cfg)
             mask = Mask.load(cfg.dam.mask_path)
             check_mask_values(cfg.dam.mask_path)
             methods.check_mask_fits(mask, candidates, cfg.backbone.name, str(cfg.dam.mask_path))
@@ -163,33 +126,6 @@ def prepare(cfg: DictConfig) -> Prepared:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return Prepared(spec, tokenizer, candidates)
-
-
-def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Trainer:
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_args.get("precision") in (None, "auto"):
-        trainer_args["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    if trainer_args.get("strategy") == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        # The weight step leaves the gate logits unused and the architecture step the head:
-        # DDP must look for unused parameters.
-        trainer_args["strategy"] = DDPStrategy(find_unused_parameters=True)
-    # Lightning adds its own bar when enabled; ours (or log lines off a terminal) is in callbacks.
-    trainer_args["enable_progress_bar"] = any(isinstance(c, PhaseProgressBar) for c in callbacks)
-    return pl.Trainer(
-        max_steps=int(cfg.train.max_steps),
-        val_check_interval=int(cfg.train.val_every),
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        log_every_n_steps=int(cfg.train.log_every),
-        logger=logger,
-        callbacks=callbacks,
-        default_root_dir=str(output_dir),
-        plugins=[AtomicCheckpointIO()],
-        use_distributed_sampler=False,  # our samplers shard by rank themselves (data.py)
-        **trainer_args,
-    )
 
 
 @dataclass

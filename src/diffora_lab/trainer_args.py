@@ -1,4 +1,4 @@
-"""The Lightning Trainer settings (``trainer.*``) the harness supports, checked before it runs.
+"""The Lightning Trainer: the ``trainer.*`` settings the harness supports, and the Trainer built.
 
 ``trainer.*`` is passed to ``lightning.Trainer``, but the harness sets the loop itself (steps,
 evaluation and log cadence, checkpoints, manual optimization with two optimizers), so only the
@@ -11,6 +11,7 @@ the device count against this machine.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,6 +42,7 @@ SET_BY_HARNESS = {
     "check_val_every_n_epoch": "train.val_every",
     "log_every_n_steps": "train.log_every",
     "default_root_dir": "hydra.run.dir",
+    "enable_checkpointing": "train.ckpt_every",  # checkpoints/last.ckpt is how a run resumes
 }
 PRECISIONS = ("auto", "32", "32-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -139,3 +141,37 @@ def check_devices(cfg: DictConfig) -> None:
             f"this machine has {count} {kind} for trainer.accelerator={accelerator}; use "
             f"trainer.devices<={count} (or trainer.devices=auto).",
         )
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks):
+    """The ``lightning.Trainer`` of a run: ``trainer.*`` plus the loop the harness sets."""
+    import lightning.pytorch as pl
+    import torch
+
+    from diffora_lab.checkpointing import AtomicCheckpointIO
+    from diffora_lab.progress import PhaseProgressBar
+
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_args.get("precision") in (None, "auto"):
+        trainer_args["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    if trainer_args.get("strategy") == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # The weight step leaves the gate logits unused and the architecture step the head:
+        # DDP must look for unused parameters.
+        trainer_args["strategy"] = DDPStrategy(find_unused_parameters=True)
+    # Lightning adds its own bar when enabled; ours (or log lines off a terminal) is in callbacks.
+    trainer_args["enable_progress_bar"] = any(isinstance(c, PhaseProgressBar) for c in callbacks)
+    return pl.Trainer(
+        max_steps=int(cfg.train.max_steps),
+        val_check_interval=int(cfg.train.val_every),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=int(cfg.train.log_every),
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # our samplers shard by rank themselves (data.py)
+        **trainer_args,
+    )
