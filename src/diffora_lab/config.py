@@ -157,14 +157,32 @@ def _non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
     return None
 
 
+def _check_finite(cfg: DictConfig) -> None:
+    """Every number, wherever it is read: NaN passes every range check (nan > 0 is false)."""
+    found = _non_finite(OmegaConf.to_container(cfg, resolve=True))
+    if found:
+        _fail(found[0], found[1], "must be a finite number.")
+
+
+def _check_adapter_settings(cfg: DictConfig) -> None:
+    """``method.scaling``, ``.scale`` and ``.lora_dropout`` of the LoRA-family methods."""
+    if cfg.method.get("scaling") is not None:
+        from diffora_lab.adapters import SCALINGS
+
+        if cfg.method.scaling not in SCALINGS:
+            _fail("method.scaling", cfg.method.scaling, f"choose one of {list(SCALINGS)}.")
+        if _number(cfg, "method.scale", float) <= 0:
+            _fail("method.scale", cfg.method.scale, "the LoRA update scale s must be > 0.")
+    if cfg.method.get("lora_dropout") is not None:
+        if not 0.0 <= _number(cfg, "method.lora_dropout", float) < 1.0:
+            _fail("method.lora_dropout", cfg.method.lora_dropout, "a probability in [0, 1).")
+
+
 def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     """Checks the composed config; raises ``ValueError`` naming the setting and the fix."""
     from diffora_lab.tasks import TASKS, check_data_dir
 
-    # Every float, wherever it is read: NaN passes every range check (nan > 0 is false).
-    found = _non_finite(OmegaConf.to_container(cfg, resolve=True))
-    if found:
-        _fail(found[0], found[1], "must be a finite number.")
+    _check_finite(cfg)
     _number(cfg, "budget", float)
     rank = _number(cfg, "rank", int)
     if rank < 1:
@@ -209,16 +227,7 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             )
     else:
         search_settings(cfg)  # the budget, for every method
-    if cfg.method.get("scaling") is not None:
-        from diffora_lab.adapters import SCALINGS
-
-        if cfg.method.scaling not in SCALINGS:
-            _fail("method.scaling", cfg.method.scaling, f"choose one of {list(SCALINGS)}.")
-        if _number(cfg, "method.scale", float) <= 0:
-            _fail("method.scale", cfg.method.scale, "the LoRA update scale s must be > 0.")
-    if cfg.method.get("lora_dropout") is not None:
-        if not 0.0 <= _number(cfg, "method.lora_dropout", float) < 1.0:
-            _fail("method.lora_dropout", cfg.method.lora_dropout, "a probability in [0, 1).")
+    _check_adapter_settings(cfg)
     # --- baselines/export: parameter matching (matching.py) and AdaLoRA (adalora.py) --------
     match = cfg.get("match")
     if match is not None and match.get("target_rank") is not None:

@@ -137,17 +137,28 @@ def locate(path: str | Path, backbone: str | None = None, task: str | None = Non
     raise ValueError(f"{path}: the run has no adapter/, merged/ or checkpoints/last.ckpt.")
 
 
-def unfinished(source: Source, path: str | Path) -> str | None:
-    """What is unfinished about a run folder scored from its checkpoint (None: it finished)."""
+def check_finished(source: Source, path: str | Path, allow_unfinished: bool = False) -> None:
+    """Refuses a run folder that has not finished (scored from its checkpoint, no results.json);
+    with ``allow_unfinished`` prints a note naming its step instead.
+
+    Raises:
+        ValueError: Naming the step and how to finish the run or score it anyway.
+    """
     from diffora_lab.checkpointing import STATE_KEY, read_checkpoint
 
     if source.checkpoint is None or (source.checkpoint.parents[1] / "results.json").is_file():
-        return None
+        return
     step = read_checkpoint(source.checkpoint, mmap=True).get(STATE_KEY, {}).get("step", "?")
-    return (
+    partial = (
         f"{path} has not finished (no results.json; its checkpoint is at step {step} of "
         f"{source.cfg.train.max_steps})"
     )
+    if not allow_unfinished:
+        raise ValueError(
+            f"{partial}: finish it with python -m diffora_lab hydra.run.dir={path}, or pass "
+            "--unfinished to score the checkpoint as it is."
+        )
+    print(f"note: {partial}; scoring the checkpoint as it is.", file=sys.stderr)
 
 
 def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> DictConfig:
@@ -226,14 +237,7 @@ def evaluate(
     from diffora_lab.train import build_trainer, prepare
 
     source = locate(path, backbone=backbone, task=task)
-    partial = unfinished(source, path)
-    if partial and not allow_unfinished:
-        raise ValueError(
-            f"{partial}: finish it with python -m diffora_lab hydra.run.dir={path}, or pass "
-            "--unfinished to score the checkpoint as it is."
-        )
-    if partial:
-        print(f"note: {partial}; scoring the checkpoint as it is.", file=sys.stderr)
+    check_finished(source, path, allow_unfinished)
     cfg = _with_overrides(source.cfg, task, data_dir)
     prepared = prepare(cfg)
     spec = prepared.spec
