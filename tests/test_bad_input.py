@@ -8,13 +8,15 @@ folder (the folder is compared byte for byte before and after). The CLI's side (
 traceback) is covered by ``test_cli_refusals_exit_2_without_traceback_and_leave_the_folder``.
 
 Placeholders in the table: ``RUN`` the run folder, ``DIR`` the data folder, ``MASK`` the mask
-file, ``PID``/``HOST`` the process holding the folder, ``…`` any text (e.g. a machine's core count).
+file, ``PID``/``HOST`` the process holding the folder, ``CKPT`` another run's checkpoint, ``…``
+any text (e.g. a machine's core count).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import socket
@@ -98,6 +100,34 @@ def mask_file(edit: Callable[[dict], object]) -> Callable:
     return make
 
 
+def edited(**changes) -> Callable[[dict], dict]:
+    def edit(mask: dict) -> dict:
+        mask.update(changes)
+        return mask
+
+    return edit
+
+
+def keep_all(mask: dict) -> dict:
+    return {**mask, "kept": [True] * len(mask["kept"]), "k": len(mask["kept"])}
+
+
+def nan_gate(mask: dict) -> str:
+    return json.dumps({**mask, "gates": [float("nan"), *mask["gates"][1:]]})  # NaN, as json writes
+
+
+def kept_as_numbers(mask: dict) -> dict:
+    return {**mask, "kept": [int(flag) for flag in mask["kept"]]}
+
+
+def sst2_raw(train: bytes) -> Callable:
+    def make(ctx: Context) -> None:
+        write_sst2(ctx.data)
+        (ctx.data / "SST-2" / "train.tsv").write_bytes(train)
+
+    return make
+
+
 def drop_one(mask: dict) -> dict:
     mask["kept"] = mask["kept"][:-1]
     return mask
@@ -124,7 +154,7 @@ def older_format(data: bytes) -> bytes:
     """The same checkpoint, its diffora_lab state marked as written in format 1."""
     import torch
 
-    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     saved["diffora_lab"]["format"] = 1
     buffer = io.BytesIO()
     torch.save(saved, buffer)
@@ -154,6 +184,34 @@ def boolq_with(broken: dict) -> Callable:
     return make
 
 
+class Planted:
+    """Unpickling this would call ``os.getcwd`` (a harmless stand-in for ``os.system``);
+    tests/test_untrusted_files.py proves such a file runs code when unpickled, and is refused."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def planted(data: bytes) -> bytes:
+    """The same checkpoint with an object planted among its entries."""
+    import torch
+
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    saved["callbacks"]["Planted"] = Planted()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    return buffer.getvalue()
+
+
+def finished_with_checkpoint(ctx: Context) -> None:
+    """The finished budget-0.5 run (8 steps) that wrote the mask, in the run folder."""
+    shutil.copytree(ctx.saved_mask.parents[1], ctx.run, ignore=shutil.ignore_patterns("cache"))
+
+
+def another_runs_checkpoint(ctx: Context) -> None:
+    shutil.copyfile(ctx.saved_mask.parents[1] / "checkpoints" / "last.ckpt", ctx.ckpt)
+
+
 def finished_folder(ctx: Context) -> None:
     ctx.run.mkdir(parents=True)
     (ctx.run / "results.json").write_text(json.dumps({"task": "synthetic", "steps": 40}))
@@ -169,7 +227,18 @@ SITUATIONS: dict[str, Callable] = {
     "SST-2 train.tsv with a non-UTF-8 byte on line 3": sst2_with(3, b"caf\xe9 au lait\t1"),
     "SST-2 train.tsv with label `2` on line 4": sst2_with(4, b"a fine film\t2"),
     "CoLA train.tsv with a header line": cola_with_header,
+    "SST-2 train.tsv with one example": sst2_raw(b"sentence\tlabel\na fine film\t1\n"),
+    "SST-2 train.tsv with CR-only line endings": sst2_raw(
+        b"\r".join([b"sentence\tlabel", *("\t".join(r).encode() for r in sst2_rows())]) + b"\r"
+    ),
     "an empty mask file": mask_file(lambda mask: ""),
+    "a mask with budget 0.9 that keeps 6 of 12": mask_file(edited(budget=0.9)),
+    "a mask that keeps 12 of 12 at budget 0.5": mask_file(keep_all),
+    "a mask with 5 `module_types` for 6 columns": mask_file(
+        lambda mask: {**mask, "module_types": mask["module_types"][:5]}
+    ),
+    "a mask with a NaN gate": mask_file(nan_gate),
+    "a mask whose `kept` holds 1 and 0": mask_file(kept_as_numbers),
     "a mask with one `kept` entry missing": mask_file(drop_one),
     "a mask that keeps no module": mask_file(keep_none),
     "a checkpoint at step 6": checkpoint(lambda data: data),
@@ -178,7 +247,11 @@ SITUATIONS: dict[str, Callable] = {
     "a checkpoint written by another version (format 1)": checkpoint(older_format),
     "a commonsense folder whose boolq test item 1 has no `answer`": boolq_with({"answer": None}),
     "a commonsense folder whose boolq test item 1 answers `maybe`": boolq_with({"answer": "maybe"}),
+    "a checkpoint that would run code when unpickled": checkpoint(planted),
+    "a mask file": mask_file(lambda mask: mask),
     "a finished run folder": finished_folder,
+    "a run folder finished at budget 0.5": finished_with_checkpoint,
+    "another run's finished checkpoint at CKPT": another_runs_checkpoint,
     "a run folder in use by another process": busy_folder,
 }
 
@@ -202,11 +275,16 @@ class Context:
     def mask(self) -> Path:
         return self.root / "mask.json"
 
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "finished.ckpt"
+
     def substitute(self, text: str) -> str:
         for name, value in (
             ("RUN", str(self.run)),
             ("DIR", str(self.data)),
             ("MASK", str(self.mask)),
+            ("CKPT", str(self.ckpt)),
             ("PID", str(__import__("os").getpid())),
             ("HOST", socket.gethostname()),
         ):
@@ -259,6 +337,9 @@ def test_bad_input_is_refused_with_the_readme_message(row, tmp_path, stopped):
     SITUATIONS[row.situation](ctx)
     overrides = [ctx.substitute(o) for o in row.overrides]
     cfg = compose_config(["+experiment=smoke", *overrides], tmp_path)
+    for override in overrides:  # compose_config points data.cache_dir into tmp_path
+        if override.startswith("data.cache_dir="):
+            cfg.data.cache_dir = override.split("=", 1)[1]
     before = snapshot(ctx.run)
     try:
         with pytest.raises(ConfigError) as refused:

@@ -166,7 +166,7 @@ def test_adapter_reloads_to_the_trained_model(diffora_run):
     loaded = PeftModel.from_pretrained(fresh_base(diffora_run.cfg), diffora_run.out / "adapter")
     torch.testing.assert_close(logits(loaded, inputs), expected, atol=1e-5, rtol=0)
     # ... and to the final checkpoint's weights.
-    state = torch.load(diffora_run.out / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(diffora_run.out / "checkpoints" / "last.ckpt", weights_only=True)
     weights = {
         k.removeprefix("model."): v
         for k, v in state["state_dict"].items()

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import compose_config
+from omegaconf import open_dict
 
 from diffora_lab.callbacks import Discretization
 from diffora_lab.data import TaskDataModule
@@ -89,6 +90,9 @@ def wire(cfg, module_cls=TrainingModule) -> Wired:
 
 
 def fit(wired: Wired, output_dir, callbacks) -> pl.Trainer:
+    # Not a user setting (refused by prepare: train.run always checkpoints): no files here.
+    with open_dict(wired.cfg):
+        wired.cfg.trainer.enable_checkpointing = False
     trainer = build_trainer(wired.cfg, output_dir, False, callbacks)
     trainer.fit(wired.module, datamodule=wired.datamodule)
     return trainer
@@ -115,7 +119,6 @@ def searched(request, tmp_path_factory):
             "train.val_every=3",  # validation runs in the middle of the search
             "dam.tau=2.0",
             "dam.tau_end=0.5",
-            "+trainer.enable_checkpointing=false",
         ],
         out,
     )
@@ -322,7 +325,6 @@ def test_discretization_preserves_each_kept_module_function(tmp_path, budget, se
             "train.max_steps=7",
             "dam.search_steps=6",
             "dam.warmup_steps=2",
-            "+trainer.enable_checkpointing=false",
         ],
         tmp_path,
     )
@@ -380,7 +382,6 @@ def merged(tmp_path_factory):
             "dam.search_steps=4",
             "dam.warmup_steps=2",
             "dam.merge_search_split=true",
-            "+trainer.enable_checkpointing=false",
         ],
         out,
     )

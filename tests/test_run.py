@@ -54,7 +54,7 @@ class Run:
         return json.loads((self.out / "results.json").read_text())
 
     def state(self) -> dict[str, torch.Tensor]:
-        ckpt = torch.load(self.out / "checkpoints" / "last.ckpt", weights_only=False)
+        ckpt = torch.load(self.out / "checkpoints" / "last.ckpt", weights_only=True)
         return ckpt["state_dict"]
 
     def gate_records(self) -> list[dict]:
@@ -191,7 +191,7 @@ def test_checkpoint_holds_what_training_changed_and_fingerprints_the_backbone(
     reference, fresh_backbone
 ):
     model, _ = fresh_backbone
-    checkpoint = torch.load(reference.out / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(reference.out / "checkpoints" / "last.ckpt", weights_only=True)
     state = checkpoint["state_dict"]
     # Only adapters, the head's trained copy and the DAM: no frozen backbone tensor.
     for key in state:
@@ -270,8 +270,12 @@ def test_resume_refuses_a_checkpoint_written_with_another_rank(reference, tmp_pa
 
 @pytest.mark.slow
 def test_resume_onto_another_backbone_exits_2_with_the_reason(reference, tmp_path):
-    # Same name, method, task and rank; only the frozen weights differ (another init seed).
-    ckpt = reference.out / "checkpoints" / "last.ckpt"
+    # Same settings, other frozen weights: the checkpoint's record is made to say init_seed=1
+    # (the settings check would name a changed seed first), so only the fingerprint differs.
+    ckpt = tmp_path / "seed1.ckpt"
+    saved = torch.load(reference.out / "checkpoints" / "last.ckpt", weights_only=True)
+    saved["hyper_parameters"]["config"]["backbone"]["init_seed"] = 1
+    torch.save(saved, ckpt)
     done = run_cli(
         [
             "+experiment=smoke",

@@ -100,7 +100,7 @@ def interrupt_training(tmp_path: Path, signum: int) -> tuple[Path, list[str], ob
 
 
 def checkpoint_step(run: Path) -> int:
-    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)[STATE_KEY]["step"]
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)[STATE_KEY]["step"]
 
 
 @pytest.mark.slow

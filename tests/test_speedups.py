@@ -127,7 +127,7 @@ def test_nan_weights_stop_the_run_and_no_checkpoint_holds_them(tmp_path, monkeyp
     # step); the check runs at the next checkpoint (step 6), which is therefore not written.
     assert f"non-finite architecture loss at step {poison_at} in phase 'search'" in message
     assert "steps 4-6" in message
-    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint[STATE_KEY]["step"] == 4
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
 

@@ -32,6 +32,7 @@ class Resolved:
     family: Family
     kind: TaskKind
     candidates: list[Candidate]
+    positions: int | None = None  # the model's positions (bounds task.max_length)
 
 
 def _meta(config, auto) -> nn.Module:
@@ -106,7 +107,8 @@ def resolve(cfg: DictConfig, spec: TaskSpec, tokenizer) -> Resolved:
         bcfg.module_types = module_types
         bcfg.head_modules = heads
         cfg.task.kind = kind.name
-    return Resolved(family, kind, candidates)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return Resolved(family, kind, candidates, positions)
 
 
 def load_model(cfg: DictConfig, resolved: Resolved, tokenizer) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Callbacks: the discretization of the DAM (METHOD.md, Phase 2) and the DAM monitor.
+"""Callbacks: the discretization of the DAM (METHOD.md, Phase 2), the DAM monitor, the run clock.
 
 :class:`Discretization` runs the search variant's in-search hooks (searches/) and is where the
 search ends: at the variant's cut step it scores the dev set, keeps what the variant's cut keeps
@@ -36,6 +36,20 @@ def _wandb_run(trainer: pl.Trainer):
     return None
 
 
+def _forget_search_metrics(trainer: pl.Trainer) -> None:
+    """Drops the search's metrics from Lightning's step results once the search has ended.
+
+    Lightning logs every metric of the epoch's results at each log step until the metric is
+    logged again; without this, ``search/loss``, ``dam/mean`` ... would repeat the search's last
+    values at every fine-tuning log step (and only in an uninterrupted run: a resumed one starts
+    a fresh collection). Lightning 2.6 keeps them in the epoch loop's ``_results``.
+    """
+    results = getattr(trainer.fit_loop.epoch_loop, "_results", None) or {}
+    for key, metric in list(results.items()):
+        if key.rsplit(".", 1)[-1].startswith(("search/", "dam/")) or "search/" in key:
+            metric.reset()
+
+
 class Discretization(pl.Callback):
     """Runs the search variant's hooks after each search step and discretizes at its end.
 
@@ -50,6 +64,7 @@ class Discretization(pl.Callback):
         self.output_dir = Path(output_dir)
         self.backbone = backbone
         self.search_cache = search_cache
+        self._forget = False
 
     def on_train_start(self, trainer, module) -> None:
         if module.searching:
@@ -60,6 +75,11 @@ class Discretization(pl.Callback):
         # discretizes before its first fine-tuning step.
         if module.search_finished:
             self.discretize(trainer, module)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self._forget:
+            _forget_search_metrics(trainer)
+            self._forget = False
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if not module.searching:
@@ -101,6 +121,7 @@ class Discretization(pl.Callback):
         # Ranks hold identical gates, but the mask must be identical bit for bit: rank 0 decides.
         mask = trainer.strategy.broadcast(mask, src=0)
         module.discretize(mask, gates)
+        self._forget = True  # after this step's row is logged: it holds its search metrics
         val_after = module.evaluate()
         metrics = module.record_discretization(val_before, val_after)
         for logger in trainer.loggers:  # direct: this may run in on_train_start
@@ -116,89 +137,6 @@ class Discretization(pl.Callback):
             metrics["dam/val_after"],
         )
         return mask
-
-
-class StopAfter(pl.Callback):
-    """Stops a run after ``step`` weight steps (its checkpoint is then resumable).
-
-    For time-limited slots: a run split over several jobs with ``ckpt_path=last`` ends exactly
-    as one uninterrupted run.
-    """
-
-    def __init__(self, step: int) -> None:
-        self.step = int(step)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if module.step >= self.step:
-            trainer.should_stop = True
-
-
-class Preemption(pl.Callback):
-    """Saves ``last.ckpt`` and stops when the job is told to go (SIGTERM, SIGINT, or SIGUSR1 off
-    SLURM).
-
-    Lightning turns SIGTERM into an exception after the current batch; this callback writes the
-    checkpoint first. SIGINT (Ctrl-C) takes the same path (a second one stops at once). Under
-    SLURM with auto-requeue, Lightning's own SIGUSR1 handler saves and requeues, and this one
-    leaves SIGUSR1 alone.
-    """
-
-    def __init__(self, checkpoint: str | Path) -> None:
-        self.checkpoint = Path(checkpoint)
-        self.signalled = False
-        self.interrupted = False
-        self.stopped_by: int | None = None  # the signal that stopped the run, if any
-        self._previous_sigint = None
-
-    def on_fit_start(self, trainer, module) -> None:
-        import os
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if "SLURM_JOB_ID" not in os.environ and hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._notice)
-        self._previous_sigint = signal.signal(signal.SIGINT, self._interrupt)
-
-    def _notice(self, signum, frame) -> None:
-        self.signalled = True
-
-    def _interrupt(self, signum, frame) -> None:
-        import os
-        import signal
-
-        if self.interrupted:  # the second Ctrl-C: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        self.interrupted = True
-        # Lightning's SIGTERM path: stops child processes and every rank after this batch.
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def teardown(self, trainer, module, stage: str) -> None:
-        import signal
-        import threading
-
-        if (
-            self._previous_sigint is not None
-            and threading.current_thread() is threading.main_thread()
-        ):
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
-
-    def stop_signal(self) -> int:
-        """The signal that stopped the run (SIGINT, SIGUSR1 or SIGTERM)."""
-        import signal
-
-        if self.interrupted:
-            return int(signal.SIGINT)
-        return int(signal.SIGUSR1 if self.signalled else signal.SIGTERM)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.signalled or trainer.received_sigterm:
-            self.stopped_by = self.stop_signal()
-            trainer.save_checkpoint(str(self.checkpoint))
-            trainer.should_stop = True
-            log.warning("signal received: saved %s at step %d", self.checkpoint, module.step)
 
 
 class RunClock(pl.Callback):

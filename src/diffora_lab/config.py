@@ -11,7 +11,7 @@ groups or need the file system.
 
 from __future__ import annotations
 
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,10 +89,9 @@ class SearchSettings:
             return
         if self.steps < 1:
             _fail("dam.search_steps", self.steps, "the search must last >= 1 step.")
-        if self.tau_start <= 0 or self.tau_end <= 0:
-            # Shown as typed: dam.tau=0, not 0.0.
-            shown = int(self.tau_start) if self.tau_start == int(self.tau_start) else self.tau_start
-            _fail("dam.tau", shown, "temperatures must be > 0.")
+        for setting, tau in (("dam.tau", self.tau_start), ("dam.tau_end", self.tau_end)):
+            if tau <= 0:  # shown as typed: dam.tau=0, not 0.0
+                _fail(setting, int(tau) if tau == int(tau) else tau, "temperatures must be > 0.")
         get_architect(self.arch_grad)  # dam.arch_grad names a registered rule
         if self.arch_lr <= 0:
             _fail("dam.arch_lr", self.arch_lr, "the gate learning rate must be > 0.")
@@ -120,9 +119,48 @@ def _number(cfg: DictConfig, key: str, kind: type) -> Any:
     value = OmegaConf.select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(key, value, f"must be a number ({kind.__name__}).")
+    if not math.isfinite(value):
+        _fail(key, value, "must be a finite number.")
     if kind is int and float(value) != int(value):
         _fail(key, value, "must be a whole number.")
     return kind(value)
+
+
+def _non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The first NaN or infinite number anywhere in a (resolved) config, with its setting."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        bad = isinstance(node, float) and not math.isfinite(node)
+        return (prefix, node) if bad else None
+    for key, value in items:
+        found = _non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return None
+
+
+def _check_finite(cfg: DictConfig) -> None:
+    """Every number, wherever it is read: NaN passes every range check (nan > 0 is false)."""
+    found = _non_finite(OmegaConf.to_container(cfg, resolve=True))
+    if found:
+        _fail(found[0], found[1], "must be a finite number.")
+
+
+def _check_adapter_settings(cfg: DictConfig) -> None:
+    """``method.scaling``, ``.scale`` and ``.lora_dropout`` of the LoRA-family methods."""
+    if cfg.method.get("scaling") is not None:
+        from diffora_lab.adapters import SCALINGS
+
+        if cfg.method.scaling not in SCALINGS:
+            _fail("method.scaling", cfg.method.scaling, f"choose one of {list(SCALINGS)}.")
+        if _number(cfg, "method.scale", float) <= 0:
+            _fail("method.scale", cfg.method.scale, "the LoRA update scale s must be > 0.")
+    if cfg.method.get("lora_dropout") is not None:
+        if not 0.0 <= _number(cfg, "method.lora_dropout", float) < 1.0:
+            _fail("method.lora_dropout", cfg.method.lora_dropout, "a probability in [0, 1).")
 
 
 def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
@@ -130,6 +168,7 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     from diffora_lab.tasks import TASKS, check_data_dir
 
     _check_renamed(cfg)
+    _check_finite(cfg)
     _number(cfg, "budget", float)
     check_unit(str(cfg.get("budget_unit") or "params"))
     rank = _number(cfg, "rank", int)
@@ -171,13 +210,7 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             )
     else:
         search_settings(cfg)  # the budget, for every method
-    if cfg.method.get("scaling") is not None:
-        from diffora_lab.adapters import SCALINGS
-
-        if cfg.method.scaling not in SCALINGS:
-            _fail("method.scaling", cfg.method.scaling, f"choose one of {list(SCALINGS)}.")
-        if _number(cfg, "method.scale", float) <= 0:
-            _fail("method.scale", cfg.method.scale, "the LoRA update scale s must be > 0.")
+    _check_adapter_settings(cfg)
     # --- baselines/export: parameter matching (matching.py) and AdaLoRA (adalora.py) --------
     match = cfg.get("match")
     if match is not None and match.get("target_rank") is not None:
@@ -238,6 +271,28 @@ def _check_sweep_budgets(cfg: DictConfig) -> None:
         _fail("dam.sweep_budgets", shown, f"budget={cfg.budget} is not one of them; {fix}")
 
 
+def check_against_backbone(cfg: DictConfig, positions: int | None, candidates: list) -> None:
+    """Settings the backbone bounds: ``task.max_length`` (its positions) and ``rank`` (its
+    smallest adapted layer), checked on the weightless copy ``train.prepare`` builds."""
+    if positions and int(cfg.task.max_length) > positions:
+        _fail(
+            "task.max_length",
+            cfg.task.max_length,
+            f"backbone {cfg.backbone.name} has {positions} positions; use task.max_length<="
+            f"{positions}.",
+        )
+    if candidates and method_for(cfg).adapts_candidates:
+        smallest = min(candidates, key=lambda c: min(c.d_in, c.d_out))
+        most = min(smallest.d_in, smallest.d_out)
+        if int(cfg.rank) > most:
+            _fail(
+                "rank",
+                cfg.rank,
+                f"above the rank of the smallest adapted layer ({smallest.name}: {smallest.d_in}"
+                f" -> {smallest.d_out}, rank <= {most}); use rank<={most}.",
+            )
+
+
 # Whole-number settings and their smallest value, with what each one is (issue 11: a 0 or a
 # negative value here was accepted silently or crashed deep inside Lightning).
 _AT_LEAST = (
@@ -270,7 +325,6 @@ def _check_run_settings(cfg: DictConfig) -> None:
         _fail("train.stop_after", cfg.train.stop_after, "steps before a resumable stop: >= 1.")
     if not isinstance(cfg.get("overwrite", False), bool):
         _fail("overwrite", cfg.get("overwrite"), "true or false.")
-    _check_devices(cfg)
 
 
 def _check_search_optimizer(cfg: DictConfig) -> None:
@@ -288,44 +342,6 @@ def _check_search_optimizer(cfg: DictConfig) -> None:
         _fail("dam.arch_weight_decay", cfg.dam.arch_weight_decay, "must be >= 0.")
     if _number(cfg, "dam.log_every", int) < 1:
         _fail("dam.log_every", cfg.dam.log_every, "steps between gate records: >= 1.")
-
-
-def _available_devices(accelerator: str) -> tuple[int, str] | None:
-    """How many devices of the accelerator's kind this machine has (None: not checked here)."""
-    import torch
-
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.cuda.device_count(), "GPU(s)"
-    if accelerator in ("cpu", "auto"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return int(cores or 1), "CPU core(s)"
-    return None
-
-
-def _check_devices(cfg: DictConfig) -> None:
-    devices = cfg.trainer.get("devices")
-    if devices is None or devices in ("auto", -1, "-1"):
-        return
-    if OmegaConf.is_list(devices):
-        wanted = len(devices)
-    elif isinstance(devices, str) and devices.replace(",", "").strip().isdigit():
-        wanted = int(devices) if "," not in devices else len([d for d in devices.split(",") if d])
-    elif isinstance(devices, int) and not isinstance(devices, bool):
-        wanted = devices
-    else:
-        _fail("trainer.devices", devices, "a number of devices >= 1, a list of ids, or auto.")
-    if wanted < 1:
-        _fail("trainer.devices", devices, "a number of devices >= 1 (or auto).")
-    accelerator = str(cfg.trainer.get("accelerator") or "auto")
-    available = _available_devices(accelerator)
-    if available is not None and wanted > available[0]:
-        count, kind = available
-        _fail(
-            "trainer.devices",
-            devices,
-            f"this machine has {count} {kind} for trainer.accelerator={accelerator}; use "
-            f"trainer.devices<={count} (or trainer.devices=auto).",
-        )
 
 
 def _check_speedups(cfg: DictConfig) -> None:

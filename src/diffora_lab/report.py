@@ -126,6 +126,8 @@ def _load(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or missing:
         warnings.warn(f"skipping {path}: not a diffora_lab results file {missing}", stacklevel=3)
         return None
+    if data["budget"] is None:  # a method without a budget: it adapts every candidate
+        data["budget"] = 1.0
     return data
 
 
@@ -426,6 +428,20 @@ def write_report(
     return {"markdown": markdown, "csv": table, "plot": plot}
 
 
+def _out_folder(dirs: Sequence[str], out: str | None) -> Path:
+    """``--out``, else the one folder given (a ``results.json``'s own folder), else ./report."""
+    if out is not None:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ReportError(
+                f"--out {out} is a file; give a folder (it receives report.md, report.csv and "
+                "budget_curve.png)."
+            )
+        return Path(out)
+    if len(dirs) == 1:
+        return Path(dirs[0]).parent if Path(dirs[0]).is_file() else Path(dirs[0])
+    return Path("report")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (2 for a user error).
 
@@ -447,8 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(default: DIR when a single one is given, else ./report)",
     )
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.dirs[0] if len(args.dirs) == 1 else "report")
     try:
+        out = _out_folder(args.dirs, args.out)
         rows = collect(args.dirs)
         if not rows:
             raise ReportError(

@@ -31,8 +31,11 @@ def collect_results(
         # The search variant's name for it (searches/), else the method file's preset.
         "preset": module.variant.preset if module.variant else cfg.method.get("preset"),
         "backbone": cfg.backbone.name,
-        "budget": float(cfg.budget),
-        "budget_unit": str(cfg.get("budget_unit") or "params"),
+        # Only module-selecting methods have one: others record none (reports group them as one).
+        "budget": float(cfg.budget) if module.method.uses_budget else None,
+        "budget_unit": (
+            str(cfg.get("budget_unit") or "params") if module.method.uses_budget else None
+        ),
         "rank": int(cfg.rank),
         "seed": int(cfg.seed),
         "params_trainable": params["total"],
@@ -142,6 +145,8 @@ def summary_text(results: dict[str, Any], output_dir: Path) -> str:
         )
     for key, value in results["metrics"].items():
         lines.append(f"  final {key:<14}{value:.4f}")
+    for warning in results.get("warnings") or []:
+        lines.append(f"  warning             {warning}")
     written = ["results.json", "checkpoints/last.ckpt"]
     for name in ("dam/mask.json", "dam/heatmaps/", "adapter/", "merged/"):
         if (output_dir / name).exists():

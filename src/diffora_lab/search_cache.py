@@ -193,14 +193,17 @@ class SearchCache:
         return meta, ""
 
     def _readable(self, path: Path, step: int, quiet: bool = False) -> bool:
+        from diffora_lab.checkpointing import STATE_KEY, UnsafeFile, read_checkpoint
+
         warn = (lambda why: None) if quiet else self._skip
         try:
-            import torch
-
-            from diffora_lab.checkpointing import STATE_KEY
-
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            checkpoint = read_checkpoint(path, mmap=True)
             found = checkpoint[STATE_KEY]["step"]
+        except UnsafeFile as error:  # planted in a shared cache: say so, never search over it
+            raise UnsafeFile(
+                f"dam.search_cache_dir: {error}. Delete {self.folder} (and find out who wrote "
+                "it), or pass dam.reuse_search=false."
+            ) from None
         except Exception as error:  # truncated, empty, not a checkpoint: search afresh
             warn(f"{path.name} cannot be read ({type(error).__name__}: {error})")
             return False

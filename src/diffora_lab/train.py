@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -26,54 +23,44 @@ from diffora_lab import backbones, building, methods, searches, tracking
 from diffora_lab.architect import get_architect
 from diffora_lab.backbones import Candidate
 from diffora_lab.building import Resolved
-from diffora_lab.callbacks import DAMMonitor, Discretization, Preemption, RunClock, StopAfter
-from diffora_lab.config import optim_settings, search_settings, validate
+from diffora_lab.callbacks import DAMMonitor, Discretization, RunClock
+from diffora_lab.checkpointing import UnsafeFile
+from diffora_lab.config import check_against_backbone, optim_settings, search_settings, validate
 from diffora_lab.dam import Mask
 from diffora_lab.data import TaskDataModule
 from diffora_lab.export import export_merged, export_run
+from diffora_lab.input_files import (
+    check_folders,
+    check_mask_method,
+    check_mask_values,
+    check_train_data,
+)
 from diffora_lab.module import TrainingModule
-from diffora_lab.progress import PhaseProgressBar, progress_callbacks
+from diffora_lab.progress import progress_callbacks
 from diffora_lab.results import collect_results, summary_for_logger, summary_text
+from diffora_lab.resume import check_checkpoint, finished_run, resolve_checkpoint, say_skipped
 from diffora_lab.runfolder import (
     FolderState,
     RunFolderLock,
-    check_checkpoint,
-    check_not_finished,
     clear_outputs,
     divergence_message,
     global_rank,
     remove_stale_temporaries,
     write_hydra_files,
 )
+from diffora_lab.runtime import WRITE_ERRORS, write_error_message
 from diffora_lab.search_cache import shared_search
 from diffora_lab.speed import compile_layers
+from diffora_lab.stopping import Preemption, StopAfter
 from diffora_lab.sweep import resolve_sweep_budgets
 from diffora_lab.tasks import RawSplits, TaskSpec, check_source, get_task, load_raw
+from diffora_lab.trainer_args import build_trainer, check_trainer_args
 
 log = logging.getLogger(__name__)
-
-REFUSED_TRAINER_ARGS = {
-    "gradient_clip_val": "train.grad_clip",
-    "gradient_clip_algorithm": "train.grad_clip",
-    "accumulate_grad_batches": "train.accumulate",
-    "max_steps": "train.max_steps",
-    "max_epochs": "train.max_steps",
-}
 
 
 class ConfigError(ValueError):
     """A setting the user can fix; the CLI prints it without a traceback and exits with 2."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file, then renames it: a kill never truncates one."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
 
 
 @dataclass
@@ -91,12 +78,8 @@ class Prepared:
         return self.resolved.kind
 
 
-def _check_trainer_args(cfg: DictConfig) -> None:
-    for key, ours in REFUSED_TRAINER_ARGS.items():
-        if cfg.trainer.get(key) is not None:
-            raise ValueError(
-                f"trainer.{key}: manual optimization cannot honour it; use {ours} instead."
-            )
+def _check_search_devices(cfg: DictConfig) -> None:
+    """Several devices: the search variant and the gradient rule must each support DDP."""
     devices = str(cfg.trainer.get("devices") or 1)
     if devices.isdigit() and int(devices) > 1 and methods.method_for(cfg).search_enabled(cfg):
         variant = searches.search_for(cfg)  # each part declares whether it supports DDP
@@ -106,11 +89,6 @@ def _check_trainer_args(cfg: DictConfig) -> None:
                 raise ValueError(
                     f"{setting}: runs on one device only; choose another with trainer.devices>1."
                 )
-    if str(cfg.trainer.get("precision")) in ("16", "16-mixed"):
-        raise ValueError(
-            "trainer.precision=16-mixed: fp16 loss scaling is not supported with DiffoRA's two "
-            "optimizers; use bf16-mixed (GPU) or 32-true."
-        )
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -121,7 +99,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     """
     try:
         validate(cfg)
-        _check_trainer_args(cfg)
+        check_trainer_args(cfg)
+        _check_search_devices(cfg)
         if cfg.backbone.get("name") is None:
             raise ValueError("backbone: no backbone selected; pass backbone=<name>.")
         spec = get_task(cfg.task.name)
@@ -135,9 +114,13 @@ def prepare(cfg: DictConfig) -> Prepared:
             cfg.rank = methods.resolve_rank(cfg, candidates)  # match=lora_rN (matching.py)
             if method.search_enabled(cfg):
                 cfg.dam.sweep_budgets = resolve_sweep_budgets(cfg)  # sweep.py
+        check_against_backbone(cfg, resolved.positions, candidates)
         method.budget(cfg, candidates)  # budget.py: the budget against the candidates
+        check_folders(cfg)
         if cfg.dam.get("mask_path"):
+            check_mask_method(cfg)
             mask = Mask.load(cfg.dam.mask_path)
+            check_mask_values(cfg.dam.mask_path)
             methods.check_mask_fits(mask, candidates, cfg.backbone.name, str(cfg.dam.mask_path))
             unit = cfg.get("budget_unit") or "params"
             if method.searches and (float(cfg.budget), unit) != (mask.budget, mask.unit):
@@ -148,46 +131,6 @@ def prepare(cfg: DictConfig) -> Prepared:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return Prepared(spec, tokenizer, candidates, resolved)
-
-
-def _resolve_ckpt(cfg: DictConfig, ckpt_dir: Path, overwrite: bool = False) -> str | None:
-    ckpt = cfg.get("ckpt_path")
-    if not ckpt:
-        return None
-    if ckpt == "last":
-        last = ckpt_dir / "last.ckpt"
-        if last.is_file() and not overwrite:
-            return str(last)
-        log.info("ckpt_path=last: no checkpoint in %s to resume, starting fresh", ckpt_dir)
-        return None
-    return str(ckpt)
-
-
-def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks) -> pl.Trainer:
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_args.get("precision") in (None, "auto"):
-        trainer_args["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    if trainer_args.get("strategy") == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        # The weight step leaves the gate logits unused and the architecture step the head:
-        # DDP must look for unused parameters.
-        trainer_args["strategy"] = DDPStrategy(find_unused_parameters=True)
-    # Lightning adds its own bar when enabled; ours (or log lines off a terminal) is in callbacks.
-    trainer_args["enable_progress_bar"] = any(isinstance(c, PhaseProgressBar) for c in callbacks)
-    return pl.Trainer(
-        max_steps=int(cfg.train.max_steps),
-        val_check_interval=int(cfg.train.val_every),
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        log_every_n_steps=int(cfg.train.log_every),
-        logger=logger,
-        callbacks=callbacks,
-        default_root_dir=str(output_dir),
-        plugins=[AtomicCheckpointIO()],
-        use_distributed_sampler=False,  # our samplers shard by rank themselves (data.py)
-        **trainer_args,
-    )
 
 
 @dataclass
@@ -262,9 +205,13 @@ class Checked:
     """What the checks of a run produced, before anything was written to its folder."""
 
     prepared: Prepared
-    raw: RawSplits
+    raw: RawSplits | None
     ckpt_path: str | None
     start_step: int
+    cut_step: int | None  # the discretization the checkpoint holds (its record row is kept)
+    restart: bool = False  # overwrite=true on a finished folder: its outputs go first
+    finished: dict[str, Any] | None = None  # this very run, finished already: its results
+    warnings: list[str] = field(default_factory=list)  # about the data, in the summary
 
 
 def _load_data(cfg: DictConfig, spec: TaskSpec) -> RawSplits:
@@ -302,19 +249,32 @@ def check_run(cfg: DictConfig, output_dir: Path) -> Checked:
         ConfigError: With the setting and the fix.
     """
     prepared = prepare(cfg)
-    overwrite = bool(cfg.get("overwrite", False))
+    # overwrite=true deletes a finished run's outputs; an unfinished run resumes (a requeued
+    # command that carries overwrite=true continues instead of starting over every time).
+    restart = bool(cfg.get("overwrite")) and (output_dir / "results.json").is_file()
     try:
-        check_not_finished(output_dir, overwrite)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    ckpt_path = _resolve_ckpt(cfg, output_dir / "checkpoints", overwrite)
-    try:
-        start_step = check_checkpoint(ckpt_path, cfg) if ckpt_path else 0
+        done = finished_run(output_dir, cfg)
+        if done is not None:
+            return Checked(prepared, None, None, 0, None, finished=done)
+        ckpt_path = resolve_checkpoint(cfg, output_dir / "checkpoints", restart)
+        start_step, cut_step = check_checkpoint(ckpt_path, cfg) if ckpt_path else (0, None)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     raw = _load_data(cfg, prepared.spec)
     _check_data(prepared, raw)
-    return Checked(prepared, raw, ckpt_path, start_step)
+    search = search_settings(cfg)
+    try:
+        split = float(cfg.dam.search_split) if search.enabled else 0.0
+        warnings = check_train_data(
+            raw.train, prepared.spec, int(cfg.train.batch_size), split, int(cfg.seed)
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    for warning in warnings:
+        log.warning("training data: %s", warning)
+    return Checked(
+        prepared, raw, ckpt_path, start_step, cut_step, restart=restart, warnings=warnings
+    )
 
 
 def run(
@@ -339,15 +299,23 @@ def run(
     try:
         lock.acquire()
         checked = check_run(cfg, output_dir)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         lock.release()
         found.restore()
-        if isinstance(error, ConfigError):
+        if isinstance(error, ConfigError) or (
+            isinstance(error, OSError) and error.errno not in WRITE_ERRORS
+        ):
             raise
+        if isinstance(error, OSError):  # e.g. a read-only folder: nothing was written
+            message = write_error_message(error)
+            raise ConfigError(f"hydra.run.dir={str(output_dir)!r}: {message}") from None
         raise ConfigError(str(error)) from error
+    if checked.finished is not None:
+        lock.release()
+        return say_skipped(checked.finished, output_dir)
     try:
         if global_rank() == 0:
-            if cfg.get("overwrite"):
+            if checked.restart:
                 clear_outputs(output_dir)
             remove_stale_temporaries(output_dir / "checkpoints")
             write_hydra_files(output_dir, task_cfg)
@@ -373,9 +341,12 @@ def _fit_and_report(
     if module.mask is not None:
         module.mask.save(output_dir / "dam" / "mask.json")
 
-    search_info, entry = shared_search(
-        cfg, module, checked.raw.train, datamodule.search_indices, output_dir, ckpt_path
-    )
+    try:
+        search_info, entry = shared_search(
+            cfg, module, checked.raw.train, datamodule.search_indices, output_dir, ckpt_path
+        )
+    except UnsafeFile as error:
+        raise ConfigError(str(error)) from None
     if search_info["reused"]:
         ckpt_path = search_info["source"]["path"]
 
@@ -384,7 +355,8 @@ def _fit_and_report(
     if ckpt_path and not search_info["reused"] and run_id_file.is_file():
         resume_id = run_id_file.read_text().strip()
     start_step = search_info["source"]["step"] if search_info["reused"] else checked.start_step
-    logger = tracking.build_logger(cfg, output_dir, resume_id, start_step)
+    cut_kept = not search_info["reused"] and checked.cut_step == start_step
+    logger = tracking.build_logger(cfg, output_dir, resume_id, start_step, cut_kept)
     failed = True
     try:
         run_id = tracking.wandb_run_id(logger)
@@ -407,13 +379,13 @@ def _fit_and_report(
                 float(cfg.train.get("progress_every", 30)),
             ),
         ]
-        if cfg.train.get("stop_after"):
-            callbacks.append(StopAfter(int(cfg.train.stop_after)))
         if search.enabled:
             callbacks += [
                 Discretization(output_dir, cfg.backbone.name, entry),
                 DAMMonitor(output_dir, int(cfg.dam.log_every)),
             ]
+        if cfg.train.get("stop_after"):  # last: its checkpoint holds all that its step did
+            callbacks.append(StopAfter(int(cfg.train.stop_after), ckpt_dir / "last.ckpt"))
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -422,7 +394,8 @@ def _fit_and_report(
         except FloatingPointError as error:
             raise FloatingPointError(divergence_message(error, ckpt_dir, optim.grad_clip)) from None
         else:
-            trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
+            if module.step >= optim.max_steps:  # a stop saved its own, at the end of its step
+                trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
         if module.step < optim.max_steps:
             failed = False
             print(
@@ -444,6 +417,7 @@ def _fit_and_report(
         results["wall_seconds"] = round(clock.wall_seconds(), 2)
         results["fit_seconds"] = round(clock.fit_seconds(), 2)
         results["search"] = search_info
+        results["warnings"] = checked.warnings
         if trainer.is_global_zero:
             if export_run(cfg, module, output_dir / "adapter", results) is not None:
                 results["adapter"] = str(output_dir / "adapter")

@@ -59,10 +59,14 @@ class Progressive(SearchVariant):
         start = options.get("prune_start")
         if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
             raise ValueError(f"search.prune_start={start!r}: a step (>= 0), or null.")
-        if start is not None and not 0 <= start < int(settings.steps):
+        warmup = int(settings.warmup_steps)
+        if start is not None and not warmup <= start < int(settings.steps):
+            # Before the gate warm-up ends the gate gradients are 0 (B = 0): removal would keep
+            # the first modules by index; at or after the search's end nothing would be removed.
             raise ValueError(
-                f"search.prune_start={start!r}: removal must start within the "
-                f"{settings.steps}-step search; use 0 <= search.prune_start < the search length."
+                f"search.prune_start={start!r}: removal must start after the gate warm-up and "
+                f"within the {settings.steps}-step search; use {warmup} <= search.prune_start < "
+                f"{settings.steps} (null: at the warm-up's end)."
             )
 
     @classmethod

@@ -146,6 +146,11 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
                     "file as UTF-8 or replace it with the original GLUE file)."
                 ) from None
             line = line.rstrip("\n").rstrip("\r")
+            if line_number == 1 and line.count("\r") > 1:  # a whole file read as one line
+                raise ValueError(
+                    f"{path} ends its lines with a carriage return only (CR, old Mac style); "
+                    "GLUE files end them with a line feed: convert it (tr '\\r' '\\n')."
+                )
             if line:
                 yield line_number, line.split("\t")
 
