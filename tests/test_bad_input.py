@@ -112,6 +112,11 @@ def keep_all(mask: dict) -> dict:
     return {**mask, "kept": [True] * len(mask["kept"]), "k": len(mask["kept"])}
 
 
+def in_params_keeping_all(mask: dict) -> dict:
+    """A mask in parameters (12 modules of 10, target 60) whose ``kept`` was edited to all."""
+    return {**keep_all(mask), "unit": "params", "sizes": [10] * 12, "target": 60.0}
+
+
 def nan_gate(mask: dict) -> str:
     return json.dumps({**mask, "gates": [float("nan"), *mask["gates"][1:]]})  # NaN, as json writes
 
@@ -234,6 +239,7 @@ SITUATIONS: dict[str, Callable] = {
     "an empty mask file": mask_file(lambda mask: ""),
     "a mask with budget 0.9 that keeps 6 of 12": mask_file(edited(budget=0.9)),
     "a mask that keeps 12 of 12 at budget 0.5": mask_file(keep_all),
+    "a mask in params edited to keep all 12 modules": mask_file(in_params_keeping_all),
     "a mask with 5 `module_types` for 6 columns": mask_file(
         lambda mask: {**mask, "module_types": mask["module_types"][:5]}
     ),
@@ -299,7 +305,9 @@ def stopped(tmp_path_factory) -> tuple[Path, Path]:
     run(compose_config(["+experiment=smoke", "train.stop_after=6"], out), out)
     assert (out / "csv" / "metrics.csv").is_file() and (out / "dam" / "search_split.json").is_file()
     masked = tmp_path_factory.mktemp("masked")
-    cfg = compose_config(["+experiment=smoke", "train.max_steps=8", "dam.warmup_steps=1"], masked)
+    # In modules (the paper's unit), so that its k follows from its budget alone.
+    overrides = ["train.max_steps=8", "dam.warmup_steps=1", "budget_unit=modules"]
+    cfg = compose_config(["+experiment=smoke", *overrides], masked)
     run(cfg, masked)
     return out, masked / "dam" / "mask.json"
 

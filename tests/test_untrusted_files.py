@@ -48,7 +48,7 @@ def stopped(tmp_path_factory) -> Path:
 
 
 def cache_entry(root: Path) -> Path:
-    (snapshot,) = (root / "cache" / "search").glob("*/search_end.ckpt")
+    (snapshot,) = (root / "cache" / "search").glob("*/step*.ckpt")  # one budget, one snapshot
     return snapshot
 
 

@@ -204,6 +204,8 @@ class Mask:
         source: ``search``, ``random``, ``all``, ``fixed`` or ``file``.
         unit: The budget's unit (``params`` or ``modules``, budget.py).
         target: The budget's target count in ``unit`` (None: not recorded).
+        sizes: Each module's cost in ``unit`` (adapter parameters at the search's rank; None: not
+            recorded), so that what ``kept`` holds can be checked against ``target``.
     """
 
     modules: list[str]
@@ -219,6 +221,7 @@ class Mask:
     extra: dict = field(default_factory=dict)
     unit: str = "modules"
     target: float | None = None
+    sizes: list[int] | None = None
 
     @property
     def kept_modules(self) -> list[str]:
@@ -334,4 +337,5 @@ class Mask:
             source=source,
             unit=budget.unit,
             target=float(budget.target),
+            sizes=[int(size) for size in budget.sizes],
         )

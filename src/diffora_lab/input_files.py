@@ -53,6 +53,15 @@ def check_mask_values(path: str | Path) -> None:
             f"{where}: budget={budget} keeps {num_kept(budget, n)} of {n} modules, the mask keeps "
             f"k={k}; {UNEDITED} (the run reports the mask's budget)."
         )
+    sizes, target = data.get("sizes"), data.get("target")
+    if data.get("unit") == "params" and sizes is not None and target is not None:
+        held = sum(size for size, keep in zip(sizes, data["kept"]) if keep)
+        if len(sizes) != n or abs(held - target) > max(sizes):
+            raise ValueError(
+                f"{where}: its kept modules hold {held:,} adapter parameters, its target is "
+                f"{target:,.0f} (budget={budget} in params), more than one module "
+                f"({max(sizes):,}) apart; {UNEDITED} (the run reports the mask's budget)."
+            )
 
 
 def check_writable(setting: str, folder: str | Path) -> None:

@@ -74,6 +74,8 @@ def setting_differences(
     for key in sorted(set(theirs) | set(mine)):
         if any(key == s or key.startswith(f"{s}.") for s in safe):
             continue
+        if theirs.get(key) is None and mine.get(key) is None:
+            continue  # null and absent both mean unset
         old, new = theirs.get(key, "(not set)"), mine.get(key, "(not set)")
         if old != new:  # 1 == 1.0: a number typed either way is the same setting
             differences.append(f"{key}={_shown(old)} there, {key}={_shown(new)} here")
