@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,9 +22,9 @@ from diffora_lab.budget import Budget, for_run, in_modules, keep_in_order, num_k
 from diffora_lab.config import SearchSettings
 from diffora_lab.dam import DAM, Mask
 from diffora_lab.matching import grid_candidates, lora_params, params_rank
+from diffora_lab.methods import get_method
 from diffora_lab.methods.fixed_choice import closest_rank
 from diffora_lab.methods.random_mask import random_mask
-from diffora_lab.module_groups import group_types
 from diffora_lab.searches import get_search
 from diffora_lab.train import run
 
@@ -190,17 +191,26 @@ def test_matched_rank_ties_go_to_the_lower_rank():
 # ---------------------------------------------------------------- fixed-choice baselines
 
 
-def test_module_groups_for_encoders_decoders_and_fused_projections():
-    encoder = ["q", "k", "v", "o", "ffn_in", "ffn_out"]
-    assert group_types("qv", encoder) == ["q", "v"]
-    assert group_types("attn", encoder) == ["q", "k", "v", "o"]
-    assert group_types("mlp", encoder) == ["ffn_in", "ffn_out"]
-    assert group_types("mlp", list(LLAMA_TYPES)) == ["gate", "up", "down"]
-    phi3 = ["qkv", "o", "gate_up", "down"]
-    assert group_types("attn", phi3) == ["qkv", "o"]
-    assert group_types("mlp", phi3) == ["gate_up", "down"]
-    with pytest.raises(ValueError, match="method=lora_qv: backbone 'phi3' has no candidates"):
-        group_types("qv", phi3, "phi3")
+def test_fixed_choices_take_their_family_group_and_name_the_method_when_it_is_missing():
+    def backbone(family: str, types: list[str]):
+        cfg = OmegaConf.create({"backbone": {"name": family, "family": family}})
+        cfg.backbone.module_types = types
+        return cfg, [SimpleNamespace(module_type=t) for t in types]
+
+    encoder = backbone("bert", ["q", "k", "v", "o", "ffn_in", "ffn_out"])
+    assert get_method("lora_qv")().kept(*encoder) == [True, False, True, False, False, False]
+    assert get_method("lora_attn")().kept(*encoder) == [True] * 4 + [False] * 2
+    assert get_method("lora_mlp")().kept(*encoder) == [False] * 4 + [True] * 2
+    llama = backbone("llama", list(LLAMA_TYPES))
+    assert [t for t, k in zip(LLAMA_TYPES, get_method("lora_mlp")().kept(*llama)) if k] == [
+        "gate", "up", "down"
+    ]  # fmt: skip
+    phi3 = backbone("phi3", ["qkv", "o", "gate_up", "down"])
+    assert get_method("lora_qv")().kept(*phi3) == [True, False, False, False]  # peft's: fused qkv
+    narrowed = backbone("llama", ["q", "k", "o"])  # backbone.module_types without v
+    refusal = r"method=lora_qv: backbone=llama: .*needs module types \['v'\].*another fixed choice"
+    with pytest.raises(ValueError, match=refusal):
+        get_method("lora_qv")().kept(*narrowed)
 
 
 def test_fixed_choice_rank_is_the_closest():

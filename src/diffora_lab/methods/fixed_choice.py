@@ -1,7 +1,8 @@
 """Fixed-choice baselines: LoRA on one group of module types, at the rank a budget affords.
 
 ``method=lora_qv`` (q and v: the original LoRA choice and peft's default), ``lora_attn`` (every
-attention projection) and ``lora_mlp`` (every MLP matrix); the groups are in module_groups.py.
+attention projection) and ``lora_mlp`` (every MLP matrix); each backbone family names its groups
+(families.py: ``peft_default``, ``attention``, ``mlp``; peft's default is q, v, or the fused qkv).
 They answer "does a search beat a choice anybody would make by hand?" at the same count: the
 budget's target is ``budget`` of LoRA at ``method.reference_rank`` on all candidates (under
 ``match=lora_rN``: LoRA rN's count), and the rank is the one whose adapter on the group comes
@@ -21,13 +22,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from diffora_lab import budget as budgets
+from diffora_lab import families
 from diffora_lab.adapters import apply_mask
 from diffora_lab.backbones import Candidate
 from diffora_lab.budget import Budget
 from diffora_lab.dam import Mask
 from diffora_lab.methods.lora import Lora, layer_grid
 from diffora_lab.methods.registry import Built, register_method
-from diffora_lab.module_groups import group_types
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,12 @@ class FixedChoice(Lora):
 
     def kept(self, cfg: DictConfig, candidates: Sequence[Candidate]) -> list[bool]:
         """One flag per candidate: whether its type is in the group."""
-        types = group_types(self.group, list(cfg.backbone.module_types), cfg.backbone.name)
+        setting = f"method={self.name}: backbone={cfg.backbone.name}: "
+        family = families.family_for(str(cfg.backbone.get("family") or ""), setting=setting)
+        try:
+            types = families.group_types(family, self.group, list(cfg.backbone.module_types))
+        except ValueError as error:
+            raise ValueError(f"{setting}{error} Choose another fixed choice.") from None
         return [c.module_type in types for c in candidates]
 
     def budget(self, cfg: DictConfig, candidates: Sequence[Candidate]) -> Budget:
@@ -92,10 +98,10 @@ class FixedChoice(Lora):
 
 @register_method
 class LoraQV(FixedChoice):
-    """``method=lora_qv``: LoRA on q and v."""
+    """``method=lora_qv``: LoRA on peft's default for the family (q and v; phi3: the fused qkv)."""
 
     name = "lora_qv"
-    group = "qv"
+    group = "peft_default"
 
 
 @register_method
@@ -103,7 +109,7 @@ class LoraAttention(FixedChoice):
     """``method=lora_attn``: LoRA on every attention projection."""
 
     name = "lora_attn"
-    group = "attn"
+    group = "attention"
 
 
 @register_method
