@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffora_lab.architect import get_architect
 from diffora_lab.budget import check_unit
 from diffora_lab.methods import get_method, method_for
+from diffora_lab.renamed import check_renamed
 from diffora_lab.searches import search_for
 
 
@@ -165,9 +166,11 @@ def _check_adapter_settings(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     """Checks the composed config; raises ``ValueError`` naming the setting and the fix."""
-    from diffora_lab.tasks import TASKS, check_data_dir
+    from diffora_lab.tasks import TASKS
 
-    _check_renamed(cfg)
+    check_renamed(cfg)
+    if cfg.get("search") is not None:
+        search_for(cfg)  # search.name: a registered variant (else the names to choose from)
     _check_finite(cfg)
     _number(cfg, "budget", float)
     check_unit(str(cfg.get("budget_unit") or "params"))
@@ -211,15 +214,25 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     else:
         search_settings(cfg)  # the budget, for every method
     _check_adapter_settings(cfg)
-    # --- baselines/export: parameter matching (matching.py) and AdaLoRA (adalora.py) --------
+    _check_match(cfg)
+    method.validate(cfg)
+    _check_paths(cfg)
+
+
+def _check_match(cfg: DictConfig) -> None:
+    """``match=lora_rN``: parameter matching against LoRA rN (matching.py)."""
     match = cfg.get("match")
     if match is not None and match.get("target_rank") is not None:
         if _number(cfg, "match.target_rank", int) < 1:
             _fail("match.target_rank", match.target_rank, "the reference LoRA rank must be >= 1.")
         if _number(cfg, "match.tolerance", float) <= 0:
             _fail("match.tolerance", match.tolerance, "a relative tolerance > 0, e.g. 0.05.")
-    # --- end baselines/export ---------------------------------------------------------------
-    method.validate(cfg)
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    """The data folder's layout, the mask file and the checkpoint exist."""
+    from diffora_lab.tasks import TASKS, check_data_dir
+
     data_dir = cfg.task.get("data_dir")
     if data_dir:
         check_data_dir(TASKS[cfg.task.name], Path(str(data_dir)).expanduser())
@@ -229,29 +242,6 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt and ckpt != "last" and not Path(str(ckpt)).is_file():
         _fail("ckpt_path", ckpt, "no such checkpoint file; use a path or ckpt_path=last.")
-
-
-# Settings that were renamed or became part of the `search=` group: the old name stops with the new.
-RENAMED = {
-    "dam.order": "renamed: use dam.arch_grad={value} (the architecture gradient rule).",
-    "dam.relaxation": "the relaxation is part of the search variant now: use search=softmax_row "
-    "or search=topk (search=faithful for sigmoid gates).",
-    "dam.progressive": "the search variant is chosen with search= now: use search=progressive "
-    "(the default) or search=faithful.",
-    "dam.budget_penalty": "the search variant is chosen with search= now: use "
-    "search=budget_penalty search.weight={value}.",
-    "dam.prune_start": "renamed: use search.prune_start={value} (with search=progressive).",
-    "dam.prune_end": "renamed: use search.prune_end={value} (with search=progressive).",
-}
-
-
-def _check_renamed(cfg: DictConfig) -> None:
-    for key, fix in RENAMED.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None:
-            _fail(key, value, fix.format(value=value))
-    if cfg.get("search") is not None:
-        search_for(cfg)  # search.name: a registered variant (else the names to choose from)
 
 
 def _check_sweep_budgets(cfg: DictConfig) -> None:

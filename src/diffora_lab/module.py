@@ -34,6 +34,7 @@ from diffora_lab.checkpointing import (
 )
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask
+from diffora_lab.finite import FiniteLossChecks
 from diffora_lab.methods import Method
 from diffora_lab.rng import restore_rng_state, rng_state
 from diffora_lab.searches import SearchVariant
@@ -50,7 +51,7 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
 
 
-class TrainingModule(DevEvaluation, pl.LightningModule):
+class TrainingModule(FiniteLossChecks, DevEvaluation, pl.LightningModule):
     """LightningModule for DiffoRA and the baselines that share its harness.
 
     Args:
@@ -109,8 +110,7 @@ class TrainingModule(DevEvaluation, pl.LightningModule):
         self.last_val: dict[str, float] = {}
         # First step with a non-finite loss per (phase, step kind), on the loss's device: read
         # only every optim.finite_check_every steps, so a step needs no host-device sync for it.
-        self._first_nonfinite: dict[tuple[str, str], torch.Tensor] = {}
-        self._checked_at = 0
+        self.reset_finite_checks()
         if hparams is not None:
             self.save_hyperparameters({"config": hparams})
 
@@ -256,44 +256,6 @@ class TrainingModule(DevEvaluation, pl.LightningModule):
 
     def search_penalty(self):
         return None if self.variant is None else self.variant.penalty()
-
-    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
-        if self.optim.finite_check_every <= 1:  # reads the loss now: one sync per step
-            if not torch.isfinite(loss):
-                self._diverged(which, self.phase, self.step, value=f" ({float(loss)})")
-            return
-        key = (self.phase, which)
-        first = self._first_nonfinite.get(key)
-        if first is None:
-            first = torch.full((), -1, dtype=torch.long, device=loss.device)
-        bad = torch.logical_not(torch.isfinite(loss.detach()))
-        self._first_nonfinite[key] = torch.where(bad & (first < 0), self.step, first)
-
-    def check_finite(self) -> None:
-        """Raises ``FloatingPointError`` if a loss since the last check was not finite.
-
-        Called every ``train.finite_check_every`` steps, before a checkpoint is written and
-        before each evaluation, so a run stops within that many steps of diverging and never
-        saves non-finite weights. This is the only point that waits for the device.
-        """
-        if not self._first_nonfinite:
-            return
-        firsts = torch.stack(list(self._first_nonfinite.values())).tolist()  # the sync
-        bad = [(step, key) for step, key in zip(firsts, self._first_nonfinite) if step >= 0]
-        if bad:
-            step, (phase, which) = min(bad)
-            since = f" (checked every {self.optim.finite_check_every} steps, "
-            since += f"steps {self._checked_at}-{self.step})"
-            self._diverged(which, phase, step, since=since)
-        self._checked_at = self.step
-
-    def _diverged(
-        self, which: str, phase: str, step: int, value: str = "", since: str = ""
-    ) -> None:
-        raise FloatingPointError(
-            f"non-finite {which} loss{value} at step {step} in phase {phase!r}{since}"
-            # train.run adds where to resume from and what to change
-        )
 
     # --------------------------------------------------------- discretization
 

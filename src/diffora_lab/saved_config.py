@@ -42,5 +42,5 @@ def upgrade(cfg: DictConfig) -> DictConfig:
         dam.arch_grad = dam.get("arch_grad") or dam.get("order") or "first"
         dam.sweep_budgets = dam.get("sweep_budgets")
         for key in OLD_DAM_KEYS:
-            dam[key] = None  # the old names are refused when set (config.RENAMED)
+            dam[key] = None  # the old names are refused when set (renamed.RENAMED)
     return cfg

@@ -7,7 +7,6 @@ fitted, scored, exported and summarised.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,20 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffora_lab import backbones, building, methods, searches, tracking
+from diffora_lab import backbones, building, fitting, methods, searches, tracking
 from diffora_lab.architect import get_architect
 from diffora_lab.backbones import Candidate
 from diffora_lab.building import Resolved
-from diffora_lab.callbacks import DAMMonitor, Discretization, RunClock
+from diffora_lab.callbacks import RunClock
 from diffora_lab.checkpointing import UnsafeFile
 from diffora_lab.config import check_against_backbone, optim_settings, search_settings, validate
 from diffora_lab.dam import Mask
 from diffora_lab.data import TaskDataModule
-from diffora_lab.export import export_merged, export_run
 from diffora_lab.input_files import (
     check_folders,
     check_mask_method,
@@ -36,14 +32,11 @@ from diffora_lab.input_files import (
     check_train_data,
 )
 from diffora_lab.module import TrainingModule
-from diffora_lab.progress import progress_callbacks
-from diffora_lab.results import collect_results, summary_for_logger, summary_text
 from diffora_lab.resume import check_checkpoint, finished_run, resolve_checkpoint, say_skipped
 from diffora_lab.runfolder import (
     FolderState,
     RunFolderLock,
     clear_outputs,
-    divergence_message,
     global_rank,
     remove_stale_temporaries,
     write_hydra_files,
@@ -51,7 +44,7 @@ from diffora_lab.runfolder import (
 from diffora_lab.runtime import WRITE_ERRORS, write_error_message
 from diffora_lab.search_cache import shared_search
 from diffora_lab.speed import compile_layers
-from diffora_lab.stopping import Preemption, StopAfter
+from diffora_lab.stopping import Preemption
 from diffora_lab.sweep import resolve_sweep_budgets
 from diffora_lab.tasks import RawSplits, TaskSpec, check_source, get_task, load_raw
 from diffora_lab.trainer_args import build_trainer, check_trainer_args
@@ -327,107 +320,58 @@ def run(
 def _fit_and_report(
     cfg: DictConfig, output_dir: Path, checked: Checked, started: float
 ) -> dict[str, Any]:
-    """Builds, fits, scores and exports an accepted run."""
-    prepared, ckpt_path = checked.prepared, checked.ckpt_path
+    """Builds, fits, scores and exports an accepted run (the steps are in fitting.py)."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_dir = output_dir / "checkpoints"
-    assembled = assemble(cfg, prepared, raw=checked.raw)
-    module, datamodule, candidates = assembled.module, assembled.datamodule, assembled.candidates
-    search, optim = module.search, module.optim
-    if search.enabled:
-        split_file = output_dir / "dam" / "search_split.json"
-        split_file.parent.mkdir(parents=True, exist_ok=True)
-        split_file.write_text(json.dumps({"indices": datamodule.search_indices}))
-    if module.mask is not None:
-        module.mask.save(output_dir / "dam" / "mask.json")
-
-    try:
-        search_info, entry = shared_search(
-            cfg, module, checked.raw.train, datamodule.search_indices, output_dir, ckpt_path
-        )
-    except UnsafeFile as error:
-        raise ConfigError(str(error)) from None
-    if search_info["reused"]:
-        ckpt_path = search_info["source"]["path"]
-
-    run_id_file = ckpt_dir / "wandb_run_id"
-    resume_id = None
-    if ckpt_path and not search_info["reused"] and run_id_file.is_file():
-        resume_id = run_id_file.read_text().strip()
-    start_step = search_info["source"]["step"] if search_info["reused"] else checked.start_step
-    cut_kept = not search_info["reused"] and checked.cut_step == start_step
+    assembled = assemble(cfg, checked.prepared, raw=checked.raw)
+    module, datamodule = assembled.module, assembled.datamodule
+    fitting.write_run_files(output_dir, module, datamodule)
+    search_info, entry, ckpt_path, start_step = _starting_point(cfg, checked, assembled, output_dir)
+    reused = search_info["reused"]
+    resume_id = fitting.wandb_resume_id(ckpt_dir, ckpt_path if not reused else None)
+    cut_kept = not reused and checked.cut_step == start_step
     logger = tracking.build_logger(cfg, output_dir, resume_id, start_step, cut_kept)
     failed = True
     try:
-        run_id = tracking.wandb_run_id(logger)
-        if run_id:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            run_id_file.write_text(run_id)
+        fitting.remember_wandb_id(ckpt_dir, logger)
         preemption = Preemption(ckpt_dir / "last.ckpt")
-        clock = RunClock(started, restore=not search_info["reused"])
-        callbacks: list[pl.Callback] = [
-            ModelCheckpoint(
-                dirpath=str(ckpt_dir),
-                save_last=True,
-                save_top_k=0,
-                every_n_train_steps=int(cfg.train.ckpt_every),
-            ),
-            preemption,
-            clock,
-            *progress_callbacks(
-                bool(cfg.trainer.get("enable_progress_bar", True)),
-                float(cfg.train.get("progress_every", 30)),
-            ),
-        ]
-        if search.enabled:
-            callbacks += [
-                Discretization(output_dir, cfg.backbone.name, entry),
-                DAMMonitor(output_dir, int(cfg.dam.log_every)),
-            ]
-        if cfg.train.get("stop_after"):  # last: its checkpoint holds all that its step did
-            callbacks.append(StopAfter(int(cfg.train.stop_after), ckpt_dir / "last.ckpt"))
+        clock = RunClock(started, restore=not reused)
+        callbacks = fitting.run_callbacks(cfg, output_dir, module, entry, preemption, clock)
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        except SIGTERMException:  # Lightning's exit after SIGTERM; Preemption saved first
-            preemption.stopped_by = preemption.stopped_by or preemption.stop_signal()
-        except FloatingPointError as error:
-            raise FloatingPointError(divergence_message(error, ckpt_dir, optim.grad_clip)) from None
-        else:
-            if module.step >= optim.max_steps:  # a stop saved its own, at the end of its step
-                trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
-        if module.step < optim.max_steps:
+        fitting.fit(trainer, module, datamodule, ckpt_path, preemption, ckpt_dir)
+        if module.step < module.optim.max_steps:
             failed = False
-            print(
-                f"diffora_lab: stopped at step {module.step} of {optim.max_steps}; "
-                f"continue with ckpt_path=last hydra.run.dir={output_dir}"
-            )
-            return {
-                "stopped_at": module.step,
-                "signal": preemption.stopped_by,
-                "output_dir": str(output_dir),
-            }
-        if search.enabled and module.mask is None:  # never report a search as a DiffoRA result
+            return fitting.stopped_early(module, preemption, output_dir)
+        if module.search.enabled and module.mask is None:  # never report a search as a result
             raise ConfigError(
                 f"the search in {output_dir} ended at step {module.step} without a "
-                f"discretization (dam.search_steps={search.steps}); start a new run folder."
+                f"discretization (dam.search_steps={module.search.steps}); start a new run folder."
             )
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        results = collect_results(cfg, module, candidates, started, output_dir)
-        results["wall_seconds"] = round(clock.wall_seconds(), 2)
-        results["fit_seconds"] = round(clock.fit_seconds(), 2)
-        results["search"] = search_info
-        results["warnings"] = checked.warnings
-        if trainer.is_global_zero:
-            if export_run(cfg, module, output_dir / "adapter", results) is not None:
-                results["adapter"] = str(output_dir / "adapter")
-            if cfg.get("export") is not None and cfg.export.get("merged"):
-                export_merged(module.model, output_dir / "merged", prepared.tokenizer)
-                results["merged"] = str(output_dir / "merged")
-            (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-            tracking.write_summary(logger, summary_for_logger(results))
-            print(summary_text(results, output_dir))
+        extra = {"search": search_info, "warnings": checked.warnings}
+        results = fitting.finish(cfg, trainer, assembled, clock, output_dir, extra)
+        fitting.publish(cfg, trainer, module, checked.prepared.tokenizer, results, logger)
         failed = False
         return results
     finally:
         tracking.finish(logger, failed)
+
+
+def _starting_point(
+    cfg: DictConfig, checked: Checked, assembled: Assembled, output_dir: Path
+) -> tuple[dict[str, Any], Any, str | None, int]:
+    """Where the fit starts: the run's own checkpoint, a shared search snapshot, or step 0.
+
+    Returns:
+        What ``results.json`` records of the search cache, its entry, the checkpoint to fit from
+        and its step.
+    """
+    module, datamodule = assembled.module, assembled.datamodule
+    try:
+        search_info, entry = shared_search(
+            cfg, module, checked.raw.train, datamodule.search_indices, output_dir, checked.ckpt_path
+        )
+    except UnsafeFile as error:
+        raise ConfigError(str(error)) from None
+    if search_info["reused"]:
+        return search_info, entry, search_info["source"]["path"], search_info["source"]["step"]
+    return search_info, entry, checked.ckpt_path, checked.start_step

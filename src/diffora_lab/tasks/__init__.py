@@ -27,14 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from diffora_lab.tasks import commonsense, synthetic_choice
-from diffora_lab.tasks.glue_files import (
-    MAX_MALFORMED_FRACTION,
-    _layout,
-    check_hub_dataset,
-    load_hub,
-    read_glue_tsv,
-)
+from diffora_lab.tasks.glue_files import MAX_MALFORMED_FRACTION, _layout, read_glue_tsv
 from diffora_lab.tasks.glue_files import check_data_dir as check_glue_dir
+from diffora_lab.tasks.glue_hub import check_hub_dataset, load_hub
 from diffora_lab.tasks.spec import (
     METRIC_NAMES,
     SYNTHETIC_TASK,
