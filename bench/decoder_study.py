@@ -37,6 +37,7 @@ task x method, achieved / target parameters, each method's paired difference to 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -107,7 +108,13 @@ def make_jobs(args: argparse.Namespace, runs: Path) -> list[budget_curve.CurveJo
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """Mean and sample std (NaN for one value: no spread measured, shown as "-")."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def _pm(mean: float, std: float, sign: str = "") -> str:
+    spread = "-" if math.isnan(std) else f"{100 * std:.2f}"
+    return f"{100 * mean:{sign}.2f} ± {spread}"
 
 
 def paired(mine: list[dict], other: list[dict]) -> str:
@@ -117,7 +124,7 @@ def paired(mine: list[dict], other: list[dict]) -> str:
     if not deltas:
         return "-"
     mean, std = _mean_std(deltas)
-    return f"{100 * mean:+.2f} ± {100 * std:.2f} ({len(deltas)})"
+    return f"{_pm(mean, std, '+')} ({len(deltas)})"
 
 
 def table(rows: list[dict], methods: list[str]) -> str:
@@ -148,7 +155,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
             ranks = "/".join(str(r) for r in sorted({r["rank"] for r in mine}))
             delta = "-" if method == "diffora" else paired(diffora, mine)
             lines.append(
-                f"| {task} | {method} | {ranks} | {100 * mean:.2f} ± {100 * std:.2f} | {seeds} "
+                f"| {task} | {method} | {ranks} | {_pm(mean, std)} | {seeds} "
                 f"| {params:,.0f} | {ratio} | {kept} | {delta} |"
             )
     return "\n".join(lines)
@@ -167,7 +174,8 @@ def figure(rows: list[dict], task: str, methods: list[str], path: Path) -> Path:
     for x, method in enumerate(shown):
         values = [r["value"] for r in rows if r["task"] == task and r["method"] == method]
         mean, std = _mean_std(values)
-        ax.bar(x, mean, yerr=std, capsize=4, color="#9ecae1", edgecolor="#3182bd")
+        error = None if math.isnan(std) else std
+        ax.bar(x, mean, yerr=error, capsize=4, color="#9ecae1", edgecolor="#3182bd")
         ax.plot([x] * len(values), values, "k.", markersize=5)
     ax.set_xticks(range(len(shown)), shown)
     ax.set_ylim(low, high)
