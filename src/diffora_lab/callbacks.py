@@ -16,9 +16,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffora_lab import plotting
+from diffora_lab.clock import RunClock
 from diffora_lab.dam import Mask, cubic_count
+
+__all__ = ["DAMMonitor", "Discretization", "Preemption", "RunClock", "StopAfter"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,16 @@ class Discretization(pl.Callback):
         self.output_dir = Path(output_dir)
         self.backbone = backbone
         self.search_cache = search_cache
+        self._writing_snapshot = False
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        if not self._writing_snapshot:
+            return
+        # The shared snapshot holds the search's state, not this run folder's: another run that
+        # starts from it must not restore this run's checkpoint paths or clock.
+        for callback in trainer.callbacks:
+            if isinstance(callback, RUN_PRIVATE):
+                checkpoint.get("callbacks", {}).pop(callback.state_key, None)
 
     def on_train_start(self, trainer, module) -> None:
         # A run resumed from a search snapshot (or stopped right at the end of the search)
@@ -61,7 +75,11 @@ class Discretization(pl.Callback):
                 # The state at the end of the search, shared by runs that differ only in what
                 # happens after it (budget, folding, ...): see search_cache.search_key.
                 # search_cache.SearchCache: the snapshot, then its record (key, split, source).
-                trainer.save_checkpoint(str(self.search_cache.snapshot))
+                self._writing_snapshot = True
+                try:
+                    trainer.save_checkpoint(str(self.search_cache.snapshot))
+                finally:
+                    self._writing_snapshot = False
                 history = self.output_dir / "dam" / "gates.jsonl"
                 if trainer.is_global_zero:
                     if history.is_file():
@@ -92,6 +110,8 @@ class Discretization(pl.Callback):
         """Scores dev, freezes the top-k mask into the model, scores dev again."""
         val_before = module.evaluate()
         mask, gates = module.propose_mask(self.backbone)
+        if module.search.progressive:  # removed during the search, not cut at its end
+            mask.extra["pruned"] = (~module.dam.active).flatten().cpu().tolist()
         # Ranks hold identical gates, but the mask must be identical bit for bit: rank 0 decides.
         mask = trainer.strategy.broadcast(mask, src=0)
         module.discretize(mask, gates)
@@ -195,45 +215,18 @@ class Preemption(pl.Callback):
             log.warning("signal received: saved %s at step %d", self.checkpoint, module.step)
 
 
-class RunClock(pl.Callback):
-    """Wall and fit seconds of a run, added up over its resumes (kept in the checkpoint).
+def _pruned(module, mask: Mask | None, live: bool) -> np.ndarray | None:
+    """Modules removed by progressive discretization: from the mask, or the DAM's ``active``."""
+    if mask is not None and mask.extra.get("pruned") is not None:
+        return np.array(mask.extra["pruned"], dtype=bool).reshape(mask.shape)
+    if live and module.search.progressive:
+        return (~module.dam.active).cpu().numpy()
+    return None
 
-    Args:
-        started: ``time.time()`` when this process started the run.
-        restore: False when the checkpoint is another run's (a reused search): its time is not
-            this run's.
-    """
 
-    def __init__(self, started: float, restore: bool = True) -> None:
-        self.started = started
-        self.restore = restore
-        self.fit_started: float | None = None
-        self.wall_before = 0.0  # spent by earlier processes of this run
-        self.fit_before = 0.0
-
-    def on_fit_start(self, trainer, module) -> None:
-        import time
-
-        self.fit_started = time.time()
-
-    def wall_seconds(self) -> float:
-        import time
-
-        return self.wall_before + time.time() - self.started
-
-    def fit_seconds(self) -> float:
-        import time
-
-        return self.fit_before + (time.time() - self.fit_started if self.fit_started else 0.0)
-
-    def state_dict(self) -> dict[str, float]:
-        return {"wall_seconds": self.wall_seconds(), "fit_seconds": self.fit_seconds()}
-
-    def load_state_dict(self, state_dict: dict[str, float]) -> None:
-        if not self.restore:
-            return
-        self.wall_before = float(state_dict.get("wall_seconds", 0.0))
-        self.fit_before = float(state_dict.get("fit_seconds", 0.0))
+# Callbacks whose state belongs to one run folder (its checkpoint paths, its clock): left out of
+# a shared search snapshot (Discretization.on_save_checkpoint).
+RUN_PRIVATE = (ModelCheckpoint, RunClock)
 
 
 class DAMMonitor(pl.Callback):
@@ -308,9 +301,18 @@ class DAMMonitor(pl.Callback):
         self.gates_file.parent.mkdir(parents=True, exist_ok=True)
         with self.gates_file.open("a") as handle:
             handle.write(json.dumps({"step": step, "gates": self.history[step]}) + "\n")
-        self._draw(trainer, module, step, gates, kept)
+        self._draw(trainer, module, step, gates, kept, live=True)
 
-    def _draw(self, trainer, module, step: int, gates: torch.Tensor, kept: Mask | None) -> None:
+    def _draw(
+        self,
+        trainer,
+        module,
+        step: int,
+        gates: torch.Tensor,
+        kept: Mask | None,
+        live: bool = False,
+    ) -> None:
+        """One heatmap; ``live``: the gates of this step (the DAM's ``active`` flags apply)."""
         values = gates.float().cpu()
         title = f"DAM step {step}" + (f" (kept {kept.k}, budget {kept.budget})" if kept else "")
         disc = module.discretization
@@ -325,6 +327,7 @@ class DAMMonitor(pl.Callback):
             module.dam.module_types,
             title,
             kept=None if kept is None else kept.as_tensor().numpy(),
+            pruned=_pruned(module, kept, live),
         )
         path = plotting.save(figure, self._heatmap_path(step, masked=kept is not None))
         run = _wandb_run(trainer)
@@ -350,6 +353,7 @@ class DAMMonitor(pl.Callback):
             kept=None if mask is None else mask.kept,
             discretized_at=None if mask is None else mask.step,
             title=f"DAM gates during the search ({len(module.candidates)} modules)",
+            pruned=None if mask is None else mask.extra.get("pruned"),
         )
         path = plotting.save(figure, self.output_dir / "dam" / "trajectories.png")
         run = _wandb_run(trainer)

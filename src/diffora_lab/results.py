@@ -102,27 +102,68 @@ def summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _uses_budget(method: str) -> bool:
-    from diffora_lab.methods.registry import get_method
+def _uses_budget(results: dict[str, Any]) -> bool:
+    from diffora_lab.runs import run_budget
 
-    try:
-        return get_method(method).uses_budget
-    except (KeyError, ValueError):
-        return True
+    return run_budget(results) is not None
+
+
+def _search_line(results: dict[str, Any]) -> str | None:
+    """What searched the modules: the variant and preset, or which run's search was reused."""
+    from diffora_lab.runs import search_label
+
+    variant = search_label(results)
+    if variant is None:
+        return None
+    what = f"{variant} (preset {results.get('preset') or 'default'})"
+    search = results.get("search") or {}
+    if search.get("reused"):
+        source = search.get("source") or {}
+        return (
+            f"  search              reused from {source.get('run_folder') or 'another run'} "
+            f"(cache entry {search.get('key')}): {what}, not run again"
+        )
+    steps = (results.get("discretization") or {}).get("step")
+    return f"  search              {what}" + (f", {steps} steps" if steps is not None else "")
+
+
+def _time_line(results: dict[str, Any]) -> str:
+    """The wall time and how it splits; a reused search shows 0 s of search and says so."""
+    seconds = results.get("seconds")
+    line = f"  time                {results['wall_seconds']:.0f} s"
+    if not seconds:
+        return line
+    parts = [f"start-up {seconds['startup']:.0f} s"]
+    if results.get("search_variant"):
+        reused = (results.get("search") or {}).get("reused")
+        parts.append(f"search {seconds['search']:.0f} s" + (" (reused)" if reused else ""))
+    parts += [
+        f"fine-tune {seconds['finetune']:.0f} s",
+        f"scoring and export {seconds['other']:.0f} s",
+    ]
+    return f"{line}: " + ", ".join(parts)
 
 
 def summary_text(results: dict[str, Any], output_dir: Path) -> str:
     """The one-screen summary printed at the end of a run."""
+    from diffora_lab.runs import method_label
+
     primary = results["primary_metric"]
     disc = results["discretization"]
     lines = [
         "",
         "=" * 72,
-        f"diffora_lab: {results['method']} on {results['task']} ({results['backbone']}, "
+        f"diffora_lab: {method_label(results)} on {results['task']} ({results['backbone']}, "
         # Only module-selecting methods have a budget; the others adapt every candidate.
-        + (f"budget {results['budget']}, " if _uses_budget(results["method"]) else "")
+        + (f"budget {results['budget']}, " if _uses_budget(results) else "")
         + f"rank {results['rank']}, seed {results['seed']})",
-        f"  steps               {results['steps']}  ({results['wall_seconds']:.0f} s)",
+    ]
+    search = _search_line(results)
+    if search:
+        lines.append(search)
+    lines += [
+        f"  steps               {results['steps']}",
+        _time_line(results),
         f"  trainable params    {results['params_trainable']:,} "
         f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,}"
         + (

@@ -397,6 +397,7 @@ def _fit_and_report(
             *progress_callbacks(
                 bool(cfg.trainer.get("enable_progress_bar", True)),
                 float(cfg.train.get("progress_every", 30)),
+                reused=search_info.get("source"),
             ),
         ]
         if cfg.train.get("stop_after"):
@@ -435,6 +436,7 @@ def _fit_and_report(
         results = collect_results(cfg, module, candidates, started, output_dir)
         results["wall_seconds"] = round(clock.wall_seconds(), 2)
         results["fit_seconds"] = round(clock.fit_seconds(), 2)
+        results["seconds"] = clock.seconds()  # start-up, search, fine-tune, the rest
         results["search"] = search_info
         if trainer.is_global_zero:
             reference = backbones.model_reference(cfg.backbone)
