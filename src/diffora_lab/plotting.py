@@ -92,6 +92,21 @@ def _pruned_at(steps: Sequence[int], column: np.ndarray) -> int | None:
     return last if last < len(steps) else None
 
 
+def _trajectory_legend(colors: dict, kept, pruned, discretized_at) -> list[Line2D]:
+    """Legend entries: the module types, then what the line styles and markers mean."""
+    handles = [Line2D([], [], color=color, lw=2, label=t) for t, color in colors.items()]
+    if kept is not None:
+        handles += [
+            Line2D([], [], color="gray", ls="-", label="kept"),
+            Line2D([], [], color="gray", ls="--", label="dropped"),
+        ]
+    if pruned is not None and any(pruned):
+        handles.append(Line2D([], [], color="gray", marker="x", ls="", label="pruned (gate -> 0)"))
+    if discretized_at is not None:
+        handles.append(Line2D([], [], color="black", ls=":", label="discretization"))
+    return handles
+
+
 def gate_trajectories(
     steps: Sequence[int],
     history: np.ndarray,
@@ -139,17 +154,9 @@ def gate_trajectories(
         )
         if end is not None:
             ax.plot([steps[end]], [history[end, index]], marker="x", ms=5, ls="", **style)
-    handles = [Line2D([], [], color=colors[t], lw=2, label=t) for t in types]
-    if kept is not None:
-        handles += [
-            Line2D([], [], color="gray", ls="-", label="kept"),
-            Line2D([], [], color="gray", ls="--", label="dropped"),
-        ]
-    if pruned is not None and any(pruned):
-        handles.append(Line2D([], [], color="gray", marker="x", ls="", label="pruned (gate -> 0)"))
     if discretized_at is not None:
         ax.axvline(discretized_at, color="black", ls=":", lw=1.2)
-        handles.append(Line2D([], [], color="black", ls=":", label="discretization"))
+    handles = _trajectory_legend(colors, kept, pruned, discretized_at)
     ax.set_ylim(GATE_RANGE[0] - 0.02, GATE_RANGE[1] + 0.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("step")

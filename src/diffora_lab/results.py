@@ -50,16 +50,7 @@ def collect_results(
         "metrics": dict(module.last_val),
         # The size of one dev example in the metric: the report's budget curve states it.
         "dev_examples": len(module.trainer.datamodule.dev[spec.dev_splits[0]]),
-        "discretization": {
-            "val_before": module.discretization.get("val_before"),
-            "val_after": module.discretization.get("val_after"),
-            "step": module.discretization.get("step"),
-            "gap": (
-                module.discretization["val_before"] - module.discretization["val_after"]
-                if module.discretization.get("val_before") is not None
-                else None
-            ),
-        },
+        "discretization": _discretization(module.discretization),
         "steps": module.step,
         "world_size": module.trainer.world_size,
         "ranks_consistent": module.ranks_consistent,
@@ -67,14 +58,7 @@ def collect_results(
         "output_dir": str(output_dir),
     }
     if module.search.enabled or cfg.dam.get("mask_path"):
-        dam = cfg.dam
-        results["search_variant"] = {
-            "relaxation": str(dam.relaxation),
-            "budget_penalty": float(dam.budget_penalty),
-            "progressive": bool(dam.get("progressive", False)),
-            "tau": [float(dam.tau), float(dam.tau_end)],
-            "order": str(dam.order),
-        }
+        results["search_variant"] = _search_variant(cfg.dam)
     if cfg.method.get("scaling") is not None:
         method = cfg.method
         results["lora_scaling"] = {"rule": str(method.scaling), "scale": method.get("scale")}
@@ -83,6 +67,28 @@ def collect_results(
         results["match"] = achieved(mask.kept, candidates, int(cfg.rank), target_rank).as_dict()
     results.update(module.method.results(module.model, candidates))
     return results
+
+
+def _discretization(record: dict[str, Any]) -> dict[str, Any]:
+    """The dev metric before and after the cut, its step and the gap (None without a cut)."""
+    before, after = record.get("val_before"), record.get("val_after")
+    return {
+        "val_before": before,
+        "val_after": after,
+        "step": record.get("step"),
+        "gap": before - after if before is not None else None,
+    }
+
+
+def _search_variant(dam: DictConfig) -> dict[str, Any]:
+    """The ``dam.*`` settings that make a search variant (the report groups by them)."""
+    return {
+        "relaxation": str(dam.relaxation),
+        "budget_penalty": float(dam.budget_penalty),
+        "progressive": bool(dam.get("progressive", False)),
+        "tau": [float(dam.tau), float(dam.tau_end)],
+        "order": str(dam.order),
+    }
 
 
 def summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
