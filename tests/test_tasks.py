@@ -456,14 +456,14 @@ def _rule(sentence: str, kind: str) -> int:
 
 
 def test_synthetic_labels_follow_the_stated_rule_and_need_more_than_words() -> None:
-    raw, kinds = generate_synthetic(7), kinds_of(7)
+    raw, kinds = generate_synthetic(7, noise=0), kinds_of(7, noise=0)
     assert set(kinds["train"]) == {"single", "contrast", "majority"}
     for sentence, label, kind in zip(raw.train.text_a, raw.train.labels, kinds["train"]):
         assert _rule(sentence, kind) == label, (sentence, kind)
     # A bag of words (naive Bayes on word counts) cannot solve the default task; it solves the
     # smoke experiment's single clauses without negation perfectly.
     assert _bag_of_words_accuracy(raw) < 0.7
-    easy = generate_synthetic(7, negation=0, contrast=0, majority=0, lexicon=4)
+    easy = generate_synthetic(7, negation=0, contrast=0, majority=0, lexicon=4, noise=0)
     assert _bag_of_words_accuracy(easy) == 1.0
 
 
@@ -484,7 +484,7 @@ def _bag_of_words_accuracy(raw) -> float:
 
 
 def test_synthetic_noise_flips_a_share_of_labels_in_each_class() -> None:
-    clean = generate_synthetic(3, n_train=400, n_dev=200)
+    clean = generate_synthetic(3, n_train=400, n_dev=200, noise=0)
     noisy = generate_synthetic(3, n_train=400, n_dev=200, noise=0.1)
     assert noisy.train.text_a == clean.train.text_a  # the same sentences, some labels flipped
     flipped = [a != b for a, b in zip(clean.train.labels, noisy.train.labels)]

@@ -87,7 +87,7 @@ class SyntheticSettings:
     contrast: float = 0.3
     majority: float = 0.4
     lexicon: int = 27
-    noise: float = 0.0
+    noise: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_dev"):
