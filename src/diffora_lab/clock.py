@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 
@@ -17,16 +18,20 @@ class RunClock(pl.Callback):
     export. A run that starts from a shared search snapshot spent 0 s searching.
 
     Args:
-        started: ``time.time()`` when this process started the run.
+        started: ``now()`` when this process started the run.
         restore: False when the checkpoint is another run's (a reused search): its time is not
             this run's.
+        now: The time source (seconds); tests pass a fake one to check the arithmetic.
     """
 
     PHASES = ("startup", "search", "finetune")
 
-    def __init__(self, started: float, restore: bool = True) -> None:
+    def __init__(
+        self, started: float, restore: bool = True, now: Callable[[], float] = time.time
+    ) -> None:
         self.started = started
         self.restore = restore
+        self.now = now
         self.fit_started: float | None = None
         self.wall_before = 0.0  # spent by earlier processes of this run
         self.fit_before = 0.0
@@ -35,26 +40,28 @@ class RunClock(pl.Callback):
         self._phase = "search"
 
     def on_fit_start(self, trainer, module) -> None:
-        self.fit_started = time.time()
+        self.fit_started = self.now()
 
     def on_train_start(self, trainer, module) -> None:
-        self._mark = time.time()
+        self._mark = self.now()
         self.split["startup"] += self._mark - self.started
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._phase = module.phase
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        now = time.time()
+        now = self.now()
         if self._mark is not None:
             self.split[self._phase] = self.split.get(self._phase, 0.0) + now - self._mark
         self._mark = now
 
     def wall_seconds(self) -> float:
-        return self.wall_before + time.time() - self.started
+        return self.wall_before + self.now() - self.started
 
     def fit_seconds(self) -> float:
-        return self.fit_before + (time.time() - self.fit_started if self.fit_started else 0.0)
+        return self.fit_before + (
+            self.now() - self.fit_started if self.fit_started is not None else 0.0
+        )
 
     def seconds(self) -> dict[str, float]:
         """``startup``, ``search``, ``finetune`` and ``other`` (scoring, export) seconds so far."""

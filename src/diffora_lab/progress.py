@@ -182,6 +182,14 @@ class ResumeNotice(pl.Callback):
     def on_train_start(self, trainer, module) -> None:
         if not trainer.is_global_zero or module.step == 0:
             return
+        if self.reused is not None and not self.reused.get("exact", True):
+            self.emit(
+                f"diffora_lab: the search of this run continues the one "
+                f"{self.reused.get('run_folder') or 'another run'} made (search cache entry "
+                f"{self.reused.get('key')}) from its snapshot at step {module.step}, to its cut "
+                f"and then fine-tuning to step {trainer.max_steps}."
+            )
+            return
         if self.reused is not None:
             self.emit(
                 f"diffora_lab: the search of this run was already made by "

@@ -37,6 +37,7 @@ from diffora_lab.runs import (
     group,
     group_label,
     method_label,
+    off_target,
     repeated_seeds,
     run_settings,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "find_results",
     "main",
     "method_label",
+    "off_target",
     "plot_budget_curve",
     "run_settings",
     "to_markdown",
@@ -88,6 +90,13 @@ def _summary(key: tuple, runs: list[dict[str, Any]]) -> dict[str, Any]:
             f"their seed: {listed}",
             stacklevel=3,
         )
+    missed = [r["run_dir"] for r in runs if off_target(r)]
+    if missed:
+        warnings.warn(
+            f"{group_label(key)}: {len(missed)} run(s) kept more than one module away from "
+            f"their budget's target (results.json budget_count): {', '.join(missed)}",
+            stacklevel=3,
+        )
     return {
         **dict(zip(GROUP_KEYS, key)),
         "metric": "/".join(sorted({str(r["primary_metric"]) for r in runs})),
@@ -101,6 +110,7 @@ def _summary(key: tuple, runs: list[dict[str, Any]]) -> dict[str, Any]:
             (int(r["dev_examples"]) for r in runs if r.get("dev_examples")), default=None
         ),
         "differs_in": sorted(differ),
+        "off_target": missed,
     }
 
 
@@ -116,9 +126,11 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         method without one), ``rank``, ``metric`` (the primary metric's name), ``mean``,
         ``std`` (sample standard deviation, ddof=1; ``None`` for a single run), ``runs``,
         ``seeds``, ``repeated_seeds``, ``params_trainable`` (mean), ``dev_examples`` (the dev
-        set's size, if recorded) and ``differs_in`` (settings besides the seed that differ
-        within the group). Repeated seeds and differing settings are also warned about; runs
-        without a value for their primary metric are left out with a warning.
+        set's size, if recorded), ``differs_in`` (settings besides the seed that differ
+        within the group) and ``off_target`` (runs more than one module away from their
+        budget's target: :func:`~diffora_lab.runs.off_target`). Repeated seeds, differing
+        settings and off-target runs are also warned about; runs without a value for their
+        primary metric are left out with a warning.
     """
     scored = []
     for row in rows:
@@ -169,7 +181,7 @@ def to_markdown(groups: Sequence[dict[str, Any]], digits: int = 4) -> str:
             g["metric"],
             f"{g['mean']:.{digits}f}",
             "-" if g["std"] is None else f"{g['std']:.{digits}f}",
-            f"{g['params_trainable']:,.0f}",
+            f"{g['params_trainable']:,.0f}" + (" ‡" if g.get("off_target") else ""),
             runs_cell(g),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -232,7 +244,8 @@ def write_report(
     body = (
         f"{header}. Mean and sample std (ddof=1) of the primary dev metric over seeds; "
         "search: the search variant; budget `-`: a method without a budget (it adapts every "
-        "candidate); params: mean trainable parameters; runs: `!` the runs of that group "
+        "candidate); params: mean trainable parameters (`‡`: some runs kept more than one "
+        "module away from their budget's target); runs: `!` the runs of that group "
         "differ in more than their seed (listed in the warnings), `seed N 2x` a seed that "
         f"occurs twice.\n\n{to_markdown(groups)}\n\n![budget curve]({plot.name})\n"
     )
@@ -268,6 +281,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_folder(dirs: Sequence[str], out: str | None) -> Path:
+    """``--out``, else the one folder given (a ``results.json``'s own folder), else ./report."""
+    if out is not None:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ReportError(
+                f"--out {out} is a file; give a folder (it receives report.md, report.csv and "
+                "the budget curve)."
+            )
+        return Path(out)
+    if len(dirs) == 1:
+        return Path(dirs[0]).parent if Path(dirs[0]).is_file() else Path(dirs[0])
+    return Path("report")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (2 for a user error).
 
@@ -275,8 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name; ``None`` reads ``sys.argv``.
     """
     args = _parser().parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.dirs[0] if len(args.dirs) == 1 else "report")
     try:
+        out = _out_folder(args.dirs, args.out)
         rows = collect(args.dirs)
         if not rows:
             raise ReportError(

@@ -28,9 +28,14 @@ def collect_results(
     results = {
         "task": spec.name,
         "method": cfg.method.name,
-        "preset": cfg.method.get("preset"),
+        # The search variant's name for it (searches/), else the method file's preset.
+        "preset": module.variant.preset if module.variant else cfg.method.get("preset"),
         "backbone": cfg.backbone.name,
-        "budget": float(cfg.budget),
+        # Only module-selecting methods have one: others record none (reports group them as one).
+        "budget": float(cfg.budget) if module.method.uses_budget else None,
+        "budget_unit": (
+            str(cfg.get("budget_unit") or "params") if module.method.uses_budget else None
+        ),
         "rank": int(cfg.rank),
         "seed": int(cfg.seed),
         "params_trainable": params["total"],
@@ -57,8 +62,12 @@ def collect_results(
         "wall_seconds": round(time.time() - started, 2),
         "output_dir": str(output_dir),
     }
-    if module.search.enabled or cfg.dam.get("mask_path"):
-        results["search_variant"] = _search_variant(cfg.dam)
+    if module.variant is not None:
+        results["search_variant"] = module.variant.describe()
+    budget = module.method.budget(cfg, candidates) if module.method.uses_budget else None
+    if budget is not None and mask is not None:
+        # Target against achieved, in the budget's unit (the report flags > one module off).
+        results["budget_count"] = budget.summary(mask.kept)
     if cfg.method.get("scaling") is not None:
         method = cfg.method
         results["lora_scaling"] = {"rule": str(method.scaling), "scale": method.get("scale")}
@@ -77,17 +86,6 @@ def _discretization(record: dict[str, Any]) -> dict[str, Any]:
         "val_after": after,
         "step": record.get("step"),
         "gap": before - after if before is not None else None,
-    }
-
-
-def _search_variant(dam: DictConfig) -> dict[str, Any]:
-    """The ``dam.*`` settings that make a search variant (the report groups by them)."""
-    return {
-        "relaxation": str(dam.relaxation),
-        "budget_penalty": float(dam.budget_penalty),
-        "progressive": bool(dam.get("progressive", False)),
-        "tau": [float(dam.tau), float(dam.tau_end)],
-        "order": str(dam.order),
     }
 
 
@@ -115,21 +113,27 @@ def _uses_budget(results: dict[str, Any]) -> bool:
 
 
 def _search_line(results: dict[str, Any]) -> str | None:
-    """What searched the modules: the variant and preset, or which run's search was reused."""
+    """What searched the modules: the variant and preset, or which run's search was reused (all
+    of it, or up to a snapshot this run continued from)."""
     from diffora_lab.runs import search_label
 
     variant = search_label(results)
     if variant is None:
         return None
-    what = f"{variant} (preset {results.get('preset') or 'default'})"
+    preset = results.get("preset") or "default"
+    # The preset of a search variant is its name (the header names it too): said once.
+    what = variant if variant.split("+")[0] == preset else f"{variant} (preset {preset})"
     search = results.get("search") or {}
+    steps = (results.get("discretization") or {}).get("step")
     if search.get("reused"):
         source = search.get("source") or {}
+        made_by = f"{source.get('run_folder') or 'another run'} (cache entry {search.get('key')})"
+        if source.get("exact", True):
+            return f"  search              reused from {made_by}: {what}, not run again"
         return (
-            f"  search              reused from {source.get('run_folder') or 'another run'} "
-            f"(cache entry {search.get('key')}): {what}, not run again"
+            f"  search              continued from step {source.get('step')} of {made_by}: "
+            f"{what}" + (f", {steps} steps" if steps is not None else "")
         )
-    steps = (results.get("discretization") or {}).get("step")
     return f"  search              {what}" + (f", {steps} steps" if steps is not None else "")
 
 
@@ -141,8 +145,13 @@ def _time_line(results: dict[str, Any]) -> str:
         return line
     parts = [f"start-up {seconds['startup']:.0f} s"]
     if results.get("search_variant"):
-        reused = (results.get("search") or {}).get("reused")
-        parts.append(f"search {seconds['search']:.0f} s" + (" (reused)" if reused else ""))
+        search = results.get("search") or {}
+        source = search.get("source") or {}
+        note = ""
+        if search.get("reused"):
+            exact = source.get("exact", True)
+            note = " (reused)" if exact else f" (from step {source.get('step')})"
+        parts.append(f"search {seconds['search']:.0f} s{note}")
     parts += [
         f"fine-tune {seconds['finetune']:.0f} s",
         f"scoring and export {seconds['other']:.0f} s",
@@ -190,6 +199,8 @@ def summary_text(results: dict[str, Any], output_dir: Path) -> str:
         )
     for key, value in results["metrics"].items():
         lines.append(f"  final {key:<14}{value:.4f}")
+    for warning in results.get("warnings") or []:
+        lines.append(f"  warning             {warning}")
     written = ["results.json", "checkpoints/last.ckpt"]
     for name in ("dam/mask.json", "dam/heatmaps/", "adapter/", "merged/"):
         if (output_dir / name).exists():

@@ -74,25 +74,31 @@ def method_label(row: dict[str, Any]) -> str:
 
 
 def search_label(row: dict[str, Any]) -> str | None:
-    """The search variant in a few words (``sigmoid+progressive``), None for runs without one.
+    """The search variant in a few words (``progressive``, ``topk+tau 2-0.5``), None for runs
+    without one.
 
-    From ``results.json``'s ``search_variant``: the relaxation, then what differs from the
-    paper's search (progressive discretization, a budget penalty, an annealed temperature, the
-    second-order architecture step).
+    From ``results.json``'s ``search_variant``: the variant's name (``search=``), then the shared
+    search settings that differ from the paper's (an annealed temperature, the second-order
+    architecture gradient). Results written before the ``search=`` group name the relaxation and
+    what differed from the paper's search (progressive, a budget penalty) instead.
     """
     variant = row.get("search_variant")
     if not variant:
         return None
-    parts = [str(variant.get("relaxation", "?"))]
-    if variant.get("progressive"):
-        parts.append("progressive")
-    if variant.get("budget_penalty"):
-        parts.append(f"penalty {variant['budget_penalty']:g}")
+    if variant.get("name"):
+        parts = [str(variant["name"])]
+    else:  # written before the search= group
+        parts = [str(variant.get("relaxation", "?"))]
+        if variant.get("progressive"):
+            parts.append("progressive")
+        if variant.get("budget_penalty"):
+            parts.append(f"penalty {variant['budget_penalty']:g}")
     tau = variant.get("tau") or [1.0, 1.0]
     if list(tau) != [1.0, 1.0]:
         parts.append(f"tau {tau[0]:g}-{tau[-1]:g}")
-    if variant.get("order", "first") != "first":
-        parts.append(f"{variant['order']} order")
+    arch_grad = variant.get("arch_grad", variant.get("order", "first"))
+    if arch_grad != "first":
+        parts.append(f"{arch_grad} order")
     return "+".join(parts)
 
 
@@ -101,6 +107,19 @@ def run_budget(row: dict[str, Any]) -> float | None:
     if row.get("budget") is None or budget_free(str(row["method"])):
         return None
     return float(row["budget"])
+
+
+def off_target(row: dict[str, Any]) -> bool:
+    """Whether a run kept more than one module away from its budget's target.
+
+    The budget rule keeps within half a module of the target (budget.py), so this flags a run
+    whose count is not what its budget asked for (e.g. a saved mask, or a fixed choice whose
+    rank cannot reach the target). From ``results.json``'s ``budget_count``.
+    """
+    count = row.get("budget_count")
+    if not isinstance(count, dict) or count.get("target") is None:
+        return False
+    return abs(float(count["achieved"]) - float(count["target"])) > float(count["largest_module"])
 
 
 def group_key(row: dict[str, Any]) -> tuple:
