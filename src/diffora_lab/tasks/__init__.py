@@ -165,6 +165,10 @@ def _load_all(
                 )
             return synthetic_choice.generate_choice_items(seed, **overrides)
         return generate_synthetic(seed, **overrides)  # checks the keys
+    if spec.source == "commonsense":
+        if data_dir is not None:
+            return commonsense.load_local(spec, data_dir)
+        return commonsense.load_hub(spec, str(hub_id))
     if data_dir is not None:
         check_data_dir(spec, data_dir)
         return RawSplits(
