@@ -100,16 +100,18 @@ def mask_file(edit: Callable[[dict], object]) -> Callable:
     return make
 
 
-def edited(**changes) -> Callable[[dict], dict]:
-    def edit(mask: dict) -> dict:
-        mask.update(changes)
-        return mask
-
-    return edit
-
-
 def keep_all(mask: dict) -> dict:
     return {**mask, "kept": [True] * len(mask["kept"]), "k": len(mask["kept"])}
+
+
+def in_modules(budget: float, k: int) -> Callable[[dict], dict]:
+    """The mask in the paper's unit (modules) at ``budget``, keeping its first ``k`` modules."""
+
+    def edit(mask: dict) -> dict:
+        kept = [index < k for index in range(len(mask["kept"]))]
+        return {**mask, "unit": "modules", "budget": budget, "kept": kept, "k": k}
+
+    return edit
 
 
 def in_params_keeping_all(mask: dict) -> dict:
@@ -237,8 +239,8 @@ SITUATIONS: dict[str, Callable] = {
         b"\r".join([b"sentence\tlabel", *("\t".join(r).encode() for r in sst2_rows())]) + b"\r"
     ),
     "an empty mask file": mask_file(lambda mask: ""),
-    "a mask with budget 0.9 that keeps 6 of 12": mask_file(edited(budget=0.9)),
-    "a mask that keeps 12 of 12 at budget 0.5": mask_file(keep_all),
+    "a mask with budget 0.9 that keeps 6 of 12": mask_file(in_modules(0.9, 6)),
+    "a mask that keeps 12 of 12 at budget 0.5": mask_file(in_modules(0.5, 12)),
     "a mask in params edited to keep all 12 modules": mask_file(in_params_keeping_all),
     "a mask with 5 `module_types` for 6 columns": mask_file(
         lambda mask: {**mask, "module_types": mask["module_types"][:5]}
@@ -305,9 +307,7 @@ def stopped(tmp_path_factory) -> tuple[Path, Path]:
     run(compose_config(["+experiment=smoke", "train.stop_after=6"], out), out)
     assert (out / "csv" / "metrics.csv").is_file() and (out / "dam" / "search_split.json").is_file()
     masked = tmp_path_factory.mktemp("masked")
-    # In modules (the paper's unit), so that its k follows from its budget alone.
-    overrides = ["train.max_steps=8", "dam.warmup_steps=1", "budget_unit=modules"]
-    cfg = compose_config(["+experiment=smoke", *overrides], masked)
+    cfg = compose_config(["+experiment=smoke", "train.max_steps=8", "dam.warmup_steps=1"], masked)
     run(cfg, masked)
     return out, masked / "dam" / "mask.json"
 

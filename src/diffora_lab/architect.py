@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from diffora_lab.dam import DAM, gate_entropy
+from diffora_lab.registry import Registry
 
 Batch = dict[str, torch.Tensor]
 
@@ -128,43 +129,22 @@ class Architect:
         self.optimizer.load_state_dict(state)
 
 
-_ARCHITECTS: dict[str, type[Architect]] = {}
+_ARCHITECTS = Registry("architecture-gradient rule", "dam.arch_grad")
 
 
 def register_architect(name: str) -> Callable[[type[Architect]], type[Architect]]:
-    """Class decorator: makes an :class:`Architect` subclass selectable as ``dam.arch_grad=NAME``.
-
-    Args:
-        name: The name ``dam.arch_grad`` selects it by.
-    """
-
-    def add(cls: type[Architect]) -> type[Architect]:
-        if name in _ARCHITECTS and _ARCHITECTS[name] is not cls:
-            raise ValueError(f"architect {name!r} is registered twice")
-        _ARCHITECTS[name] = cls
-        return cls
-
-    return add
+    """Class decorator: an :class:`Architect` subclass selectable as ``dam.arch_grad=NAME``."""
+    return _ARCHITECTS.under(name)
 
 
 def architect_names() -> list[str]:
     """The registered architecture-gradient rules (what ``dam.arch_grad`` accepts)."""
-    return sorted(_ARCHITECTS)
+    return _ARCHITECTS.names()
 
 
 def get_architect(name: str) -> type[Architect]:
-    """The architect class registered as ``name``.
-
-    Raises:
-        ValueError: An unknown name; the message lists the registered ones.
-    """
-    try:
-        return _ARCHITECTS[str(name)]
-    except KeyError:
-        raise ValueError(
-            f"dam.arch_grad={name!r}: unknown architecture-gradient rule; choose one of "
-            f"{architect_names()}."
-        ) from None
+    """The architect class registered as ``name`` (unknown: ``ValueError`` listing them)."""
+    return _ARCHITECTS.get(name)
 
 
 register_architect("first")(Architect)

@@ -21,6 +21,7 @@ from diffora_lab.backbones import Candidate
 from diffora_lab.budget import Budget, target_rank_of
 from diffora_lab.dam import DAM, Mask
 from diffora_lab.export import export_adapter
+from diffora_lab.registry import Registry
 
 
 @dataclass
@@ -119,36 +120,22 @@ class Method:
         return export_adapter(model, folder, base_model=base_model)
 
 
-_REGISTRY: dict[str, type[Method]] = {}
+_REGISTRY = Registry("method", "method", hint="(conf/method/*.yaml)")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: adds a :class:`Method` to the table under ``cls.name``."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} has no name: set the class attribute `name`.")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method {cls.name!r} is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls)
 
 
 def method_names() -> list[str]:
     """The registered names, sorted (what ``method=`` accepts)."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_method(name: str) -> type[Method]:
-    """The method class registered under ``name``.
-
-    Raises:
-        ValueError: An unknown name; the message lists the registered ones.
-    """
-    try:
-        return _REGISTRY[str(name)]
-    except KeyError:
-        raise ValueError(
-            f"method={name!r}: unknown method; choose one of {method_names()} (conf/method/*.yaml)."
-        ) from None
+    """The method class registered under ``name`` (unknown: ``ValueError`` listing them)."""
+    return _REGISTRY.get(name)
 
 
 def method_for(cfg: DictConfig) -> Method:

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffora_lab.budget import Budget
 from diffora_lab.dam import DAM
+from diffora_lab.registry import Registry
 
 
 class SearchVariant:
@@ -134,37 +135,22 @@ class SearchVariant:
         """Takes :meth:`state_dict`'s value back (None: a checkpoint without it)."""
 
 
-_REGISTRY: dict[str, type[SearchVariant]] = {}
+_REGISTRY = Registry("search variant", "search", hint="(conf/search/*.yaml)")
 
 
 def register_search(cls: type[SearchVariant]) -> type[SearchVariant]:
     """Class decorator: adds a :class:`SearchVariant` to the table under ``cls.name``."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} has no name: set the class attribute `name`.")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"search variant {cls.name!r} is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls)
 
 
 def search_names() -> list[str]:
     """The registered names, sorted (what ``search=`` accepts)."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_search(name: str) -> type[SearchVariant]:
-    """The variant class registered under ``name``.
-
-    Raises:
-        ValueError: An unknown name; the message lists the registered ones.
-    """
-    try:
-        return _REGISTRY[str(name)]
-    except KeyError:
-        raise ValueError(
-            f"search={name!r}: unknown search variant; choose one of {search_names()} "
-            "(conf/search/*.yaml)."
-        ) from None
+    """The variant class registered under ``name`` (unknown: ``ValueError`` listing them)."""
+    return _REGISTRY.get(name)
 
 
 def search_options(cfg: DictConfig) -> dict[str, Any]:

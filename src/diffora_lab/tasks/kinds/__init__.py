@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from diffora_lab.registry import Registry
 from diffora_lab.tasks.spec import Examples, TaskSpec
 from diffora_lab.tasks.tokenized import TokenizedSplit
 
@@ -87,34 +88,22 @@ class TaskKind:
         raise NotImplementedError
 
 
-_KINDS: dict[str, type[TaskKind]] = {}
+_KINDS = Registry("task kind", "task.kind", also=("auto",))
 
 
 def register_kind(cls: type[TaskKind]) -> type[TaskKind]:
     """Class decorator: adds a :class:`TaskKind` under ``cls.name``."""
-    if not cls.name or (cls.name in _KINDS and _KINDS[cls.name] is not cls):
-        raise ValueError(f"task kind {cls.__name__}: empty or duplicate name {cls.name!r}")
-    _KINDS[cls.name] = cls
-    return cls
+    return _KINDS.register(cls)
 
 
 def kind_names() -> list[str]:
     """The registered kinds (what ``task.kind`` accepts besides ``auto``)."""
-    return sorted(_KINDS)
+    return _KINDS.names()
 
 
 def get_kind(name: str) -> type[TaskKind]:
-    """The kind class registered as ``name``.
-
-    Raises:
-        ValueError: An unknown name; the message lists the registered ones.
-    """
-    try:
-        return _KINDS[str(name)]
-    except KeyError:
-        raise ValueError(
-            f"task.kind={name!r}: unknown task kind; choose one of {['auto', *kind_names()]}."
-        ) from None
+    """The kind class registered as ``name`` (unknown: ``ValueError`` listing them)."""
+    return _KINDS.get(name)
 
 
 def resolve_kind_name(requested: str | None, spec: TaskSpec, causal_lm: bool, backbone: str) -> str:
