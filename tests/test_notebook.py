@@ -88,3 +88,89 @@ def test_notebook_executes_on_real_runs(runs_dir, monkeypatch):
     # One survival panel per backbone (titles are in the figures; the table is text/html).
     html = json.dumps([out.get("data", {}).get("text/html", "") for out in outputs])
     assert "tiny_deberta_3l" in html and "tiny_deberta<" in html
+
+
+def fake_run(folder: Path, method: str, seed: int, score: float, **fields) -> None:
+    """A finished run's results.json (and its dam/mask.json when it selected modules)."""
+    modules = [f"layer.{i}.{t}" for i in range(2) for t in ("q", "v")]
+    results = {
+        "task": "synthetic",
+        "method": method,
+        "backbone": "tiny_deberta",
+        "budget": 0.5,
+        "rank": 8,
+        "seed": seed,
+        "params_trainable": 100,
+        "k": 2,
+        "candidate_modules": 4,
+        "steps": 40,
+        "primary_metric": "val/accuracy",
+        "metrics": {"val/accuracy": score},
+        **fields,
+    }
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    if results.get("search_variant"):
+        kept = [True, False, False, True] if seed % 2 else [True, True, False, False]
+        mask = {
+            "modules": modules,
+            "gates": [0.9 if flag else 0.1 for flag in kept],
+            "kept": kept,
+            "budget": 0.5,
+            "k": 2,
+            "step": 20,
+            "shape": [2, 2],
+            "module_types": ["q", "v"],
+            "source": "search",
+        }
+        (folder / "dam").mkdir()
+        (folder / "dam" / "mask.json").write_text(json.dumps(mask))
+
+
+@pytest.mark.slow
+def test_notebook_and_report_group_the_same_runs(tmp_path, monkeypatch):
+    from diffora_lab import report
+
+    default = {"relaxation": "sigmoid", "progressive": True, "budget_penalty": 0.0}
+    faithful = {**default, "progressive": False}
+    for seed in (1, 2):
+        fake_run(tmp_path / f"d{seed}", "diffora", seed, 0.8, preset="default",
+                 search_variant=default)  # fmt: skip
+        fake_run(tmp_path / f"f{seed}", "diffora", seed, 0.6, preset="faithful",
+                 search_variant=faithful)  # fmt: skip
+        fake_run(tmp_path / f"l{seed}", "lora", seed, 0.7, budget=None if seed == 2 else 0.5)
+    fake_run(tmp_path / "f1_again", "diffora", 1, 0.6, preset="faithful", search_variant=faithful)
+    with pytest.warns(UserWarning, match="seed 1 occurs more than once"):
+        groups = report.aggregate(report.collect([tmp_path]))
+    expected = [[g[k] for k in ("backbone", "task", "method", "search", "budget", "rank")]
+                for g in groups]  # fmt: skip
+    assert [row[2:5] for row in expected] == [
+        ["diffora", "sigmoid+progressive", 0.5],
+        ["diffora_faithful", "sigmoid", 0.5],
+        ["lora", None, None],
+    ]
+
+    monkeypatch.setenv("DIFFORA_RUNS", str(tmp_path))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    # Read the notebook's own grouping back: its groups, and those of its survival table.
+    notebook.cells.append(
+        nbformat.v4.new_code_cell(
+            "print('GROUPING', json.dumps({'groups': [list(k) for k in GROUPS], "
+            "'survival': sorted({tuple(map(str, i[:-1])) for i in counts.index.tolist()})}))"
+        )
+    )
+    client = NotebookClient(
+        notebook,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
+    client.execute()
+    text = "".join(
+        out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", [])
+    )
+    grouping = json.loads(text.split("GROUPING ", 1)[1].splitlines()[0])
+    assert grouping["groups"] == expected
+    # The survival table keeps the presets apart (and has no row for LoRA, which keeps all).
+    assert [row[2] for row in grouping["survival"]] == ["diffora", "diffora_faithful"]
+    assert "seed 1 repeated!" in text  # the repeated seed of the faithful group is flagged

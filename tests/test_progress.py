@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
+import os
+import pty
 import re
+import struct
+import termios
+from types import SimpleNamespace
 
 import pytest
 from conftest import compose_config
 
-from diffora_lab.progress import PhaseProgressBar, ProgressLog, progress_callbacks
+from diffora_lab.progress import (
+    PhaseProgressBar,
+    ProgressLog,
+    progress_callbacks,
+    usable_terminal,
+)
 from diffora_lab.train import run
 
 STEPS = 8  # 4 search steps (architecture steps from step 1), 4 fine-tuning steps
@@ -59,7 +70,7 @@ def test_off_a_terminal_log_lines_carry_phase_step_losses_rate_and_eta(
     parsed = [pattern.fullmatch(line) for line in lines]
     assert all(parsed), lines
     steps = [int(m.group(2)) for m in parsed]
-    assert steps[0] == 1 and steps[-1] == STEPS
+    assert steps[0] == 2 and steps[-1] == STEPS  # the first line once a step has been timed
     phases = [m.group(1) for m in parsed]
     assert "search" in phases and phases[-1] == "finetune"
     # The search loss appears once architecture steps run, and only while searching.
@@ -73,9 +84,9 @@ def test_off_a_terminal_the_interval_holds_lines_back(tmp_path, monkeypatch, cap
     with caplog.at_level(logging.INFO, logger="diffora_lab"):
         smoke(tmp_path, "train.progress_every=3600")
     lines = [r.getMessage() for r in caplog.records if " steps/s " in r.getMessage()]
-    # The first step, the change of phase and the end: not one per step.
+    # The second step (the first one timed), the change of phase and the end: not one per step.
     assert [line.split(" |")[0] for line in lines] == [
-        "search step 1/8",
+        "search step 2/8",
         f"finetune step {STEPS // 2 + 1}/8",
         f"finetune step {STEPS}/8",
     ]
@@ -106,3 +117,40 @@ def test_resuming_says_from_which_step_and_phase(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     notices = [line for line in out if line.startswith("diffora_lab: resuming")]
     assert notices == ["diffora_lab: resuming from checkpoint at step 2 of 8, phase search"]
+
+
+def test_a_terminal_that_reports_no_width_gets_log_lines(monkeypatch):
+    # Some job runners give the process a pseudo-terminal of 0 columns: a bar there is invisible.
+    master, replica = pty.openpty()
+    try:
+        with os.fdopen(replica, "w") as stream:
+            fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 0, 0, 0))
+            assert stream.isatty() and not usable_terminal(stream)
+            monkeypatch.setattr("sys.stdout", stream)
+            assert isinstance(progress_callbacks(True, 30)[-1], ProgressLog)
+            fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+            assert usable_terminal(stream)
+            assert isinstance(progress_callbacks(True, 30)[-1], PhaseProgressBar)
+    finally:
+        os.close(master)
+    assert not usable_terminal(Pipe())
+    assert usable_terminal(Terminal())  # a terminal-like wrapper without a descriptor
+
+
+def test_the_eta_counts_steps_after_the_first_one():
+    # A 20 s start (snapshot load, first batch) then 1 s per step, on a clock the test moves.
+    now = [0.0]
+    lines: list[str] = []
+    log = ProgressLog(every=3600, emit=lines.append)
+    module = SimpleNamespace(step=0, phase="search")
+    trainer = SimpleNamespace(
+        max_steps=100, is_global_zero=True, callback_metrics={}, lightning_module=module
+    )
+    log.clock = lambda: now[0]
+    log.on_train_start(trainer, module)
+    for step, seconds in ((1, 20.0), (2, 1.0), (3, 1.0)):
+        now[0] += seconds
+        module.step = step
+        log.on_train_batch_end(trainer, module, None, None, step)
+    # One line, after step 2: 1 step/s, 98 steps left (counting the start: 0.1 step/s, 16 min).
+    assert lines == ["search step 2/100 | loss - | 1.00 steps/s | ETA 1m38s"]

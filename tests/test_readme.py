@@ -37,7 +37,7 @@ NOT_RUN = {
     "+experiment=llama3_8b_commonsense": "Llama-3-8B and the LLM-Adapters data on a GPU",
 }
 # Placeholders the README uses -> what the test puts there (filled in by the fixture).
-RUN_PLACEHOLDER = "outputs/2026-11-28/11-40-02"
+RUN_PLACEHOLDER = "outputs/synthetic/diffora/2026-11-28_11-40-02"
 # Appended to every `python -m diffora_lab` command: a few steps, no W&B. The quickstart keeps
 # its backbone (MiniLM: the adapter snippet loads it); the others run on the tiny one.
 FAST = (
@@ -196,10 +196,14 @@ def test_python_blocks_run_and_load_the_adapter(default_run, tmp_path, monkeypat
     assert model.base_model.model.config.num_labels == namespace["num_labels"] == 2
 
 
+def summary_block() -> str:
+    return next(body for lang, body in blocks() if lang == "" and body.startswith("diffora_lab:"))
+
+
 @pytest.mark.slow
 def test_summary_block_matches_a_real_summary(default_run):
     _, stdout = default_run
-    shown = next(body for lang, body in blocks() if lang == "" and body.startswith("diffora_lab:"))
+    shown = summary_block()
     real = stdout.splitlines()
     # The README shows the default job (seed 42, budget 0.5, rank 8): the same header.
     assert shown.splitlines()[0] in real
@@ -209,6 +213,31 @@ def test_summary_block_matches_a_real_summary(default_run):
             assert any(x.strip().startswith("results.json, checkpoints/last.ckpt") for x in real)
             continue
         assert any(x.strip().startswith(label) for x in real), label
+
+
+# Summary lines that vary from run to run (wall time) or machine to machine (where it ran).
+VARYING = {
+    "time": r"\d+ s: start-up \d+ s, search \d+ s, fine-tune \d+ s, scoring and export \d+ s"
+}
+
+
+@pytest.mark.slow
+def test_summary_block_is_the_summary_of_the_default_job(tmp_path):
+    """The README's example is what `python -m diffora_lab` prints, the full default job."""
+    # As the README ran it (W&B offline, as without an API key), only in a folder of the test's.
+    done = _run([sys.executable, "-m", "diffora_lab", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    real = done.stdout.splitlines()
+    real = real[real.index(summary_block().splitlines()[0]) :]  # the header is the same
+    for shown, printed in zip(summary_block().splitlines(), real, strict=False):
+        label, _, value = shown.strip().partition("  ")
+        assert printed.strip().startswith(label), (shown, printed)
+        if label == "outputs":
+            continue  # the run folder
+        if label in VARYING:
+            assert re.fullmatch(VARYING[label], printed.strip()[len(label) :].strip()), printed
+            continue
+        assert printed.rstrip() == shown.rstrip(), (shown, printed)  # deterministic
 
 
 @pytest.mark.slow
@@ -222,8 +251,14 @@ def test_bad_input_block_shows_what_the_cli_prints(tmp_path):
 
 
 @pytest.mark.slow
-def test_help_names_the_app(tmp_path):
+def test_help_describes_the_app_and_its_main_settings(tmp_path):
     done = _run([sys.executable, "-m", "diffora_lab", "--help"], tmp_path)
     assert done.returncode == 0
-    assert done.stdout.startswith("diffora_lab is powered by Hydra.")
+    assert done.stdout.startswith("diffora_lab: DiffoRA")
+    head = done.stdout.split("== Configuration groups ==")[0]
+    for setting in ("method=", "task=", "backbone=", "budget=", "rank=", "seed=", "logger="):
+        assert setting in head, setting
+    assert "+experiment=smoke" in head and "hydra.run.dir=" in head
+    # Hydra's lists of options and of every key follow, under the app's name.
+    assert "method: adalora, bitfit, diffora" in done.stdout and "\nbudget: 0.5\n" in done.stdout
     assert "__main__" not in done.stdout

@@ -122,7 +122,7 @@ def test_single_seed_has_no_std_and_rank_splits_groups(tmp_path):
     assert groups[0]["std"] is None
     assert groups[1]["std"] == pytest.approx(math.sqrt(0.02))
     row = report.to_markdown(groups).splitlines()[2]
-    assert row.split("|")[7:9] == [" 0.7000 ", " - "]
+    assert row.split("|")[8:10] == [" 0.7000 ", " - "]
 
 
 def test_write_report_files(sweep, tmp_path):
@@ -142,13 +142,13 @@ def test_write_report_files(sweep, tmp_path):
         assert row["runs"] == "3" and row["seeds"] == "1;2;3"
     markdown = paths["markdown"].read_text()
     mean, std, _ = expected("diffora", 0.5)
-    assert f"| rte | diffora | 0.5 | 8 | val/accuracy | {mean:.4f} | {std:.4f} |" in markdown
+    assert f"| rte | diffora | - | 0.5 | 8 | val/accuracy | {mean:.4f} | {std:.4f} |" in markdown
 
 
 def test_main_prints_markdown_and_writes(sweep, tmp_path, capsys):
     assert report.main([str(sweep), "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("| backbone | task | method | budget |")
+    assert out.startswith("| backbone | task | method | search | budget |")
     assert out.count("| rte |") == 4
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
         "budget_curve.png",
@@ -268,3 +268,63 @@ def test_cli_errors_clearly_on_empty_folder(tmp_path):
 def test_cli_errors_on_missing_folder(tmp_path, capsys):
     assert report.main([str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_methods_without_a_budget_have_none_in_table_and_figure(tmp_path):
+    # LoRA adapts every candidate: its config's budget (0.5) is no budget of its own, whether its
+    # results say 0.5 (older runs) or null.
+    write_run(tmp_path / "lora1", method="lora", budget=0.5, seed=1, metric=0.80)
+    write_run(tmp_path / "lora2", method="lora", budget=None, seed=2, metric=0.82)
+    for budget in (0.25, 0.75):
+        write_run(tmp_path / f"d{budget}", budget=budget, seed=1, metric=0.7 + budget / 10)
+    groups = report.aggregate(report.collect([tmp_path]))
+    lora = [g for g in groups if g["method"] == "lora"]
+    assert len(lora) == 1 and lora[0]["budget"] is None and lora[0]["runs"] == 2
+    table = report.to_markdown(groups)
+    assert "| rte | lora | - | - | 8 |" in table
+    assert [g["budget"] for g in groups if g["method"] == "diffora"] == [0.25, 0.75]
+    ax = report.plot_budget_curve(groups).axes[0]
+    flat = [line for line in ax.get_lines() if len(set(line.get_ydata())) == 1]
+    assert flat and flat[0].get_ydata()[0] == pytest.approx(0.81)  # the horizontal line
+    assert any("budget-free" in text.get_text() for text in ax.get_legend().get_texts())
+    paths = report.write_report(groups, tmp_path / "out")
+    assert "| 0.5 |" not in paths["markdown"].read_text()
+
+
+def test_search_variants_and_presets_are_groups_of_their_own(tmp_path):
+    variants = {
+        "default": {"relaxation": "sigmoid", "progressive": True, "budget_penalty": 0.0},
+        "faithful": {"relaxation": "sigmoid", "progressive": False, "budget_penalty": 0.0},
+    }
+    for seed in (1, 2):
+        for preset, variant in variants.items():
+            write_run(
+                tmp_path / f"{preset}{seed}", preset=preset, search_variant=variant, seed=seed
+            )
+        topk = {**variants["default"], "relaxation": "topk"}  # dam.relaxation=topk
+        write_run(tmp_path / f"topk{seed}", preset="default", search_variant=topk, seed=seed)
+    groups = report.aggregate(report.collect([tmp_path]))
+    assert [(g["method"], g["search"], g["runs"]) for g in groups] == [
+        ("diffora", "sigmoid+progressive", 2),
+        ("diffora", "topk+progressive", 2),
+        ("diffora_faithful", "sigmoid", 2),
+    ]
+
+
+def test_a_seed_reported_twice_is_flagged_in_table_and_figure(tmp_path):
+    write_run(tmp_path / "a", seed=1, metric=0.6)
+    write_run(tmp_path / "copy_of_a", seed=1, metric=0.6)
+    with pytest.warns(UserWarning, match="seed 1 occurs more than once"):
+        groups = report.aggregate(report.collect([tmp_path]))
+    assert groups[0]["repeated_seeds"] == [1]
+    assert report.to_markdown(groups).splitlines()[2].rstrip().endswith("| 2, seed 1 2x |")
+    legend = report.plot_budget_curve(groups).axes[0].get_legend().get_texts()[0].get_text()
+    assert "seed 1 repeated" in legend
+
+
+@pytest.mark.parametrize(("fmt", "magic"), [("pdf", b"%PDF"), ("svg", b"<?xml")])
+def test_budget_curve_as_vector_graphics(sweep, tmp_path, fmt, magic):
+    assert report.main([str(sweep), "--out", str(tmp_path / "rep"), "--format", fmt]) == 0
+    figure = tmp_path / "rep" / f"budget_curve.{fmt}"
+    assert figure.read_bytes()[:5].startswith(magic)
+    assert f"![budget curve](budget_curve.{fmt})" in (tmp_path / "rep" / "report.md").read_text()

@@ -8,6 +8,7 @@ and then resumed with ``ckpt_path=last`` must end exactly where it ended.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,6 +347,46 @@ def test_reused_search_ends_like_a_fresh_search(reused_pair):
     for key, value in fresh_state.items():
         if ".lora_" in key or ".modules_to_save." in key:
             torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_a_reused_search_says_so_and_from_which_run(reused_pair, tmp_path, capsys, recwarn):
+    first, _, _ = reused_pair
+    cfg = compose_config(["+experiment=smoke", "method=diffora_faithful", "budget=0.75"], tmp_path)
+    cfg.data.cache_dir = str(first.out / "cache")
+    capsys.readouterr()
+    results = run(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert results["search"]["source"]["run_folder"] == str(first.out)
+    summary = out[out.index("diffora_lab: diffora_faithful on synthetic (tiny_deberta, budget") :]
+    assert f"  search              reused from {first.out} (cache entry " in summary
+    assert ": faithful, not run again" in summary
+    assert "search 0 s (reused)" in summary and results["seconds"]["search"] == 0
+    # Said before training too, and not as the recovery of a crash.
+    assert "resuming" not in out
+    assert f"the search of this run was already made by {first.out}" in out
+    # Nothing of the other run's state is restored: no warning names its folder.
+    assert not [w for w in recwarn if str(first.out) in str(w.message)], [
+        str(w.message) for w in recwarn
+    ]
+
+
+@pytest.mark.slow
+def test_a_fresh_search_shows_its_variant_and_where_the_time_went(reference):
+    from diffora_lab.results import summary_text
+
+    results = reference.results
+    lines = summary_text(results, reference.out).splitlines()
+    assert "  search              progressive (preset default), 20 steps" in lines
+    seconds = results["seconds"]
+    assert seconds["search"] > 0 and seconds["finetune"] > 0 and seconds["startup"] > 0
+    assert sum(seconds.values()) == pytest.approx(results["wall_seconds"], abs=0.05)
+    time_line = next(line for line in lines if line.startswith("  time  "))
+    assert re.fullmatch(
+        r"  time +\d+ s: start-up \d+ s, search \d+ s, fine-tune \d+ s, "
+        r"scoring and export \d+ s",
+        time_line,
+    )
 
 
 @pytest.mark.slow

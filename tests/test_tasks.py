@@ -6,6 +6,8 @@ import warnings
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import math
+import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +24,7 @@ from diffora_lab.tasks import (
     load_raw,
     read_glue_tsv,
 )
+from diffora_lab.tasks.synthetic import kinds_of
 
 SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 
@@ -421,23 +424,97 @@ def test_synthetic_defaults_are_balanced_disjoint_and_well_formed() -> None:
     assert Counter(dev.labels) == {0: 200, 1: 200}
     assert not set(raw.train.text_a) & set(dev.text_a)
     assert len(set(raw.train.text_a)) == len(raw.train.text_a)
-    lengths = [len(sentence.split()) for sentence in raw.train.text_a + dev.text_a]
-    assert min(lengths) >= 6
-    assert max(lengths) <= 14
-    # Not one-token string matching: many distinct words carry the label on each side.
-    words_by_label = {
-        label: Counter(
-            word for text, y in zip(raw.train.text_a, raw.train.labels, strict=True) if y == label
-            for word in text.split()
-        )
-        for label in (0, 1)
-    }  # fmt: skip
-    only_negative = set(words_by_label[0]) - set(words_by_label[1])
-    only_positive = set(words_by_label[1]) - set(words_by_label[0])
-    assert len(only_negative) >= 20
-    assert len(only_positive) >= 20
+    assert max(len(sentence.split()) for sentence in raw.train.text_a + dev.text_a) <= 24
     # Labels are shuffled, not in blocks.
     assert raw.train.labels[:20] != sorted(raw.train.labels[:20])
+
+
+def _polarity(clause: str) -> int:
+    """A clause's polarity by the rule the task states: the adjective's, flipped by a negation."""
+    from diffora_lab.tasks.synthetic import _NEGATIVE, _POSITIVE
+
+    words = clause.split()
+    adjective = 1 if any(w in _POSITIVE for w in words) else 0
+    assert adjective or any(w in _NEGATIVE for w in words), clause
+    negated = any(n in f" {clause} " for n in (" not ", " never ", " hardly ", " far from "))
+    return adjective ^ negated
+
+
+def _rule(sentence: str, kind: str) -> int:
+    """The label the README's description of the task gives a sentence."""
+    if kind == "single":
+        return _polarity(sentence)
+    if kind == "majority":
+        clauses = re.split(r" , | and ", sentence)
+        assert len(clauses) == 3, sentence
+        return int(sum(map(_polarity, clauses)) >= 2)
+    for stressed_after in (" but ", " , yet ", " ; however "):
+        if stressed_after in sentence:
+            return _polarity(sentence.split(stressed_after)[1])
+    if sentence.startswith(("although ", "while ")):
+        return _polarity(sentence.split(" , ", 1)[1])
+    for conceded_after in (" , despite the fact that ", " even though ", " although "):
+        if conceded_after in sentence:
+            return _polarity(sentence.split(conceded_after)[0])
+    raise AssertionError(sentence)
+
+
+def test_synthetic_labels_follow_the_stated_rule_and_need_more_than_words() -> None:
+    raw, kinds = generate_synthetic(7, noise=0), kinds_of(7, noise=0)
+    assert set(kinds["train"]) == {"single", "contrast", "majority"}
+    for sentence, label, kind in zip(raw.train.text_a, raw.train.labels, kinds["train"]):
+        assert _rule(sentence, kind) == label, (sentence, kind)
+    # A bag of words (naive Bayes on word counts) cannot solve the default task; it solves the
+    # smoke experiment's single clauses without negation perfectly.
+    assert _bag_of_words_accuracy(raw) < 0.7
+    easy = generate_synthetic(7, negation=0, contrast=0, majority=0, lexicon=4, noise=0)
+    assert _bag_of_words_accuracy(easy) == 1.0
+
+
+def _bag_of_words_accuracy(raw) -> float:
+    counts = {0: Counter(), 1: Counter()}
+    for text, label in zip(raw.train.text_a, raw.train.labels):
+        counts[label].update(text.split())
+    vocabulary = len(set(counts[0]) | set(counts[1]))
+    totals = {label: sum(c.values()) + vocabulary for label, c in counts.items()}
+    dev = raw.dev["validation"]
+    correct = 0
+    for text, label in zip(dev.text_a, dev.labels):
+        score = {
+            c: sum(math.log((counts[c][w] + 1) / totals[c]) for w in text.split()) for c in (0, 1)
+        }
+        correct += max(score, key=score.get) == label
+    return correct / len(dev.labels)
+
+
+def test_synthetic_noise_flips_a_share_of_labels_in_each_class() -> None:
+    clean = generate_synthetic(3, n_train=400, n_dev=200, noise=0)
+    noisy = generate_synthetic(3, n_train=400, n_dev=200, noise=0.1)
+    assert noisy.train.text_a == clean.train.text_a  # the same sentences, some labels flipped
+    flipped = [a != b for a, b in zip(clean.train.labels, noisy.train.labels)]
+    assert sum(flipped) == 40 and Counter(noisy.train.labels) == {0: 200, 1: 200}
+    dev_flips = sum(
+        a != b for a, b in zip(clean.dev["validation"].labels, noisy.dev["validation"].labels)
+    )
+    assert dev_flips == 20
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            {"noise": 0.5},
+            r"task\.synthetic\.noise=0\.5: the share of flipped labels, in \[0, 0\.5\)",
+        ),
+        ({"negation": 1.5}, r"task\.synthetic\.negation=1\.5: a share in \[0, 1\]"),
+        ({"contrast": 0.7, "majority": 0.5}, r"at most 1 together"),
+        ({"lexicon": 1}, r"task\.synthetic\.lexicon=1: adjectives per polarity"),
+        ({"colour": 1}, r"unknown keys \['colour'\]"),
+    ],
+)
+def test_synthetic_settings_out_of_range_name_the_setting(setting, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        generate_synthetic(0, n_train=10, n_dev=10, **setting)
 
 
 def test_synthetic_size_overrides_and_odd_sizes() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -110,4 +111,48 @@ def test_offline_wandb_run_has_heatmaps_over_time_and_gates_table(tmp_path):
     steps = {row[0] for row in table["data"]}
     assert len(steps) >= 2
     assert all(0.0 <= row[3] <= 1.0 for row in table["data"])
-    assert (offline / f"run-{offline.name.split('-')[-1]}.wandb").is_file()
+    record = offline / f"run-{offline.name.split('-')[-1]}.wandb"
+    assert record.is_file()
+    # The run carries what ran as tags, and its group (the run record holds them as text).
+    for text in (b"task:synthetic", b"method:diffora", b"budget:0.5", b"seed:42"):
+        assert text in record.read_bytes(), text
+
+
+def test_wandb_names_and_tags_say_what_ran(smoke_cfg):
+    from diffora_lab.tracking import run_name, run_tags
+
+    faithful = smoke_cfg(
+        "method=diffora_faithful", "budget=0.25", "seed=3", "logger=wandb", "logger.tags=[a]"
+    )
+    assert run_name(faithful) == "diffora_faithful-synthetic-b0.25-r8-s3"
+    assert run_tags(faithful) == [
+        "a",
+        "task:synthetic",
+        "method:diffora_faithful",
+        "budget:0.25",
+        "seed:3",
+    ]
+    lora = smoke_cfg("method=lora")  # adapts every candidate: no budget of its own
+    assert run_name(lora) == "lora-synthetic-r8-s42"
+    assert "budget:none" in run_tags(lora)
+
+
+@pytest.mark.slow
+def test_run_folders_are_named_by_task_and_method(tmp_path):
+    short = ["+experiment=smoke", "train.max_steps=4", "train.val_every=4", "dam.warmup_steps=1",
+             "logger=none", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    done = cli(short, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (single,) = (tmp_path / "outputs").glob("*/*/*/results.json")
+    assert single.parent.parent.relative_to(tmp_path).as_posix() == "outputs/synthetic/diffora"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", single.parent.name)
+    done = cli(["-m", *short, "method=lora,diffora_faithful"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(
+        p.parent.relative_to(tmp_path / "multirun").parts
+        for p in (tmp_path / "multirun").glob("*/*/*/*/results.json")
+    )
+    assert [(task, method, job) for task, method, _, job in jobs] == [
+        ("synthetic", "diffora_faithful", "1"),
+        ("synthetic", "lora", "0"),
+    ]

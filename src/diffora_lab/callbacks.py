@@ -1,4 +1,4 @@
-"""Callbacks: the discretization of the DAM (METHOD.md, Phase 2), the DAM monitor, the run clock.
+"""Callbacks: the discretization of the DAM (METHOD.md, Phase 2) and the DAM monitor.
 
 :class:`Discretization` runs the search variant's in-search hooks (searches/) and is where the
 search ends: at the variant's cut step it scores the dev set, keeps what the variant's cut keeps
@@ -13,16 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffora_lab import plotting
+from diffora_lab.clock import RunClock
 from diffora_lab.dam import Mask
+
+__all__ = ["DAMMonitor", "Discretization", "RunClock"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,16 @@ class Discretization(pl.Callback):
         self.backbone = backbone
         self.search_cache = search_cache
         self._forget = False
+        self._writing_snapshot = False
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        if not self._writing_snapshot:
+            return
+        # The shared snapshot holds the search's state, not this run folder's: another run that
+        # starts from it must not restore this run's checkpoint paths or clock.
+        for callback in trainer.callbacks:
+            if isinstance(callback, RUN_PRIVATE):
+                checkpoint.get("callbacks", {}).pop(callback.state_key, None)
 
     def on_train_start(self, trainer, module) -> None:
         if module.searching:
@@ -107,7 +119,11 @@ class Discretization(pl.Callback):
         # Rank 0 decides: saving a checkpoint waits for every rank.
         if cache is None or trainer.strategy.broadcast(cache.has(module.step, budget), src=0):
             return
-        trainer.save_checkpoint(str(cache.snapshot(module.step, budget)))
+        self._writing_snapshot = True
+        try:
+            trainer.save_checkpoint(str(cache.snapshot(module.step, budget)))
+        finally:
+            self._writing_snapshot = False
         if trainer.is_global_zero:
             history = self.output_dir / "dam" / "gates.jsonl"
             if history.is_file():  # the longest history so far: runs keep what precedes them
@@ -118,6 +134,9 @@ class Discretization(pl.Callback):
         """Scores dev, freezes the top-k mask into the model, scores dev again."""
         val_before = module.evaluate()
         mask, gates = module.propose_mask(self.backbone)
+        pruned = ~module.dam.active
+        if bool(pruned.any()):  # removed during the search (progressive), not cut at its end
+            mask.extra["pruned"] = pruned.flatten().cpu().tolist()
         # Ranks hold identical gates, but the mask must be identical bit for bit: rank 0 decides.
         mask = trainer.strategy.broadcast(mask, src=0)
         module.discretize(mask, gates)
@@ -139,45 +158,18 @@ class Discretization(pl.Callback):
         return mask
 
 
-class RunClock(pl.Callback):
-    """Wall and fit seconds of a run, added up over its resumes (kept in the checkpoint).
+def _pruned(module, mask: Mask | None, live: bool) -> np.ndarray | None:
+    """Modules removed during the search (progressive): from the mask, or the DAM's ``active``."""
+    if mask is not None and mask.extra.get("pruned") is not None:
+        return np.array(mask.extra["pruned"], dtype=bool).reshape(mask.shape)
+    if live and module.dam is not None and not bool(module.dam.active.all()):
+        return (~module.dam.active).cpu().numpy()
+    return None
 
-    Args:
-        started: ``now()`` when this process started the run.
-        restore: False when the checkpoint is another run's (a reused search): its time is not
-            this run's.
-        now: The time source (seconds); tests pass a fake one to check the arithmetic.
-    """
 
-    def __init__(
-        self, started: float, restore: bool = True, now: Callable[[], float] = time.time
-    ) -> None:
-        self.started = started
-        self.restore = restore
-        self.now = now
-        self.fit_started: float | None = None
-        self.wall_before = 0.0  # spent by earlier processes of this run
-        self.fit_before = 0.0
-
-    def on_fit_start(self, trainer, module) -> None:
-        self.fit_started = self.now()
-
-    def wall_seconds(self) -> float:
-        return self.wall_before + self.now() - self.started
-
-    def fit_seconds(self) -> float:
-        return self.fit_before + (
-            self.now() - self.fit_started if self.fit_started is not None else 0.0
-        )
-
-    def state_dict(self) -> dict[str, float]:
-        return {"wall_seconds": self.wall_seconds(), "fit_seconds": self.fit_seconds()}
-
-    def load_state_dict(self, state_dict: dict[str, float]) -> None:
-        if not self.restore:
-            return
-        self.wall_before = float(state_dict.get("wall_seconds", 0.0))
-        self.fit_before = float(state_dict.get("fit_seconds", 0.0))
+# Callbacks whose state belongs to one run folder (its checkpoint paths, its clock): left out of
+# a shared search snapshot (Discretization.on_save_checkpoint).
+RUN_PRIVATE = (ModelCheckpoint, RunClock)
 
 
 class DAMMonitor(pl.Callback):
@@ -252,9 +244,18 @@ class DAMMonitor(pl.Callback):
         self.gates_file.parent.mkdir(parents=True, exist_ok=True)
         with self.gates_file.open("a") as handle:
             handle.write(json.dumps({"step": step, "gates": self.history[step]}) + "\n")
-        self._draw(trainer, module, step, gates, kept)
+        self._draw(trainer, module, step, gates, kept, live=True)
 
-    def _draw(self, trainer, module, step: int, gates: torch.Tensor, kept: Mask | None) -> None:
+    def _draw(
+        self,
+        trainer,
+        module,
+        step: int,
+        gates: torch.Tensor,
+        kept: Mask | None,
+        live: bool = False,
+    ) -> None:
+        """One heatmap; ``live``: the gates of this step (the DAM's ``active`` flags apply)."""
         values = gates.float().cpu()
         title = f"DAM step {step}" + (f" (kept {kept.k}, budget {kept.budget})" if kept else "")
         disc = module.discretization
@@ -269,6 +270,7 @@ class DAMMonitor(pl.Callback):
             module.dam.module_types,
             title,
             kept=None if kept is None else kept.as_tensor().numpy(),
+            pruned=_pruned(module, kept, live),
         )
         path = plotting.save(figure, self._heatmap_path(step, masked=kept is not None))
         run = _wandb_run(trainer)
@@ -294,6 +296,7 @@ class DAMMonitor(pl.Callback):
             kept=None if mask is None else mask.kept,
             discretized_at=None if mask is None else mask.step,
             title=f"DAM gates during the search ({len(module.candidates)} modules)",
+            pruned=None if mask is None else mask.extra.get("pruned"),
         )
         path = plotting.save(figure, self.output_dir / "dam" / "trajectories.png")
         run = _wandb_run(trainer)

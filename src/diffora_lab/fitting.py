@@ -56,9 +56,11 @@ def run_callbacks(
     entry,
     preemption: Preemption,
     clock: RunClock,
+    reused: dict[str, Any] | None = None,
 ) -> list[pl.Callback]:
-    """Checkpoints, preemption, clock and progress; with a search, its cut and DAM records; last,
-    ``train.stop_after`` (its checkpoint holds all that its step did)."""
+    """Checkpoints, preemption, clock and progress (``reused``: the search cache's record of the
+    search this run starts from, which the progress lines name); with a search, its cut and DAM
+    records; last, ``train.stop_after`` (its checkpoint holds all that its step did)."""
     ckpt_dir = output_dir / "checkpoints"
     callbacks: list[pl.Callback] = [
         ModelCheckpoint(
@@ -72,6 +74,7 @@ def run_callbacks(
         *progress_callbacks(
             bool(cfg.trainer.get("enable_progress_bar", True)),
             float(cfg.train.get("progress_every", 30)),
+            reused=reused,
         ),
     ]
     if module.search.enabled:
@@ -135,6 +138,7 @@ def finish(
     results = collect_results(cfg, module, assembled.candidates, clock.started, output_dir)
     results["wall_seconds"] = round(clock.wall_seconds(), 2)
     results["fit_seconds"] = round(clock.fit_seconds(), 2)
+    results["seconds"] = clock.seconds()  # start-up, search, fine-tune, the rest
     results.update(extra)
     return results
 

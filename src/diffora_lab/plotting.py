@@ -7,7 +7,7 @@ all-0.5 DAM of step 0 like the DAM after the search.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 GATE_RANGE = (0.0, 1.0)
 KEPT_COLOR = "red"
+PRUNED_COLOR = "white"
 
 
 def dam_heatmap(
@@ -28,6 +29,7 @@ def dam_heatmap(
     module_types: list[str],
     title: str,
     kept: np.ndarray | None = None,
+    pruned: np.ndarray | None = None,
 ):
     """A layers x types heatmap of gate values on the fixed scale [0, 1].
 
@@ -35,8 +37,10 @@ def dam_heatmap(
         gates: Gate values, shape (layers, types).
         module_types: Column names.
         title: Figure title.
-        kept: Optional boolean mask of the same shape: kept modules are outlined, and a legend
-            entry says what the outline means.
+        kept: Optional boolean mask of the same shape: kept modules are outlined.
+        pruned: Optional boolean mask of the modules removed by progressive discretization
+            (the DAM's ``active`` buffer, negated): hatched, so a removed module (gate set to 0)
+            is not mistaken for a gate that learned 0.
 
     Returns:
         The figure (save it with :func:`save`).
@@ -48,26 +52,59 @@ def dam_heatmap(
     ax.set_yticks(range(layers), [str(i) for i in range(layers)])
     ax.set_xlabel("module type")
     ax.set_ylabel("layer")
+    captions = []
+    if pruned is not None and np.any(pruned):
+        for i, j in zip(*np.nonzero(pruned)):
+            ax.add_patch(
+                plt.Rectangle(
+                    (j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xxx", ec=PRUNED_COLOR, lw=0
+                )
+            )
+        captions.append(("hatched: pruned during the search (gate set to 0)", "dimgray"))
     if kept is not None:
         for i, j in zip(*np.nonzero(kept)):
             rect = plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec=KEPT_COLOR, lw=1.5)
             ax.add_patch(rect)
-        # The caption sits under the title: a legend below the axes collides with the labels.
-        ax.text(
-            0.5,
-            1.02,
-            "red outline: kept (top-k gates)",
-            color=KEPT_COLOR,
+        captions.append(("red outline: kept (top-k gates)", KEPT_COLOR))
+    # Captions sit under the title: a legend below the axes collides with the labels.
+    for row, (text, color) in enumerate(reversed(captions)):
+        ax.annotate(
+            text,
+            xy=(0.5, 1.0),
+            xycoords="axes fraction",
+            xytext=(0, 3 + 9 * row),
+            textcoords="offset points",
+            color=color,
             fontsize=7,
             ha="center",
             va="bottom",
-            transform=ax.transAxes,
         )
-        title += "\n"
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, pad=4 + 9 * len(captions))
     colorbar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
     colorbar.set_label("gate value")
     return fig
+
+
+def _pruned_at(steps: Sequence[int], column: np.ndarray) -> int | None:
+    """Index of the first record from which a pruned module's gate stays exactly 0."""
+    nonzero = np.nonzero(column != 0.0)[0]
+    last = int(nonzero[-1]) + 1 if len(nonzero) else 0
+    return last if last < len(steps) else None
+
+
+def _trajectory_legend(colors: dict, kept, pruned, discretized_at) -> list[Line2D]:
+    """Legend entries: the module types, then what the line styles and markers mean."""
+    handles = [Line2D([], [], color=color, lw=2, label=t) for t, color in colors.items()]
+    if kept is not None:
+        handles += [
+            Line2D([], [], color="gray", ls="-", label="kept"),
+            Line2D([], [], color="gray", ls="--", label="dropped"),
+        ]
+    if pruned is not None and any(pruned):
+        handles.append(Line2D([], [], color="gray", marker="x", ls="", label="pruned (gate -> 0)"))
+    if discretized_at is not None:
+        handles.append(Line2D([], [], color="black", ls=":", label="discretization"))
+    return handles
 
 
 def gate_trajectories(
@@ -77,11 +114,14 @@ def gate_trajectories(
     kept: Sequence[bool] | None = None,
     discretized_at: int | None = None,
     title: str = "gate trajectories",
+    pruned: Sequence[bool] | None = None,
 ):
     """One line per candidate module: its gate over the search.
 
     Lines are coloured by module type; kept modules (if ``kept`` is given) are solid, dropped
-    ones dashed, and a vertical line marks the discretization step.
+    ones dashed, and a vertical line marks the discretization step. A module removed by
+    progressive discretization (``pruned``) ends with an ``x`` where it was removed: its gate is
+    0 from then on because it was pruned, not because it learned 0.
 
     Args:
         steps: The recorded steps (x axis).
@@ -90,6 +130,7 @@ def gate_trajectories(
         kept: Each module's fate at discretization, or None before it.
         discretized_at: The step of discretization, or None.
         title: Figure title.
+        pruned: Each module's removal during the search (the DAM's ``active`` negated), or None.
 
     Returns:
         The figure.
@@ -98,25 +139,24 @@ def gate_trajectories(
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {t: palette[i % len(palette)] for i, t in enumerate(types)}
     fig, ax = plt.subplots(figsize=(8, 4.2))
+    steps = list(steps)
     for index, module_type in enumerate(module_types):
         dropped = kept is not None and not kept[index]
+        end = _pruned_at(steps, history[:, index]) if pruned is not None and pruned[index] else None
+        shown = slice(None) if end is None else slice(0, end + 1)
+        style = {"color": colors[module_type], "alpha": 0.8}
         ax.plot(
-            steps,
-            history[:, index],
-            color=colors[module_type],
+            steps[shown],
+            history[shown, index],
             ls="--" if dropped else "-",
             lw=0.8 if dropped else 1.3,
-            alpha=0.8,
+            **style,
         )
-    handles = [Line2D([], [], color=colors[t], lw=2, label=t) for t in types]
-    if kept is not None:
-        handles += [
-            Line2D([], [], color="gray", ls="-", label="kept"),
-            Line2D([], [], color="gray", ls="--", label="dropped"),
-        ]
+        if end is not None:
+            ax.plot([steps[end]], [history[end, index]], marker="x", ms=5, ls="", **style)
     if discretized_at is not None:
         ax.axvline(discretized_at, color="black", ls=":", lw=1.2)
-        handles.append(Line2D([], [], color="black", ls=":", label="discretization"))
+    handles = _trajectory_legend(colors, kept, pruned, discretized_at)
     ax.set_ylim(GATE_RANGE[0] - 0.02, GATE_RANGE[1] + 0.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("step")
@@ -148,61 +188,70 @@ def _unzoomed_ylim(ax, rows: Sequence[dict[str, Any]]) -> None:
         ax.set_ylim(middle - span / 2, middle + span / 2)
 
 
-def budget_curve(groups: Sequence[dict[str, Any]], budget_free: Callable[[str], bool]):
-    """The primary metric against the budget: one panel per backbone and task, one line per method.
+def _series_label(method: str, search: str | None, rank: int, rows, points) -> str:
+    """``method [search] r=8 (3 seeds)``: the search and rank only where they tell lines apart."""
+    label = method
+    if len({g["search"] for g in rows if g["method"] == method}) > 1 and search:
+        label += f" [{search}]"
+    if len({g["rank"] for g in rows}) > 1:
+        label += f" r={rank}"
+    seeds = sorted({p["runs"] for p in points})
+    label += f" ({'-'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}"
+    repeated = sorted({seed for p in points for seed in p.get("repeated_seeds") or ()})
+    if repeated:
+        label += f"; seed {', '.join(map(str, repeated))} repeated!"
+    return label + ")"
+
+
+def _draw_series(ax, points, label: str, color) -> None:
+    """One method's points: mean +- std against the budget, or a line for a budget-free one."""
+    means = [p["mean"] for p in points]
+    stds = [p["std"] or 0.0 for p in points]
+    if points[0]["budget"] is None:  # adapts every candidate: the same at every budget
+        ax.axhline(means[0], color=color, ls="--", lw=1.2, label=f"{label}, budget-free")
+        ax.axhspan(means[0] - stds[0], means[0] + stds[0], color=color, alpha=0.15)
+        return
+    budgets = [p["budget"] for p in points]
+    ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, color=color, label=label)
+
+
+def budget_curve(groups: Sequence[dict[str, Any]]):
+    """The primary metric against the budget: one panel per backbone and task, one line per
+    method (with its preset), search variant and rank.
 
     Points are the mean over seeds, error bars the sample standard deviation (the legend says
-    how many seeds). A method that ignores the budget (``budget_free``) and was run
-    at a single budget is drawn as a dashed horizontal line with a +-std band, a reference for
+    how many seeds, and flags a seed that occurs twice). A method without a budget (its groups
+    have ``budget`` None) is drawn as a dashed horizontal line with a +-std band, a reference for
     the methods that select modules. The y axis spans at least 10 dev examples' worth of the
     metric (its label states the dev set's size), so a one-example difference is not drawn as
     a trend.
 
     Args:
         groups: Rows from :func:`diffora_lab.report.aggregate`.
-        budget_free: Whether a method ignores the budget.
 
     Returns:
         The matplotlib figure (the caller saves or shows, then closes it).
     """
     panels = sorted({(g["backbone"], g["task"]) for g in groups})
-    # One colour per method and rank, the same in every panel.
+    # One colour per line, the same in every panel.
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    keys = sorted({(g["method"], g["rank"]) for g in groups})
+    keys = sorted({(g["method"], g["search"] or "", g["rank"]) for g in groups})
     colors = {key: palette[i % len(palette)] for i, key in enumerate(keys)}
     count = max(1, len(panels))
     fig, axes = plt.subplots(1, count, figsize=(5.0 * count, 4.0), squeeze=False)
     for ax, (backbone, task) in zip(axes[0], panels):
         rows = [g for g in groups if (g["backbone"], g["task"]) == (backbone, task)]
-        ranks = {g["rank"] for g in rows}
-        budgets = sorted({g["budget"] for g in rows})
-        series: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        series: dict[tuple, list[dict[str, Any]]] = {}
         for g in rows:
-            series.setdefault((g["method"], g["rank"]), []).append(g)
-        for (method, rank), points in sorted(series.items()):
-            points = sorted(points, key=lambda g: g["budget"])
-            seeds = sorted({p["runs"] for p in points})
-            label = method if len(ranks) == 1 else f"{method} r={rank}"
-            label += f" ({'-'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''})"
-            means = [p["mean"] for p in points]
-            stds = [p["std"] or 0.0 for p in points]
-            color = colors[method, rank]
-            if budget_free(method) and len(points) == 1 and len(budgets) > 1:
-                ax.axhline(means[0], color=color, ls="--", lw=1.2, label=f"{label}, budget-free")
-                ax.axhspan(means[0] - stds[0], means[0] + stds[0], color=color, alpha=0.15)
-                continue
-            ax.errorbar(
-                [p["budget"] for p in points],
-                means,
-                yerr=stds,
-                marker="o",
-                capsize=3,
-                color=color,
-                label=label,
-            )
+            series.setdefault((g["method"], g["search"] or "", g["rank"]), []).append(g)
+        for key, points in sorted(series.items()):
+            points = sorted(points, key=lambda g: g["budget"] or 0.0)
+            label = _series_label(key[0], key[1], key[2], rows, points)
+            _draw_series(ax, points, label, colors[key])
         ax.set_title(f"{task} ({backbone})")
         ax.set_xlabel("budget (fraction of modules kept)")
         ax.set_ylabel(_metric_label(rows))
+        budgets = sorted({g["budget"] for g in rows if g["budget"] is not None})
         if budgets:
             ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
         _unzoomed_ylim(ax, rows)
@@ -212,10 +261,30 @@ def budget_curve(groups: Sequence[dict[str, Any]], budget_free: Callable[[str], 
     return fig
 
 
-def save(fig, path: str | Path) -> Path:
-    """Saves (cropped to its content) and closes a figure; long runs must not pile up figures."""
+FORMATS = ("png", "pdf", "svg")
+
+
+def save(fig, path: str | Path, format: str | None = None, dpi: int = 100) -> Path:
+    """Saves (cropped to its content) and closes a figure; long runs must not pile up figures.
+
+    Args:
+        fig: The figure.
+        path: Where to write; its suffix is the format unless ``format`` is given.
+        format: ``png``, ``pdf`` or ``svg`` (vector graphics for papers); replaces the suffix.
+        dpi: Resolution of a PNG.
+
+    Returns:
+        The written file.
+    """
     path = Path(path)
+    if format is not None:
+        if format not in FORMATS:
+            plt.close(fig)
+            raise ValueError(f"format={format!r}: choose one of {list(FORMATS)}.")
+        path = path.with_suffix(f".{format}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.05)
+    finally:
+        plt.close(fig)
     return path

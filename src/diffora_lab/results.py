@@ -55,16 +55,7 @@ def collect_results(
         "metrics": dict(module.last_val),
         # The size of one dev example in the metric: the report's budget curve states it.
         "dev_examples": len(module.trainer.datamodule.dev[spec.dev_splits[0]]),
-        "discretization": {
-            "val_before": module.discretization.get("val_before"),
-            "val_after": module.discretization.get("val_after"),
-            "step": module.discretization.get("step"),
-            "gap": (
-                module.discretization["val_before"] - module.discretization["val_after"]
-                if module.discretization.get("val_before") is not None
-                else None
-            ),
-        },
+        "discretization": _discretization(module.discretization),
         "steps": module.step,
         "world_size": module.trainer.world_size,
         "ranks_consistent": module.ranks_consistent,
@@ -87,6 +78,17 @@ def collect_results(
     return results
 
 
+def _discretization(record: dict[str, Any]) -> dict[str, Any]:
+    """The dev metric before and after the cut, its step and the gap (None without a cut)."""
+    before, after = record.get("val_before"), record.get("val_after")
+    return {
+        "val_before": before,
+        "val_after": after,
+        "step": record.get("step"),
+        "gap": before - after if before is not None else None,
+    }
+
+
 def summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
     flat = {f"final/{k.split('/', 1)[-1]}": v for k, v in results["metrics"].items()}
     flat.update(
@@ -104,27 +106,79 @@ def summary_for_logger(results: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _uses_budget(method: str) -> bool:
-    from diffora_lab.methods.registry import get_method
+def _uses_budget(results: dict[str, Any]) -> bool:
+    from diffora_lab.runs import run_budget
 
-    try:
-        return get_method(method).uses_budget
-    except (KeyError, ValueError):
-        return True
+    return run_budget(results) is not None
+
+
+def _search_line(results: dict[str, Any]) -> str | None:
+    """What searched the modules: the variant and preset, or which run's search was reused (all
+    of it, or up to a snapshot this run continued from)."""
+    from diffora_lab.runs import search_label
+
+    variant = search_label(results)
+    if variant is None:
+        return None
+    preset = results.get("preset") or "default"
+    # The preset of a search variant is its name (the header names it too): said once.
+    what = variant if variant.split("+")[0] == preset else f"{variant} (preset {preset})"
+    search = results.get("search") or {}
+    steps = (results.get("discretization") or {}).get("step")
+    if search.get("reused"):
+        source = search.get("source") or {}
+        made_by = f"{source.get('run_folder') or 'another run'} (cache entry {search.get('key')})"
+        if source.get("exact", True):
+            return f"  search              reused from {made_by}: {what}, not run again"
+        return (
+            f"  search              continued from step {source.get('step')} of {made_by}: "
+            f"{what}" + (f", {steps} steps" if steps is not None else "")
+        )
+    return f"  search              {what}" + (f", {steps} steps" if steps is not None else "")
+
+
+def _time_line(results: dict[str, Any]) -> str:
+    """The wall time and how it splits; a reused search shows 0 s of search and says so."""
+    seconds = results.get("seconds")
+    line = f"  time                {results['wall_seconds']:.0f} s"
+    if not seconds:
+        return line
+    parts = [f"start-up {seconds['startup']:.0f} s"]
+    if results.get("search_variant"):
+        search = results.get("search") or {}
+        source = search.get("source") or {}
+        note = ""
+        if search.get("reused"):
+            exact = source.get("exact", True)
+            note = " (reused)" if exact else f" (from step {source.get('step')})"
+        parts.append(f"search {seconds['search']:.0f} s{note}")
+    parts += [
+        f"fine-tune {seconds['finetune']:.0f} s",
+        f"scoring and export {seconds['other']:.0f} s",
+    ]
+    return f"{line}: " + ", ".join(parts)
 
 
 def summary_text(results: dict[str, Any], output_dir: Path) -> str:
     """The one-screen summary printed at the end of a run."""
+    from diffora_lab.runs import method_label
+
     primary = results["primary_metric"]
     disc = results["discretization"]
     lines = [
         "",
         "=" * 72,
-        f"diffora_lab: {results['method']} on {results['task']} ({results['backbone']}, "
+        f"diffora_lab: {method_label(results)} on {results['task']} ({results['backbone']}, "
         # Only module-selecting methods have a budget; the others adapt every candidate.
-        + (f"budget {results['budget']}, " if _uses_budget(results["method"]) else "")
+        + (f"budget {results['budget']}, " if _uses_budget(results) else "")
         + f"rank {results['rank']}, seed {results['seed']})",
-        f"  steps               {results['steps']}  ({results['wall_seconds']:.0f} s)",
+    ]
+    search = _search_line(results)
+    if search:
+        lines.append(search)
+    lines += [
+        f"  steps               {results['steps']}",
+        _time_line(results),
         f"  trainable params    {results['params_trainable']:,} "
         f"(adapter {results['params']['adapter']:,}, head {results['params']['head']:,}"
         + (

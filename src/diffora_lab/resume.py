@@ -44,6 +44,7 @@ RESUME_SAFE = (
     "data.num_workers",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
+    "backbone.made_from",  # the name an export gives the base, not what it loads
     "hydra",
 )
 

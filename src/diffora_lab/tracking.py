@@ -20,12 +20,38 @@ log = logging.getLogger(__name__)
 CUT_KEY = "dam/val_before"  # a metric only the discretization's record row has
 
 
+def _method_and_budget(cfg: DictConfig) -> tuple[str, float | None]:
+    """The method as selected (a preset is part of it) and its budget (None without one)."""
+    from diffora_lab.runs import budget_free, method_label
+
+    method = str(cfg.method.name)
+    label = method_label({"method": method, "preset": cfg.method.get("preset")})
+    budget = cfg.get("budget")
+    return label, None if budget is None or budget_free(method) else float(budget)
+
+
 def run_name(cfg: DictConfig) -> str:
-    """``method-task-b<budget>-r<rank>-s<seed>``: the fields a budget/method sweep varies."""
+    """``method-task-b<budget>-r<rank>-s<seed>`` (no ``b`` for a method without a budget): the
+    fields a budget/method sweep varies."""
+    method, budget = _method_and_budget(cfg)
     return (
-        f"{cfg.method.name}-{cfg.task.name}-b{float(cfg.budget):g}-r{int(cfg.rank)}"
-        f"-s{int(cfg.seed)}"
+        f"{method}-{cfg.task.name}"
+        + ("" if budget is None else f"-b{budget:g}")
+        + f"-r{int(cfg.rank)}-s{int(cfg.seed)}"
     )
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """``logger.tags`` plus ``task:``, ``method:``, ``budget:`` and ``seed:`` tags, so W&B can
+    filter runs by what ran without opening their config."""
+    method, budget = _method_and_budget(cfg)
+    tags = [
+        f"task:{cfg.task.name}",
+        f"method:{method}",
+        f"budget:{'none' if budget is None else f'{budget:g}'}",
+        f"seed:{int(cfg.seed)}",
+    ]
+    return [*list(cfg.logger.get("tags") or []), *tags]
 
 
 def has_wandb_key() -> bool:
@@ -88,7 +114,7 @@ def build_logger(
             entity=cfg.logger.get("entity"),
             group=run_group(cfg),
             name=run_name(cfg),
-            tags=list(cfg.logger.get("tags") or []),
+            tags=run_tags(cfg),
             save_dir=str(output_dir),
             mode=mode,
             id=resume_id,

@@ -336,7 +336,9 @@ def _fit_and_report(
         fitting.remember_wandb_id(ckpt_dir, logger)
         preemption = Preemption(ckpt_dir / "last.ckpt")
         clock = RunClock(started, restore=not reused)
-        callbacks = fitting.run_callbacks(cfg, output_dir, module, entry, preemption, clock)
+        callbacks = fitting.run_callbacks(
+            cfg, output_dir, module, entry, preemption, clock, reused=search_info.get("source")
+        )
         trainer = build_trainer(cfg, output_dir, logger, callbacks)
         fitting.fit(trainer, module, datamodule, ckpt_path, preemption, ckpt_dir)
         if module.step < module.optim.max_steps:
