@@ -109,3 +109,41 @@ def test_method_names_appear_only_in_methods_package(name):
     assert not users, f"method name {name!r} written as a string in {users}: ask the registry"
     # ... while the method's own file does name it (so the scan reads real constants).
     assert any(name in string_constants(p) for p in methods_dir.glob("*.py"))
+
+
+# ----------------------------------------------------------------------------- size limits
+
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def oversized(root: Path = PACKAGE) -> list[str]:
+    """Files over ``MAX_FILE_LINES`` lines and functions over ``MAX_FUNCTION_LINES`` (issue 21)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_text()
+        where = path.relative_to(root.parent)
+        if len(source.splitlines()) > MAX_FILE_LINES:
+            found.append(f"{where}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source, filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{where}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_no_file_or_function_is_too_long_to_read():
+    assert oversized() == []
+
+
+def test_the_size_check_finds_a_long_function_and_file(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (package / "long.py").write_text(f"def long():\n{body}\n" + "\n" * MAX_FILE_LINES)
+    (package / "short.py").write_text("def short():\n    return 1\n")
+    assert oversized(package) == [
+        f"pkg/long.py: {MAX_FUNCTION_LINES + 1 + MAX_FILE_LINES} lines",
+        "pkg/long.py:1 long: 61 lines",
+    ]

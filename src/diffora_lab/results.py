@@ -41,14 +41,7 @@ def collect_results(
         "params_trainable": params["total"],
         "params": params,
         "candidate_modules": len(candidates),
-        "kept_modules": mask.kept_modules if mask is not None else [],
-        "kept_by_type": mask.counts_by_type() if mask is not None else {},
-        "k": mask.k if mask is not None else 0,
-        "dam_entropy": (
-            float(gate_entropy(torch.tensor(mask.gates)))
-            if mask is not None and mask.source == "search"
-            else None
-        ),
+        **_selection(mask),
         # The classifier's output size: what a user passes as num_labels to load the adapter.
         "num_labels": spec.num_labels,
         "primary_metric": f"val/{spec.primary_metric}",
@@ -76,6 +69,19 @@ def collect_results(
         results["match"] = achieved(mask.kept, candidates, int(cfg.rank), target_rank).as_dict()
     results.update(module.method.results(module.model, candidates))
     return results
+
+
+def _selection(mask) -> dict[str, Any]:
+    """What the run's mask kept (nothing for methods without one) and its gates' entropy."""
+    if mask is None:
+        return {"kept_modules": [], "kept_by_type": {}, "k": 0, "dam_entropy": None}
+    searched = mask.source == "search"
+    return {
+        "kept_modules": mask.kept_modules,
+        "kept_by_type": mask.counts_by_type(),
+        "k": mask.k,
+        "dam_entropy": float(gate_entropy(torch.tensor(mask.gates))) if searched else None,
+    }
 
 
 def _discretization(record: dict[str, Any]) -> dict[str, Any]:

@@ -96,11 +96,6 @@ def check_trainer_args(cfg: DictConfig) -> None:
     deterministic = trainer.get("deterministic")
     if deterministic is not None and deterministic not in (True, False, "warn"):
         _fail("trainer.deterministic", deterministic, "true, false or warn.")
-    if cfg.dam.order == "second" and int(trainer.get("devices") or 1) > 1:
-        raise ValueError(
-            "dam.order=second: the unrolled architecture step runs on one device only; "
-            "use dam.order=first with trainer.devices>1."
-        )
     check_devices(cfg)
 
 
