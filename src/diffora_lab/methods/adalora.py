@@ -186,6 +186,38 @@ def rank_summary(peft_model: PeftModel, candidates: list[Candidate]) -> dict[str
     }
 
 
+@torch.no_grad()
+def adapter_stats(peft_model: nn.Module) -> dict[str, float]:
+    """How far the adapters have moved: what the trace in ``results.json`` records.
+
+    ``e_norm``: the L2 norm of all singular values E (zero at initialisation); ``delta_w``: the
+    Frobenius norm of all the updates the adapters add, ``scaling / ranknum * P diag(E) Q``
+    (the same quantity for LoRA is ``scaling * B A``); ``orth``: peft's regulariser, the mean
+    of ``||P^T P - I||_F`` over P and Q (before ``orth_reg_weight``); ``rank``: singular values
+    that are not zero (pruned ones are).
+    """
+    e_sq = delta_sq = orth = 0.0
+    count = rank = 0
+    for module in _tuner(peft_model).model.modules():
+        if not hasattr(module, "lora_E") or ADAPTER not in module.lora_E:
+            continue
+        left, values = module.lora_B[ADAPTER], module.lora_E[ADAPTER]
+        right = module.lora_A[ADAPTER]
+        scale = float(module.scaling[ADAPTER]) / (float(module.ranknum[ADAPTER]) + 1e-5)
+        e_sq += float(values.pow(2).sum())
+        rank += int((values != 0).sum())
+        delta_sq += float(((left * values.T) @ right).pow(2).sum()) * scale**2
+        for cov in (right @ right.T, left.T @ left):
+            orth += float(torch.linalg.matrix_norm(cov - torch.eye(len(cov), device=cov.device)))
+            count += 1
+    return {
+        "e_norm": math.sqrt(e_sq),
+        "delta_w": math.sqrt(delta_sq),
+        "orth": orth / max(1, count),
+        "rank": rank,
+    }
+
+
 def allocator_state(peft_model: nn.Module) -> dict[str, Any] | None:
     """The rank allocator's state for a checkpoint (None for models that are not AdaLoRA)."""
     tuner = getattr(peft_model, "base_model", None)
@@ -225,7 +257,9 @@ class AdaLora(Method):
     """``method=adalora``: peft's AdaLoRA on every candidate, ranks allocated by importance.
 
     Its rank budget is ``rank`` per module (matched: the reference rank), its allocator runs
-    after every weight step and its state travels in checkpoints.
+    after every weight step and its state travels in checkpoints. Every ``method.trace_every``
+    steps it records :func:`adapter_stats` and the scheduled budget (``results.json``:
+    ``adalora.trace``), the evidence that its adapters move at all.
     """
 
     name = "adalora"
@@ -233,11 +267,19 @@ class AdaLora(Method):
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None  # allocator state awaiting its device
+        self._trace_every = 0
+        self._last_step = -1
+        self.trace: list[dict[str, float]] = []
 
     def validate(self, cfg: DictConfig) -> None:
         if float(cfg.method.init_ratio) < 1.0:
             raise ValueError(
                 f"method.init_ratio={cfg.method.init_ratio!r}: the initial budget must be >= 1x."
+            )
+        if int(cfg.method.get("trace_every") or 0) < 0:
+            raise ValueError(
+                f"method.trace_every={cfg.method.trace_every}: steps between records, >= 0 "
+                "(0: no trace)."
             )
         schedule(
             int(cfg.train.max_steps),
@@ -250,19 +292,28 @@ class AdaLora(Method):
         return target_rank  # target_r is the final average rank: LoRA's at the same rank
 
     def build(self, cfg: DictConfig, backbone: nn.Module, candidates: list[Candidate]) -> Built:
+        self._trace_every = int(cfg.method.get("trace_every") or 0)
+        self._last_step = int(cfg.train.max_steps) - 1
         return Built(attach_adalora(cfg, backbone, candidates), None, None)
 
     def after_weight_step(self, model: nn.Module, step: int) -> None:
         if self._pending is not None:  # restored here: the model is on its device by now
             load_allocator_state(model, self._pending)
+            self.trace = list(self._pending.get("trace", []))
             self._pending = None
-        model.base_model.update_and_allocate(step)
+        tuner = model.base_model
+        tuner.update_and_allocate(step)
+        every = self._trace_every
+        if every and (step % every == 0 or step == self._last_step):
+            budget, _ = tuner.rankallocator.budget_schedule(step)
+            self.trace.append({"step": step, "budget": budget, **adapter_stats(model)})
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, Any] | None:
-        return allocator_state(model)
+        state = allocator_state(model)
+        return None if state is None else {**state, "trace": list(self.trace)}
 
     def load_checkpoint_state(self, state: dict[str, Any] | None) -> None:
         self._pending = state
 
     def results(self, model: nn.Module, candidates: list[Candidate]) -> dict[str, Any]:
-        return {"adalora": rank_summary(model, candidates)}
+        return {"adalora": {**rank_summary(model, candidates), "trace": self.trace}}
