@@ -164,6 +164,24 @@ def final_ranks(peft_model: PeftModel) -> dict[str, int]:
     return ranks
 
 
+def recipe(peft_model: PeftModel) -> dict[str, Any]:
+    """The recipe the run trained with, in peft's terms and in steps (for ``results.json``).
+
+    ``scaling`` is the factor the adapters apply, ``lora_alpha / init_r`` (peft divides by the
+    initial rank, ``ranknum``, which pruning does not change).
+    """
+    config = peft_model.peft_config[ADAPTER]
+    return {
+        "lora_alpha": float(config.lora_alpha),
+        "scaling": float(config.lora_alpha) / int(config.init_r),
+        "tinit": int(config.tinit),
+        "tfinal": int(config.tfinal),
+        "delta_t": int(config.deltaT),
+        "total_step": int(config.total_step),
+        "orth_reg_weight": float(config.orth_reg_weight),
+    }
+
+
 def rank_summary(peft_model: PeftModel, candidates: list[Candidate]) -> dict[str, Any]:
     """Ranks after allocation against the budget, and the adapter parameters they keep.
 
@@ -316,4 +334,5 @@ class AdaLora(Method):
         self._pending = state
 
     def results(self, model: nn.Module, candidates: list[Candidate]) -> dict[str, Any]:
-        return {"adalora": {**rank_summary(model, candidates), "trace": self.trace}}
+        summary = rank_summary(model, candidates)
+        return {"adalora": {**summary, "recipe": recipe(model), "trace": self.trace}}

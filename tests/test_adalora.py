@@ -1,0 +1,97 @@
+"""AdaLoRA's recipe (conf/method/adalora.yaml) reaches peft and the training loop as configured.
+
+These check that the settings are applied (the update scale in every SVD layer, the schedule in
+steps, the trace of the adapters' movement), not what accuracy they give: BENCHMARKS.md, "AdaLoRA
+as its authors run it (issue 20)", has the measurements.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import compose_config
+from peft.tuners.adalora import SVDLinear
+
+from diffora_lab import backbones, train
+from diffora_lab.methods.adalora import adapter_stats, attach_adalora, recipe, schedule
+
+
+def fresh_model(cfg):
+    model = backbones.load_backbone(cfg.backbone, 2, vocab_size=1000)
+    candidates = backbones.find_candidates(
+        model, cfg.backbone.layer_pattern, dict(cfg.backbone.module_types)
+    )
+    return attach_adalora(cfg, model, candidates)
+
+
+def svd_layers(model) -> list[SVDLinear]:
+    return [m for m in model.modules() if isinstance(m, SVDLinear)]
+
+
+@pytest.mark.parametrize("scale", [2.0, 16.0])
+def test_every_svd_layer_applies_the_configured_scale(scale):
+    cfg = compose_config(["+experiment=smoke", "method=adalora", "rank=4", f"method.scale={scale}"])
+    model = fresh_model(cfg)
+    layers = svd_layers(model)
+    assert len(layers) == len(cfg.backbone.module_types) * 2  # tiny_deberta: 2 layers
+    for layer in layers:
+        # peft multiplies by scaling and divides by ranknum (the initial rank, 6 here).
+        assert float(layer.ranknum["default"]) == 6
+        factor = layer.scaling["default"] / float(layer.ranknum["default"])
+        assert factor == pytest.approx(scale, rel=1e-4)
+    assert recipe(model)["scaling"] == pytest.approx(scale)
+    # The trace measures what the adapter adds: delta W = factor * P diag(E) Q (E = 0 first).
+    assert adapter_stats(model)["delta_w"] == 0
+    layer = layers[0]
+    with torch.no_grad():
+        layer.lora_E["default"].fill_(1.0)
+    left, right = layer.lora_B["default"], layer.lora_A["default"]
+    expected = scale * float(torch.linalg.matrix_norm(left @ right))
+    assert adapter_stats(model)["delta_w"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_schedule_fractions_become_steps_in_peft():
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            "method=adalora",
+            "train.max_steps=200",
+            "method.tinit_ratio=0.1",
+            "method.tfinal_ratio=0.5",
+            "method.delta_t_ratio=0.02",
+            "method.orth_reg_weight=0.3",
+        ]
+    )
+    got = recipe(fresh_model(cfg))
+    assert (got["tinit"], got["tfinal"], got["delta_t"], got["total_step"]) == (20, 100, 4, 200)
+    assert got["orth_reg_weight"] == 0.3
+    # A budget too short for the pruning phase is refused with the settings to change.
+    with pytest.raises(ValueError, match="method.tinit_ratio=0.6 and method.tfinal_ratio=0.5"):
+        schedule(200, 0.6, 0.5, 0.01)
+
+
+def test_a_run_records_the_recipe_and_the_adapters_movement(tmp_path):
+    steps = 12
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            "logger=none",
+            "method=adalora",
+            "rank=4",
+            f"train.max_steps={steps}",
+            "method.trace_every=4",
+            "method.scale=8",
+        ],
+        tmp_path,
+    )
+    results = train.run(cfg, tmp_path / "run")
+    adalora = results["adalora"]
+    assert adalora["recipe"]["scaling"] == pytest.approx(8.0)
+    assert adalora["recipe"]["total_step"] == steps
+    trace = adalora["trace"]
+    assert [t["step"] for t in trace] == [0, 4, 8, steps - 1]
+    # E starts at zero and moves; the last record counts the allocated (final) rank.
+    assert trace[0]["e_norm"] < trace[-1]["e_norm"]
+    assert trace[-1]["delta_w"] > 0
+    assert trace[-1]["rank"] == adalora["total_rank"] == trace[-1]["budget"]
+    assert trace[0]["rank"] == trace[0]["budget"] == 6 * len(adalora["ranks"])
