@@ -26,6 +26,7 @@ Resume: the allocator's importance averages and the rank pattern live outside th
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ from diffora_lab.backbones import Candidate
 from diffora_lab.methods.registry import Built, Method, register_method
 
 ADAPTER = "default"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,7 @@ class AdaLora(Method):
         self._pending: dict[str, Any] | None = None  # allocator state awaiting its device
         self._trace_every = 0
         self._last_step = -1
+        self._lr: float | None = None
         self.trace: list[dict[str, float]] = []
 
     def validate(self, cfg: DictConfig) -> None:
@@ -312,7 +316,21 @@ class AdaLora(Method):
     def build(self, cfg: DictConfig, backbone: nn.Module, candidates: list[Candidate]) -> Built:
         self._trace_every = int(cfg.method.get("trace_every") or 0)
         self._last_step = int(cfg.train.max_steps) - 1
-        return Built(attach_adalora(cfg, backbone, candidates), None, None)
+        self._lr = float(cfg.train.lr)  # shared with every method: the recipe changes the scale
+        model = attach_adalora(cfg, backbone, candidates)
+        used = recipe(model)
+        log.info(
+            "AdaLoRA recipe: update scale %g (lora_alpha / init_r), lr %g (train.lr), tinit %d, "
+            "tfinal %d, deltaT %d of %d steps, orth_reg_weight %g",
+            used["scaling"],
+            self._lr,
+            used["tinit"],
+            used["tfinal"],
+            used["delta_t"],
+            used["total_step"],
+            used["orth_reg_weight"],
+        )
+        return Built(model, None, None)
 
     def after_weight_step(self, model: nn.Module, step: int) -> None:
         if self._pending is not None:  # restored here: the model is on its device by now
@@ -335,4 +353,5 @@ class AdaLora(Method):
 
     def results(self, model: nn.Module, candidates: list[Candidate]) -> dict[str, Any]:
         summary = rank_summary(model, candidates)
-        return {"adalora": {**summary, "recipe": recipe(model), "trace": self.trace}}
+        used = {"lr": self._lr, **recipe(model)}
+        return {"adalora": {**summary, "recipe": used, "trace": self.trace}}
