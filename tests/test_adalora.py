@@ -13,6 +13,7 @@ from conftest import compose_config
 from peft.tuners.adalora import SVDLinear
 
 from diffora_lab import backbones, train
+from diffora_lab.config import validate
 from diffora_lab.methods.adalora import adapter_stats, attach_adalora, recipe, schedule
 
 
@@ -95,3 +96,13 @@ def test_a_run_records_the_recipe_and_the_adapters_movement(tmp_path):
     assert trace[-1]["delta_w"] > 0
     assert trace[-1]["rank"] == adalora["total_rank"] == trace[-1]["budget"]
     assert trace[0]["rank"] == trace[0]["budget"] == 6 * len(adalora["ranks"])
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "0.5", "1.05"])
+def test_an_initial_rank_with_nothing_to_prune_is_refused_before_loading(ratio):
+    # peft 0.21 accepts init_r == target_r, then fails at the first allocation (kthvalue, k=0).
+    cfg = compose_config(["method=adalora", "rank=8", f"method.init_ratio={ratio}"])
+    with pytest.raises(ValueError, match=rf"method.init_ratio={ratio}: the initial rank"):
+        validate(cfg)
+    cfg = compose_config(["method=adalora", "rank=8", "method.init_ratio=1.125"])
+    validate(cfg)  # round(9) > 8: one singular value per module to prune

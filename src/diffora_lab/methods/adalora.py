@@ -88,22 +88,37 @@ def schedule(
     return AdaLoraSchedule(total_step, tinit, tfinal, delta_t)
 
 
+def initial_rank(init_ratio: float, target_r: int) -> int:
+    """``init_r = round(init_ratio * target_r)``: the rank every module starts at.
+
+    Raises:
+        ValueError: ``init_r`` not above ``target_r``: nothing to prune, and peft's allocator
+            fails at its first allocation (``kthvalue`` with k = 0).
+    """
+    init_r = math.floor(init_ratio * target_r + 0.5)
+    if init_r <= target_r:
+        raise ValueError(
+            f"method.init_ratio={init_ratio}: the initial rank round({init_ratio} x {target_r}) "
+            f"= {init_r} must exceed the target rank {target_r} (AdaLoRA prunes from one to the "
+            "other; peft fails with nothing to prune): use e.g. method.init_ratio=1.5, or "
+            "method=lora for one fixed rank."
+        )
+    return init_r
+
+
 def adalora_config(cfg: DictConfig, candidates: list[Candidate]) -> AdaLoraConfig:
     """The peft ``AdaLoraConfig`` of a run: full candidate paths, budget from ``rank``."""
     method = cfg.method
     target_r = int(cfg.rank)
     if target_r < 1:
         raise ValueError(f"rank={target_r}: AdaLoRA's target rank must be >= 1.")
-    init_ratio = float(method.get("init_ratio", 1.5))
-    if init_ratio < 1.0:
-        raise ValueError(f"method.init_ratio={init_ratio}: the initial budget must be >= final.")
+    init_r = initial_rank(float(method.get("init_ratio", 1.5)), target_r)
     steps = schedule(
         int(cfg.train.max_steps),
         float(method.tinit_ratio),
         float(method.tfinal_ratio),
         float(method.delta_t_ratio),
     )
-    init_r = max(target_r, math.floor(init_ratio * target_r + 0.5))
     # AdaLoRA scales by lora_alpha / init_r (peft divides by the initial rank): the harness's
     # scaling rule applies to that rank, as LoRA's applies to r.
     scaling = str(method.get("scaling", "alpha"))
@@ -294,10 +309,9 @@ class AdaLora(Method):
         self.trace: list[dict[str, float]] = []
 
     def validate(self, cfg: DictConfig) -> None:
-        if float(cfg.method.init_ratio) < 1.0:
-            raise ValueError(
-                f"method.init_ratio={cfg.method.init_ratio!r}: the initial budget must be >= 1x."
-            )
+        match = cfg.get("match")
+        matched = match is not None and match.get("target_rank") is not None
+        initial_rank(float(cfg.method.init_ratio), int(match.target_rank if matched else cfg.rank))
         if int(cfg.method.get("trace_every") or 0) < 0:
             raise ValueError(
                 f"method.trace_every={cfg.method.trace_every}: steps between records, >= 0 "
