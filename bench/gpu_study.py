@@ -74,26 +74,22 @@ DEV_FILES = {"MNLI": ("dev_matched.tsv", "dev_mismatched.tsv")}
 
 # Matched trainable parameters: DiffoRA and random_mask at budget 0.5 pick their rank with
 # match=lora_r8 (rank 16 on MiniLM: the expected kept adapter size equals LoRA r=8 on all 36
-# candidates); each run records the achieved count. Every LoRA-family method uses the harness's
-# default scaling (s = 2 at every rank) unless the variant says otherwise.
-MATCHED = ["budget=0.5", "match=lora_r8"]
+# candidates); each run records the achieved count. This study's protocol is the paper's budget
+# in modules (k = 18 of 36), pinned so its runs folder stays one protocol; the budget curve
+# (bench/budget_curve.py) uses the default budget in parameters. Every LoRA-family method uses
+# the harness's default scaling (s = 2 at every rank) unless the variant says otherwise.
+MATCHED = ["budget=0.5", "budget_unit=modules", "match=lora_r8"]
 METHODS = {
     "lora": ["method=lora", "rank=8"],
     "diffora": ["method=diffora", *MATCHED],
     "diffora_faithful": ["method=diffora_faithful", *MATCHED],
     "random_mask": ["method=random_mask", *MATCHED],
     "adalora": ["method=adalora", "rank=8"],
-    # Search variants (selection and ablations), all from the faithful preset:
-    "diffora_bp": ["method=diffora_faithful", *MATCHED, "dam.budget_penalty=1"],
-    "diffora_topk": ["method=diffora_faithful", *MATCHED, "dam.relaxation=topk"],
-    "diffora_prog": ["method=diffora_faithful", *MATCHED, "dam.progressive=true"],
-    "diffora_topk_prog": [
-        "method=diffora_faithful",
-        *MATCHED,
-        "dam.relaxation=topk",
-        "dam.progressive=true",
-    ],
-    "diffora_softmax_row": ["method=diffora_faithful", *MATCHED, "dam.relaxation=softmax_row"],
+    # Search variants (selection and ablations; conf/search/):
+    "diffora_bp": ["method=diffora", "search=budget_penalty", "search.weight=1", *MATCHED],
+    "diffora_topk": ["method=diffora", "search=topk", *MATCHED],
+    "diffora_prog": ["method=diffora", "search=progressive", *MATCHED],
+    "diffora_softmax_row": ["method=diffora", "search=softmax_row", *MATCHED],
     # Ablations of the default: the old scaling (s = alpha / r = 1 at r = 16), no weight sharing,
     # a longer search.
     "diffora_alpha16": ["method=diffora", *MATCHED, "method.scaling=alpha"],

@@ -1,8 +1,10 @@
 """Peak memory of a DiffoRA search step and of a post-discretization step vs a peft LoRA step.
 
-The models and steps are the ones of ``bench/step_time.py`` (MiniLM-L6, rank 8 on the 36
-candidate modules, batch 32, seq 64; the framework's ``TrainingModule`` for the DiffoRA variants,
-plain peft + AdamW for the baseline), built side by side in one process.
+The models and steps are the ones of ``bench/step_time.py`` (``bench/_steps.py``; ``--grid
+encoder``: MiniLM-L6, rank 8 on the 36 candidate modules, batch 32, seq 64; ``--grid decoder``:
+a Llama with SmolLM2-135M's layer shape, 4 layers, 28 modules, the causal-LM loss, batch 8; the
+framework's ``TrainingModule`` for the DiffoRA variants, plain peft + AdamW for the baseline),
+built side by side in one process.
 
 How memory is measured (CPU, no caching allocator):
 
@@ -25,8 +27,9 @@ process and, even with a fresh process per variant, mixes loading peaks into a s
 
 Run from the repository root::
 
-    python bench/memory.py            # batch 32, seq 64
-    python bench/memory.py --quick    # batch 8
+    python bench/memory.py                 # batch 32, seq 64
+    python bench/memory.py --quick         # batch 8
+    python bench/memory.py --grid decoder  # the Llama-style grid (batch 8, seq 64)
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.step_time import (  # noqa: E402
+from bench._steps import (  # noqa: E402
     DESCRIPTIONS,
+    GRIDS,
     BenchModule,
     Variant,
     add_omp_flag,
@@ -106,13 +110,12 @@ def measure_step(variant: Variant, batch: dict[str, torch.Tensor]) -> tuple[int,
             current[ptr] = nbytes
         return t
 
-    def flush(*_):  # a forward pass begins at the embeddings
+    def flush(*_):  # a forward pass begins at the input embeddings
         if current:
             per_forward.append(sum(current.values()))
             current.clear()
 
-    embeddings = next(m for n, m in inner.named_modules() if n.endswith("embeddings"))
-    handle = embeddings.register_forward_pre_hook(flush)
+    handle = inner.get_input_embeddings().register_forward_pre_hook(flush)
     try:
         with (
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
@@ -136,8 +139,9 @@ def measure_step(variant: Variant, batch: dict[str, torch.Tensor]) -> tuple[int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="encoder")
+    parser.add_argument("--batch", type=int, help="default: the grid's (encoder 32, decoder 8)")
+    parser.add_argument("--seq", type=int, help="default: the grid's (64)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=2, help="measurements per variant")
@@ -146,13 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     add_omp_flag(parser)
     args = parser.parse_args(argv)
     reexec_with_omp_policy(args.omp_wait_policy)
+    grid = GRIDS[args.grid]
     if args.quick:
-        args.batch, args.rounds = 8, 1
+        args.batch, args.rounds = args.batch or min(8, grid.batch), 1
+    args.batch, args.seq = args.batch or grid.batch, args.seq or grid.seq
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     quiet()
     print(
-        f"torch {torch.__version__}; MiniLM-L6, batch {args.batch}, seq {args.seq}, "
+        f"torch {torch.__version__}; grid {args.grid} ({grid.about}), batch {args.batch}, "
+        f"seq {args.seq}, "
         f"rank {args.rank}, budget {args.budget}"
     )
     variants, batches, _ = build_all(args, VARIANTS)

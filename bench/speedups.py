@@ -46,7 +46,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.step_time import (  # noqa: E402
+from bench._steps import (  # noqa: E402
     CONF_DIR,
     BenchModule,
     Variant,

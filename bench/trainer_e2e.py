@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.step_time import add_omp_flag, quiet, reexec_with_omp_policy  # noqa: E402
+from bench._steps import add_omp_flag, quiet, reexec_with_omp_policy  # noqa: E402
 from diffora_lab import backbones  # noqa: E402
 from diffora_lab.tasks import get_task, load_raw  # noqa: E402
 

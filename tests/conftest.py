@@ -10,6 +10,13 @@ os.environ["WANDB_MODE"] = os.environ.get("WANDB_MODE_TESTS", "offline")
 os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -25,21 +32,31 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 
 
+_HYDRA = {"ours": None}  # the Hydra instance compose_config initialized last
+
+
 def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """Composes the app's config as the CLI would (no Hydra run dir involved)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    """Composes the app's config as the CLI would (no Hydra run dir involved).
+
+    Hydra is initialized on the app's config folder once and reused while nothing else has
+    replaced it (initializing costs more than composing); anything else re-initializes it.
+    """
+    hydra = GlobalHydra.instance()
+    if not (hydra.is_initialized() and hydra.hydra is _HYDRA["ours"]):
+        hydra.clear()
+        initialize_config_dir(config_dir=config_dir(), version_base="1.3")
+        _HYDRA["ours"] = hydra.hydra
+    cfg = compose(config_name="config", overrides=overrides)
     if output_dir is not None:
         with open_dict(cfg):
             cfg.data.cache_dir = str(output_dir / "cache")
     return cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """One intra-op thread: several times faster for tiny models on shared 2-core machines, and
-    reference and resumed runs stay numerically comparable."""
+    reference and resumed runs stay numerically comparable (the shared reference run included)."""
     import torch
 
     before = torch.get_num_threads()
@@ -48,8 +65,136 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300, env_extra: dict | None = None):
-    """``python -m diffora_lab ARGS`` in a subprocess, offline, output captured."""
+# Process-wide tables a test may add to (a test search variant, method, task or backbone).
+REGISTRIES = (
+    ("diffora_lab.architect", "_ARCHITECTS"),
+    ("diffora_lab.methods.registry", "_REGISTRY"),
+    ("diffora_lab.tasks.spec", "TASKS"),
+    ("diffora_lab.backbones", "_CONFIG_BUILDERS"),
+)
+COMPILE_CONFIGS = ("torch._dynamo.config", "torch._inductor.config")
+
+
+def _registries() -> list[dict]:
+    tables = []
+    for module, name in REGISTRIES:
+        try:
+            table = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # renamed or moved: nothing to guard there
+            continue
+        if isinstance(table, dict):
+            tables.append(table)
+    return tables
+
+
+@contextlib.contextmanager
+def process_state_restored(compile_state: bool = True):
+    """Puts back process-wide state that tests and the code they run change (see below).
+
+    ``compile_state``: also the torch.compile configs and dynamo's caches (tens of milliseconds:
+    once per module, not per test).
+    """
+    import torch
+
+    environ, cwd = dict(os.environ), os.getcwd()
+    torch_state = (
+        torch.get_num_threads(),
+        torch.is_grad_enabled(),
+        torch.get_default_dtype(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    configs = {
+        name: sys.modules[name].get_config_copy()
+        for name in (COMPILE_CONFIGS if compile_state else ())
+        if name in sys.modules
+    }
+    loggers = logging.root.manager.loggerDict
+    levels = {
+        name: logger.level for name, logger in loggers.items() if isinstance(logger, logging.Logger)
+    }
+    root_level = logging.root.level
+    tables = [(table, dict(table)) for table in _registries()]
+    modules = tuple(sys.modules)  # a set only when needed below (cheaper per test)
+    try:
+        yield
+    finally:
+        if dict(os.environ) != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        os.chdir(cwd)
+        threads, grad, dtype, deterministic = torch_state
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        torch.use_deterministic_algorithms(deterministic)
+        with warnings.catch_warnings():  # reading deprecated keys warns
+            warnings.simplefilter("ignore")
+            for name, saved in configs.items():
+                config = sys.modules[name]
+                for key, value in saved.items():
+                    try:
+                        changed = bool(getattr(config, key) != value)
+                    except Exception:  # deleted (unittest.mock.patch deletes), not comparable
+                        changed = True
+                    if changed:
+                        setattr(config, key, value)
+        if compile_state and "torch._dynamo" in sys.modules:
+            torch._dynamo.reset()
+        for name, level in levels.items():
+            logger = loggers.get(name)
+            if isinstance(logger, logging.Logger) and logger.level != level:
+                logger.setLevel(level)
+        if logging.root.level != root_level:
+            logging.root.setLevel(root_level)
+        # An entry added meanwhile stays only if a module imported meanwhile (a lazily loaded
+        # part of the package) registered it.
+        for table, saved in tables:
+            added = [key for key in table if key not in saved]
+            if added:
+                imported = set(sys.modules) - set(modules)
+                for key in added:
+                    if getattr(table[key], "__module__", None) not in imported:
+                        del table[key]
+            if any(table.get(key) is not value for key, value in saved.items()):
+                table.update(saved)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def isolated_module_state():
+    """What a module's shared fixtures change (a reference run) ends with the module."""
+    with process_state_restored():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def isolated_process_state():
+    """Every test starts from the same RNG state and leaves the process as it found it.
+
+    Tests patch process-wide state, and so does the code they run (Lightning writes
+    ``PL_GLOBAL_SEED``, ``train.compile`` raises dynamo's recompile limit and leaves compiled
+    code behind). Put back after each test: environment variables, the working directory,
+    torch's thread count, grad mode, default dtype and deterministic flag, log levels, and
+    entries a test added to the registries in ``REGISTRIES``; after each module also the
+    torch.compile configs (dynamo, inductor) and dynamo's caches (a test that patches them uses
+    ``config.patch()``, which restores them itself). The RNGs (random, numpy, torch) are seeded
+    before each test, so no outcome depends on which tests ran first. Warnings filters need
+    nothing here: pytest restores them around every test.
+    """
+    import numpy as np
+    import torch
+
+    with process_state_restored(compile_state=False):
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        yield
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 900, env_extra: dict | None = None):
+    """``python -m diffora_lab ARGS`` in a subprocess, offline, output captured.
+
+    ``timeout`` guards against a hang; it is no speed limit (a loaded machine is slow).
+    """
     import subprocess
     import sys
 
@@ -72,3 +217,36 @@ def smoke_cfg(tmp_path):
         return compose_config(["+experiment=smoke", *overrides], tmp_path)
 
     return make
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run folder and what ``train.run`` returned for it."""
+
+    out: Path
+    results: dict
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> FinishedRun:
+    """The smoke experiment as it is (``+experiment=smoke``, nothing else), run once per session.
+
+    Read-only: many tests compare with it (artifacts, resumes, histories). A test that writes
+    into the folder (resumes in it, deletes from it) takes :func:`reference_copy` instead.
+    """
+    from diffora_lab.train import run
+
+    out = tmp_path_factory.mktemp("reference")
+    with process_state_restored():
+        results = run(compose_config(["+experiment=smoke"], out), out)
+    return FinishedRun(out, results)
+
+
+@pytest.fixture
+def reference_copy(reference_run, tmp_path) -> FinishedRun:
+    """A private copy of :func:`reference_run`'s folder (caches included), free to change."""
+    import shutil
+
+    out = tmp_path / "reference"
+    shutil.copytree(reference_run.out, out)
+    return FinishedRun(out, dict(reference_run.results))

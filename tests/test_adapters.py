@@ -22,11 +22,11 @@ from diffora_lab.adapters import (
     attach_lora,
     base_of,
     count_parameters,
-    export_adapter,
     lora_layer,
 )
 from diffora_lab.backbones import find_candidates, load_backbone, load_tokenizer, resolve_source
 from diffora_lab.dam import top_k_mask
+from diffora_lab.export import export_adapter
 
 RANK = 4
 ALPHA = 16.0

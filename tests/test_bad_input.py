@@ -8,13 +8,15 @@ folder (the folder is compared byte for byte before and after). The CLI's side (
 traceback) is covered by ``test_cli_refusals_exit_2_without_traceback_and_leave_the_folder``.
 
 Placeholders in the table: ``RUN`` the run folder, ``DIR`` the data folder, ``MASK`` the mask
-file, ``PID``/``HOST`` the process holding the folder, ``…`` any text (e.g. a machine's core count).
+file, ``PID``/``HOST`` the process holding the folder, ``CKPT`` another run's checkpoint, ``…``
+any text (e.g. a machine's core count).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import socket
@@ -98,6 +100,39 @@ def mask_file(edit: Callable[[dict], object]) -> Callable:
     return make
 
 
+def edited(**changes) -> Callable[[dict], dict]:
+    def edit(mask: dict) -> dict:
+        mask.update(changes)
+        return mask
+
+    return edit
+
+
+def keep_all(mask: dict) -> dict:
+    return {**mask, "kept": [True] * len(mask["kept"]), "k": len(mask["kept"])}
+
+
+def in_params_keeping_all(mask: dict) -> dict:
+    """A mask in parameters (12 modules of 10, target 60) whose ``kept`` was edited to all."""
+    return {**keep_all(mask), "unit": "params", "sizes": [10] * 12, "target": 60.0}
+
+
+def nan_gate(mask: dict) -> str:
+    return json.dumps({**mask, "gates": [float("nan"), *mask["gates"][1:]]})  # NaN, as json writes
+
+
+def kept_as_numbers(mask: dict) -> dict:
+    return {**mask, "kept": [int(flag) for flag in mask["kept"]]}
+
+
+def sst2_raw(train: bytes) -> Callable:
+    def make(ctx: Context) -> None:
+        write_sst2(ctx.data)
+        (ctx.data / "SST-2" / "train.tsv").write_bytes(train)
+
+    return make
+
+
 def drop_one(mask: dict) -> dict:
     mask["kept"] = mask["kept"][:-1]
     return mask
@@ -124,11 +159,62 @@ def older_format(data: bytes) -> bytes:
     """The same checkpoint, its diffora_lab state marked as written in format 1."""
     import torch
 
-    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     saved["diffora_lab"]["format"] = 1
     buffer = io.BytesIO()
     torch.save(saved, buffer)
     return buffer.getvalue()
+
+
+def boolq_with(broken: dict) -> Callable:
+    """A commonsense folder (LLM-Adapters layout) whose boolq test.json item 1 is ``broken``."""
+
+    def make(ctx: Context) -> None:
+        item = {
+            "instruction": "Please answer the following question with true or false, question: "
+            "is the sky blue?\n\nAnswer format: true/false",
+            "input": "",
+            "output": "the correct answer is true",
+            "answer": "true",
+        }
+        folder = ctx.data / "dataset" / "boolq"
+        folder.mkdir(parents=True)
+        (folder / "train.json").write_text(json.dumps([item] * 8))
+        (folder / "test.json").write_text(json.dumps([item, {**item, **broken}]))
+        if broken.get("answer") is None:
+            test = json.loads((folder / "test.json").read_text())
+            del test[1]["answer"]
+            (folder / "test.json").write_text(json.dumps(test))
+
+    return make
+
+
+class Planted:
+    """Unpickling this would call ``os.getcwd`` (a harmless stand-in for ``os.system``);
+    tests/test_untrusted_files.py proves such a file runs code when unpickled, and is refused."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def planted(data: bytes) -> bytes:
+    """The same checkpoint with an object planted among its entries."""
+    import torch
+
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    saved["callbacks"]["Planted"] = Planted()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    return buffer.getvalue()
+
+
+def finished_with_checkpoint(ctx: Context) -> None:
+    """The finished budget-0.5 run (8 steps) that wrote the mask, in the run folder."""
+    shutil.copytree(ctx.saved_mask.parents[1], ctx.run, ignore=shutil.ignore_patterns("cache"))
+
+
+def another_runs_checkpoint(ctx: Context) -> None:
+    shutil.copyfile(ctx.saved_mask.parents[1] / "checkpoints" / "last.ckpt", ctx.ckpt)
 
 
 def finished_folder(ctx: Context) -> None:
@@ -146,14 +232,32 @@ SITUATIONS: dict[str, Callable] = {
     "SST-2 train.tsv with a non-UTF-8 byte on line 3": sst2_with(3, b"caf\xe9 au lait\t1"),
     "SST-2 train.tsv with label `2` on line 4": sst2_with(4, b"a fine film\t2"),
     "CoLA train.tsv with a header line": cola_with_header,
+    "SST-2 train.tsv with one example": sst2_raw(b"sentence\tlabel\na fine film\t1\n"),
+    "SST-2 train.tsv with CR-only line endings": sst2_raw(
+        b"\r".join([b"sentence\tlabel", *("\t".join(r).encode() for r in sst2_rows())]) + b"\r"
+    ),
     "an empty mask file": mask_file(lambda mask: ""),
+    "a mask with budget 0.9 that keeps 6 of 12": mask_file(edited(budget=0.9)),
+    "a mask that keeps 12 of 12 at budget 0.5": mask_file(keep_all),
+    "a mask in params edited to keep all 12 modules": mask_file(in_params_keeping_all),
+    "a mask with 5 `module_types` for 6 columns": mask_file(
+        lambda mask: {**mask, "module_types": mask["module_types"][:5]}
+    ),
+    "a mask with a NaN gate": mask_file(nan_gate),
+    "a mask whose `kept` holds 1 and 0": mask_file(kept_as_numbers),
     "a mask with one `kept` entry missing": mask_file(drop_one),
     "a mask that keeps no module": mask_file(keep_none),
     "a checkpoint at step 6": checkpoint(lambda data: data),
     "an empty checkpoint": checkpoint(lambda data: b""),
     "a truncated checkpoint": checkpoint(lambda data: data[: len(data) // 2]),
     "a checkpoint written by another version (format 1)": checkpoint(older_format),
+    "a commonsense folder whose boolq test item 1 has no `answer`": boolq_with({"answer": None}),
+    "a commonsense folder whose boolq test item 1 answers `maybe`": boolq_with({"answer": "maybe"}),
+    "a checkpoint that would run code when unpickled": checkpoint(planted),
+    "a mask file": mask_file(lambda mask: mask),
     "a finished run folder": finished_folder,
+    "a run folder finished at budget 0.5": finished_with_checkpoint,
+    "another run's finished checkpoint at CKPT": another_runs_checkpoint,
     "a run folder in use by another process": busy_folder,
 }
 
@@ -177,11 +281,16 @@ class Context:
     def mask(self) -> Path:
         return self.root / "mask.json"
 
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "finished.ckpt"
+
     def substitute(self, text: str) -> str:
         for name, value in (
             ("RUN", str(self.run)),
             ("DIR", str(self.data)),
             ("MASK", str(self.mask)),
+            ("CKPT", str(self.ckpt)),
             ("PID", str(__import__("os").getpid())),
             ("HOST", socket.gethostname()),
         ):
@@ -196,7 +305,9 @@ def stopped(tmp_path_factory) -> tuple[Path, Path]:
     run(compose_config(["+experiment=smoke", "train.stop_after=6"], out), out)
     assert (out / "csv" / "metrics.csv").is_file() and (out / "dam" / "search_split.json").is_file()
     masked = tmp_path_factory.mktemp("masked")
-    cfg = compose_config(["+experiment=smoke", "train.max_steps=8", "dam.warmup_steps=1"], masked)
+    # In modules (the paper's unit), so that its k follows from its budget alone.
+    overrides = ["train.max_steps=8", "dam.warmup_steps=1", "budget_unit=modules"]
+    cfg = compose_config(["+experiment=smoke", *overrides], masked)
     run(cfg, masked)
     return out, masked / "dam" / "mask.json"
 
@@ -234,6 +345,9 @@ def test_bad_input_is_refused_with_the_readme_message(row, tmp_path, stopped):
     SITUATIONS[row.situation](ctx)
     overrides = [ctx.substitute(o) for o in row.overrides]
     cfg = compose_config(["+experiment=smoke", *overrides], tmp_path)
+    for override in overrides:  # compose_config points data.cache_dir into tmp_path
+        if override.startswith("data.cache_dir="):
+            cfg.data.cache_dir = override.split("=", 1)[1]
     before = snapshot(ctx.run)
     try:
         with pytest.raises(ConfigError) as refused:
@@ -249,6 +363,7 @@ def test_bad_input_is_refused_with_the_readme_message(row, tmp_path, stopped):
     assert after == before, "a refused run changed its folder"
 
 
+@pytest.mark.slow
 def test_cli_refusals_exit_2_without_traceback_and_leave_the_folder(tmp_path):
     """Two processes, one folder: the second exits 2 at once naming the first's pid and host,
     prints no traceback, and leaves the first one's .hydra/ and logs untouched."""
@@ -268,7 +383,7 @@ def test_cli_refusals_exit_2_without_traceback_and_leave_the_folder(tmp_path):
             env={**__import__("os").environ, **env},
             capture_output=True,
             text=True,
-            timeout=180,
+            timeout=900,  # hang guard
         )  # fmt: skip
         assert snapshot(folder) == before_locked
     assert done.returncode == 2, done.stderr[-2000:]

@@ -78,7 +78,7 @@ def test_logits_are_a_registered_parameter():
 
 
 def test_unknown_relaxation_names_the_setting():
-    with pytest.raises(ValueError, match="dam.relaxation"):
+    with pytest.raises(ValueError, match="relaxation='gumbel'"):
         DAM(2, TYPES, relaxation="gumbel")
 
 

@@ -50,6 +50,7 @@ def dora_run(tmp_path_factory) -> dict[str, Any]:
     return {"cfg": cfg, "out": out, "results": results, **captured}
 
 
+@pytest.mark.slow
 def test_dora_trains_magnitudes_directions_and_head_only(dora_run):
     model = dora_run["model"]
     after = model.state_dict()
@@ -66,6 +67,7 @@ def test_dora_trains_magnitudes_directions_and_head_only(dora_run):
         assert layer.lora_magnitude_vector["default"].weight.shape == (cand.d_out,)
 
 
+@pytest.mark.slow
 def test_dora_reports_its_adapter_parameters(dora_run):
     results = dora_run["results"]
     assert results["method"] == "dora" and results["steps"] == STEPS
@@ -76,6 +78,7 @@ def test_dora_reports_its_adapter_parameters(dora_run):
     assert results["k"] == len(candidates) == results["candidate_modules"]
 
 
+@pytest.mark.slow
 def test_dora_adapter_reloads_with_peft_and_reproduces_logits(dora_run):
     cfg, out = dora_run["cfg"], dora_run["out"]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())

@@ -73,7 +73,7 @@ def test_notebook_executes_on_real_runs(runs_dir, monkeypatch):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
         notebook,
-        timeout=120,
+        timeout=900,  # per cell: a hang guard, not a speed limit
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )

@@ -6,6 +6,7 @@ import io
 import logging
 import re
 
+import pytest
 from conftest import compose_config
 
 from diffora_lab.progress import PhaseProgressBar, ProgressLog, progress_callbacks
@@ -43,6 +44,7 @@ def test_the_view_follows_the_output():
     assert len(progress_callbacks(False, 30, terminal=False)) == 1  # the resume notice only
 
 
+@pytest.mark.slow
 def test_off_a_terminal_log_lines_carry_phase_step_losses_rate_and_eta(
     tmp_path, monkeypatch, caplog
 ):
@@ -65,6 +67,7 @@ def test_off_a_terminal_log_lines_carry_phase_step_losses_rate_and_eta(
     assert not any(m.group(3) for m in parsed if m.group(1) == "finetune")
 
 
+@pytest.mark.slow
 def test_off_a_terminal_the_interval_holds_lines_back(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr("sys.stdout", Pipe())
     with caplog.at_level(logging.INFO, logger="diffora_lab"):
@@ -78,6 +81,7 @@ def test_off_a_terminal_the_interval_holds_lines_back(tmp_path, monkeypatch, cap
     ]
 
 
+@pytest.mark.slow
 def test_on_a_terminal_the_bar_shows_phase_steps_losses_rate_and_eta(tmp_path, monkeypatch):
     terminal = Terminal()
     monkeypatch.setattr("sys.stdout", terminal)
@@ -93,6 +97,7 @@ def test_on_a_terminal_the_bar_shows_phase_steps_losses_rate_and_eta(tmp_path, m
     assert any("search_loss=" in f for f in bars if f.startswith("search "))
 
 
+@pytest.mark.slow
 def test_resuming_says_from_which_step_and_phase(tmp_path, capsys):
     stopped = smoke(tmp_path, "train.stop_after=2", "trainer.enable_progress_bar=false")
     assert stopped["stopped_at"] == 2

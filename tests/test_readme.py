@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ NOT_RUN = {
     "+experiment=deberta_mnli": "DeBERTa-v3-base and MNLI from the hub",
     "backbone.path=/models/deberta-v3-base": "a local DeBERTa-v3-base folder",
     "hydra/launcher=slurm": "a SLURM cluster with GPUs",
+    "runs/smoke_decoder": "the decoder export walk-through: tests/test_lm_eval.py runs it",
+    "vllm serve": "vLLM on a GPU",
+    "convert_lora_to_gguf.py": "llama.cpp's converter (a llama.cpp checkout)",
+    "llama-cli": "llama.cpp",
+    "+experiment=llama3_8b_commonsense": "Llama-3-8B and the LLM-Adapters data on a GPU",
 }
 # Placeholders the README uses -> what the test puts there (filled in by the fixture).
 RUN_PLACEHOLDER = "outputs/2026-11-28/11-40-02"
@@ -44,6 +50,9 @@ FAST = (
     "logger=none",
 )
 TINY = ("backbone=tiny_deberta", "task.max_length=64")
+# Decoder commands (README "Decoder LLMs") run on the tiny random Llama instead.
+DECODER = ("smoke_decoder", "smollm2", "tiny_llama", "tiny_qwen2", "commonsense")
+TINY_DECODER = ("backbone=tiny_llama", "task.max_length=64")
 
 
 def blocks() -> list[tuple[str, str]]:
@@ -78,21 +87,23 @@ def test_the_not_run_list_names_commands_the_readme_still_has():
 
 
 def test_matched_table_in_the_readme_is_what_the_code_prints():
-    from diffora_lab.matching import matched_table
+    from diffora_lab.matching import params_table
 
-    printed = set(matched_table().splitlines())
+    printed = set(params_table().splitlines())
     readme = [line for line in README.read_text().splitlines() if line.startswith("| MiniLM-L6")]
     readme += [line for line in README.read_text().splitlines() if line.startswith("| DeBERTa")]
-    assert len(readme) == 8
+    assert len(readme) == 12
     assert set(readme) <= printed
 
 
-def _env(tmp: Path) -> dict[str, str]:
+def _env(tmp: Path, cache: str = "cache") -> dict[str, str]:
     return dict(
         os.environ,
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
-        DIFFORA_CACHE=str(tmp / "cache"),
+        DIFFORA_CACHE=str(tmp / cache),
+        # Commands run side by side (PARALLEL at a time): one thread each shares the cores.
+        OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     )
 
@@ -111,13 +122,21 @@ def _prepare(command: str, tmp: Path, index: int, default_run: Path | None) -> l
         args[0] = sys.executable
     if args[1:3] == ["-m", "diffora_lab"]:
         quickstart = args[3:] == []
-        args += [*FAST, *([] if quickstart else TINY)]
+        tiny = TINY_DECODER if any(key in command for key in DECODER) else TINY
+        args += [*FAST, *([] if quickstart else tiny)]
         args += [f"hydra.run.dir={tmp}/run{index}", f"hydra.sweep.dir={tmp}/multi{index}"]
     return args
 
 
-def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=900)
+def _run(args: list[str], tmp: Path, cache: str = "cache") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, cwd=tmp, env=_env(tmp, cache), capture_output=True, text=True, timeout=900
+    )
+
+
+# README commands run this many at a time: most of a short command is Python starting and
+# importing (one core), so two side by side take about half the time on two cores.
+PARALLEL = 2
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +152,7 @@ def default_run(tmp_path_factory) -> tuple[Path, str]:
 @pytest.mark.slow
 def test_every_bash_command_runs(default_run, tmp_path):
     run_dir, _ = default_run
-    ran, skipped = [], []
+    ran, skipped, jobs = [], [], []
     for index, command in enumerate(
         c for lang, body in blocks() if lang == "bash" for c in commands(body)
     ):
@@ -143,10 +162,18 @@ def test_every_bash_command_runs(default_run, tmp_path):
         args = None if skip_reason(command) else _prepare(command, tmp_path, index + 1, run_dir)
         if args is None:
             skipped.append(command)
-            continue
-        done = _run(args, tmp_path)
-        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
-        ran.append(command)
+        else:
+            jobs.append((command, args, f"cache{index + 1}"))  # own cache: no shared writes
+    # Side by side, multiruns (the longest) first; each has its own run folder and cache.
+    jobs.sort(key=lambda job: " -m " not in f" {job[0]} ")
+    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        futures = [
+            (command, pool.submit(_run, args, tmp_path, cache)) for command, args, cache in jobs
+        ]
+        for command, future in futures:
+            done = future.result()
+            assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+            ran.append(command)
     # The quickstart, smoke, sweep, lora, evaluate; with ../shared also the GLUE commands (a
     # user's clone has no ../shared: the commands that need it are skipped, not failed).
     assert len(ran) >= (6 if SHARED_GLUE.is_dir() else 5), ran
@@ -184,6 +211,7 @@ def test_summary_block_matches_a_real_summary(default_run):
         assert any(x.strip().startswith(label) for x in real), label
 
 
+@pytest.mark.slow
 def test_bad_input_block_shows_what_the_cli_prints(tmp_path):
     shown = next(body for lang, body in blocks() if lang == "" and body.startswith("$ "))
     first, *expected = shown.splitlines()
@@ -193,6 +221,7 @@ def test_bad_input_block_shows_what_the_cli_prints(tmp_path):
     assert done.stderr.strip().splitlines() == expected
 
 
+@pytest.mark.slow
 def test_help_names_the_app(tmp_path):
     done = _run([sys.executable, "-m", "diffora_lab", "--help"], tmp_path)
     assert done.returncode == 0

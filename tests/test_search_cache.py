@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, compose_config
 
+from diffora_lab.budget import Budget
 from diffora_lab.search_cache import (
     SearchCache,
     backbone_fingerprint,
@@ -54,6 +55,7 @@ def first(tmp_path_factory) -> tuple[Path, Path, dict]:
     return root, data, results
 
 
+@pytest.mark.slow
 def test_an_identical_run_reuses_the_search_and_says_where_from(first, tmp_path):
     root, data, made = first
     again = short_run(tmp_path / "again", data, root / "cache", "dam.fold_gates=false")
@@ -61,13 +63,18 @@ def test_an_identical_run_reuses_the_search_and_says_where_from(first, tmp_path)
     assert made["search"]["reused"] is False and search["reused"] is True
     assert search["key"] == made["search"]["key"]
     entry = root / "cache" / "search" / search["key"]
+    # The default search at budget 0.5 (in parameters) ends after step 4 of this short run.
     assert search["source"] == {
-        "path": str(entry / "search_end.ckpt"),
+        "path": str(entry / "step000004-params0.5.ckpt"),
         "key": search["key"],
         "run_folder": str(root / "first"),
+        "step": 4,
+        "budget": 0.5,
+        "exact": True,
     }
 
 
+@pytest.mark.slow
 def test_changed_training_rows_are_searched_afresh(first, tmp_path):
     root, data, made = first
     changed = write_sst2(tmp_path / "glue", "a dull plot")  # same size, other rows
@@ -85,9 +92,16 @@ def copy_entry(first, tmp_path) -> SearchCache:
     return SearchCache(key, folder, split)
 
 
+BUDGET = Budget("params", 0.5, 3584.0, (512,) * 8 + (768,) * 4, (512,) * 8 + (768,) * 4)
+
+
+def snapshot(entry: SearchCache) -> Path:
+    return entry.snapshot(4, BUDGET)
+
+
 def truncate(entry: SearchCache) -> None:
-    data = entry.snapshot.read_bytes()
-    entry.snapshot.write_bytes(data[: len(data) // 3])
+    data = snapshot(entry).read_bytes()
+    snapshot(entry).write_bytes(data[: len(data) // 3])
 
 
 def other_split(entry: SearchCache) -> None:
@@ -98,33 +112,35 @@ def other_split(entry: SearchCache) -> None:
 
 CORRUPTIONS = {
     "truncated": (truncate, "cannot be read"),
-    "empty": (lambda e: e.snapshot.write_bytes(b""), "cannot be read"),
+    "empty": (lambda e: snapshot(e).write_bytes(b""), "cannot be read"),
     "no-record": (lambda e: (e.folder / "meta.json").unlink(), "missing or unreadable"),
     "unreadable-record": (lambda e: (e.folder / "meta.json").write_text("{"), "unreadable"),
     "other-split": (other_split, "another search split"),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_a_bad_cache_entry_is_skipped_with_a_warning(first, tmp_path, caplog, name):
     entry = copy_entry(first, tmp_path)
-    assert entry.usable(search_steps=4) is not None  # the copy is good before the damage
+    assert entry.usable(4, BUDGET) is not None  # the copy is good before the damage
     damage, why = CORRUPTIONS[name]
     damage(entry)
     with caplog.at_level(logging.WARNING, logger="diffora_lab.search_cache"):
-        assert entry.usable(search_steps=4) is None
+        assert entry.usable(4, BUDGET) is None
     assert why in caplog.text and "searching afresh" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_truncated_cache_entry_never_fails_a_run(first, tmp_path):
     root, data, made = first
     entry = copy_entry(first, tmp_path)
     truncate(entry)
     done = short_run(tmp_path / "run", data, tmp_path / "cache", "dam.fold_gates=false")
     assert done["search"] == {"reused": False, "key": made["search"]["key"]}
-    assert done["steps"] == 8 and done["k"] == 6
+    assert done["steps"] == 8 and done["kept_modules"] == made["kept_modules"]
     # The fresh search replaced the damaged entry.
-    assert entry.usable(search_steps=4) is not None
+    assert entry.usable(4, BUDGET) is not None
 
 
 def test_the_key_covers_package_source_and_backbone_files(tmp_path):

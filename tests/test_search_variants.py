@@ -1,13 +1,16 @@
 """Search variants that control the discretization gap, and the LoRA scaling rule.
 
-- ``dam.relaxation=topk``: sigmoid gates held at sum k by one shared threshold;
-- ``dam.progressive=true``: modules leave during the search on a cubic schedule;
+- ``search=topk``: sigmoid gates held at sum k by one shared threshold;
+- ``search=progressive`` (the default): modules leave during the search on a cubic schedule;
+- each variant's declarations (budget dependence) drive the search cache key;
 - ``method.scaling``: the LoRA update scale s is the same at every rank by default.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from conftest import compose_config
 from diffora_lab.adapters import lora_alpha_for, lora_layer
 from diffora_lab.dam import DAM, budget_sigmoid, cubic_count, top_k_mask
 from diffora_lab.search_cache import search_key
+from diffora_lab.searches import SearchVariant, register_search, registry, search_names
 from diffora_lab.train import run
 
 TYPES = ["q", "k", "v", "o", "ffn_in", "ffn_out"]
@@ -117,37 +121,84 @@ def _run(smoke_cfg, tmp_path, name: str, *overrides: str) -> tuple[dict, dict]:
     return results, json.loads((out / "dam" / "mask.json").read_text())
 
 
+@pytest.mark.slow
 def test_progressive_search_has_no_discretization_gap(smoke_cfg, tmp_path):
     """Only k modules are active when the search ends: the cut removes nothing in use, so
     the dev metric just after discretization is the one just before (and the kept modules'
     functions are preserved by folding)."""
-    results, mask = _run(
-        smoke_cfg, tmp_path, "prog", "method=diffora_faithful", "dam.progressive=true"
-    )
-    assert results["search_variant"]["progressive"] is True
+    results, mask = _run(smoke_cfg, tmp_path, "prog", "search=progressive")
+    assert results["search_variant"]["name"] == "progressive" and results["preset"] == "default"
     assert mask["gates"].count(0.0) == len(mask["gates"]) - mask["k"]
     assert all(g > 0 for g, keep in zip(mask["gates"], mask["kept"]) if keep)
     disc = results["discretization"]
     assert disc["val_before"] == disc["val_after"] and disc["gap"] == 0.0
 
 
+@pytest.mark.slow
 def test_topk_search_ends_with_gates_summing_to_k(smoke_cfg, tmp_path):
-    results, mask = _run(
-        smoke_cfg, tmp_path, "topk", "method=diffora_faithful", "dam.relaxation=topk"
-    )
-    assert sum(mask["gates"]) == pytest.approx(mask["k"], abs=1e-3)
+    results, mask = _run(smoke_cfg, tmp_path, "topk", "search=topk")
+    # k: the budget's expected count (a quarter of 12 modules, in parameters or in modules)
+    assert sum(mask["gates"]) == pytest.approx(0.25 * 12, abs=1e-3)
     assert results["search_variant"]["relaxation"] == "topk"
-    assert results["preset"] == "faithful"
+    assert results["preset"] == "topk"
 
 
+def key(*overrides: str) -> str:
+    return search_key(compose_config(["+experiment=smoke", *overrides]))
+
+
+@pytest.mark.slow
 def test_search_cache_key_has_the_budget_only_when_the_search_uses_it():
-    def key(*overrides: str) -> str:
-        return search_key(compose_config(["+experiment=smoke", *overrides]))
+    for budget_free in ("search=faithful", "search=softmax_row", "method=diffora_faithful"):
+        assert key(budget_free, "budget=0.25") == key(budget_free, "budget=0.5")
+        assert key(budget_free, "budget_unit=modules") == key(budget_free)
+    for variant in ("search=topk", "search=progressive", "search=budget_penalty"):
+        assert key(variant, "budget=0.25") != key(variant, "budget=0.5")
+    # The progressive search of a sweep goes to the sweep's smallest budget: shared by all.
+    sweep = "dam.sweep_budgets=[0.25,0.5,0.75]"
+    assert len({key(sweep, f"budget={b}") for b in (0.25, 0.5, 0.75)}) == 1
+    assert key(sweep, "budget=0.75") == key("budget=0.25")  # the smallest budget's own search
 
-    faithful = ["method=diffora_faithful"]
-    assert key(*faithful, "budget=0.25") == key(*faithful, "budget=0.5")
-    for variant in ("dam.relaxation=topk", "dam.progressive=true", "dam.budget_penalty=1"):
-        assert key(*faithful, variant, "budget=0.25") != key(*faithful, variant, "budget=0.5")
+
+class BudgetFree(SearchVariant):
+    name = "budget_free_test"
+    budget_dependent = False
+
+
+def test_a_variants_declaration_drives_the_cache_key():
+    """The key reads the variant's declaration, not a list of setting names: a new variant
+    that declares itself budget-free is shared across budgets, and stops being when it says
+    otherwise."""
+    register_search(BudgetFree)
+    try:
+        assert "budget_free_test" in search_names()
+        free = "search.name=budget_free_test"
+        assert key(free, "budget=0.25") == key(free, "budget=0.5")
+        BudgetFree.budget_dependent = True
+        assert key(free, "budget=0.25") != key(free, "budget=0.5")
+    finally:
+        BudgetFree.budget_dependent = False
+        registry._REGISTRY.pop("budget_free_test")
+
+
+def test_every_variant_has_a_config_file_and_a_class():
+    from diffora_lab.runtime import config_dir
+
+    files = sorted(p.stem for p in (Path(config_dir()) / "search").glob("*.yaml"))
+    assert (
+        files
+        == search_names()
+        == [
+            "budget_penalty",
+            "faithful",
+            "progressive",
+            "softmax_row",
+            "topk",
+        ]
+    )
+    for name in files:
+        cfg = compose_config([f"search={name}"])
+        assert cfg.search.name == name
 
 
 # ------------------------------------------------------------------------- LoRA scaling
@@ -193,3 +244,63 @@ def test_adalora_scale_follows_its_initial_rank(tmp_path):
     # peft's AdaLoRA multiplies by lora_alpha / ranknum, ranknum being the initial rank.
     scale = layer.scaling["default"] / float(layer.ranknum["default"])
     assert scale == pytest.approx(2.0, rel=1e-6)
+
+
+class OneDevice(SearchVariant):
+    name = "one_device_test"
+    budget_dependent = False
+    supports_ddp = False
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores for 2 CPU devices")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["search.name=one_device_test"], "search=one_device_test: runs on one device only"),
+        (["dam.arch_grad=second"], "dam.arch_grad=second: runs on one device only"),
+    ],
+)
+def test_what_declares_no_ddp_is_refused_on_two_devices(smoke_cfg, overrides, message):
+    from diffora_lab.train import ConfigError, prepare
+
+    register_search(OneDevice)
+    try:
+        cfg = smoke_cfg("trainer.accelerator=cpu", "trainer.devices=2", *overrides)
+        with pytest.raises(ConfigError, match=message):
+            prepare(cfg)
+        prepare(smoke_cfg("trainer.accelerator=cpu", "trainer.devices=1", *overrides))
+    finally:
+        registry._REGISTRY.pop("one_device_test")
+
+
+@pytest.mark.parametrize(
+    ("old", "search"),
+    [
+        ({"progressive": True, "prune_end": 0.5}, {"name": "progressive", "prune_end": 0.5}),
+        ({"relaxation": "topk"}, {"name": "topk"}),
+        ({"budget_penalty": 2.0}, {"name": "budget_penalty", "weight": 2.0}),
+        ({}, {"name": "faithful"}),
+    ],
+)
+def test_a_run_config_saved_before_the_search_group_reads_in_todays_keys(tmp_path, old, search):
+    """Old run folders stay scorable (evaluate.py reads their saved config through this)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from diffora_lab.config import validate
+    from diffora_lab.evaluate import _run_config
+
+    cfg = compose_config(["+experiment=smoke"])
+    with open_dict(cfg):  # the layout of a config saved before the change
+        for key in ("budget_unit", "search"):
+            cfg.pop(key)
+        cfg.dam.pop("arch_grad")
+        cfg.dam.pop("sweep_budgets")
+        base = {"order": "second", "relaxation": "sigmoid", "progressive": False}
+        cfg.dam.update({**base, "budget_penalty": 0.0, "prune_start": None, "prune_end": 0.75})
+        cfg.dam.update(old)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    upgraded = _run_config(tmp_path)
+    validate(upgraded)
+    assert upgraded.budget_unit == "modules" and upgraded.dam.arch_grad == "second"
+    assert {k: v for k, v in upgraded.search.items() if v is not None} == search

@@ -159,7 +159,11 @@ def glue_root(tmp_path: Path) -> Path:
 
 
 def test_registry_holds_the_eight_glue_tasks_and_synthetic() -> None:
-    assert set(TASKS) == {"mnli", "sst2", "cola", "qqp", "qnli", "rte", "mrpc", "stsb", "synthetic"}
+    glue = {"mnli", "sst2", "cola", "qqp", "qnli", "rte", "mrpc", "stsb", "synthetic"}
+    commonsense = {"boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "arc_easy"}
+    commonsense |= {"arc_challenge", "openbookqa", "commonsense_170k", "synthetic_choice"}
+    assert set(TASKS) == glue | commonsense
+    assert all(TASKS[name].kinds == ("choice",) for name in commonsense)
     for name, spec in TASKS.items():
         assert spec.name == name
         assert spec.primary_metric in spec.metrics

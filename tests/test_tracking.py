@@ -27,6 +27,7 @@ def test_budget_multirun_searches_once_when_reuse_is_on(tmp_path, reuse):
             "+experiment=smoke",
             "method=diffora_faithful",  # the paper's search does not look at the budget
             "budget=0.25,0.5,0.75",
+            "budget_unit=modules",  # the paper's k, a fixed count per budget
             f"dam.reuse_search={str(reuse).lower()}",
             f"data.cache_dir={tmp_path / 'cache'}",
             f"hydra.sweep.dir={sweep}",
@@ -51,6 +52,7 @@ def test_budget_multirun_searches_once_when_reuse_is_on(tmp_path, reuse):
         assert len({r["discretization"]["val_before"] for r in rows}) == 1
 
 
+@pytest.mark.slow
 def test_search_key_ignores_only_post_search_settings(smoke_cfg):
     def key(*overrides: str) -> str:
         return search_key(smoke_cfg("method=diffora_faithful", *overrides))
@@ -67,6 +69,7 @@ def test_search_key_ignores_only_post_search_settings(smoke_cfg):
     assert search_key(smoke_cfg("budget=0.25")) != search_key(smoke_cfg())
 
 
+@pytest.mark.slow
 def test_mask_path_fine_tunes_a_saved_mask_without_search(smoke_cfg, tmp_path):
     first = run(smoke_cfg("dam.reuse_search=false"), tmp_path / "first")
     mask_file = tmp_path / "first" / "dam" / "mask.json"
@@ -74,7 +77,8 @@ def test_mask_path_fine_tunes_a_saved_mask_without_search(smoke_cfg, tmp_path):
     assert again["kept_modules"] == first["kept_modules"]
     # The mask's budget and k are the run's, not the config's budget=0.25.
     mask = json.loads(mask_file.read_text())
-    assert (again["budget"], again["k"]) == (mask["budget"], mask["k"]) == (0.5, 6)
+    assert (again["budget"], again["k"]) == (mask["budget"], mask["k"])
+    assert (again["budget_unit"], again["budget"]) == (mask["unit"], 0.5)
     assert again["discretization"]["val_before"] is None  # no search happened
     assert not (tmp_path / "again" / "dam" / "heatmaps").exists()
 

@@ -9,7 +9,13 @@ import copy
 import os
 import sys
 
-from diffora_lab.runtime import config_dir, configure_threads, quiet_libraries
+from diffora_lab.runtime import (
+    WRITE_ERRORS,
+    config_dir,
+    configure_threads,
+    quiet_libraries,
+    write_error_message,
+)
 
 configure_threads()  # before anything below can import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,6 +57,12 @@ def main(cfg: DictConfig) -> float:
     except FloatingPointError as error:  # a diverged run: the message names step and phase
         print(f"diffora_lab: error: {error}", file=sys.stderr)
         sys.exit(3)
+    except OSError as error:
+        if error.errno not in WRITE_ERRORS:
+            raise
+        # A full disk, a quota, a read-only or foreign folder: the user frees space or moves.
+        print(f"diffora_lab: error: {write_error_message(error)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside training (during training it checkpoints)
         print(
             "diffora_lab: interrupted before training started or after it ended; nothing new "

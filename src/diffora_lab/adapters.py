@@ -1,4 +1,4 @@
-"""LoRA adapters on the candidate modules: gating during the search, masking after it, export.
+"""LoRA adapters on the candidate modules: gating during the search, masking after it.
 
 peft provides the LoRA layers (``lora_A``, ``lora_B``, ``scaling``); this module adds the DAM gate
 to each of them and later turns a gated model into a plain peft LoRA model on the kept modules.
@@ -10,8 +10,6 @@ operation) and onto the rank-r ``lora_A`` output for architecture steps (little 
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +46,17 @@ def lora_alpha_for(scaling: str, rank: int, scale: float, lora_alpha: float) -> 
     raise ValueError(f"method.scaling={scaling!r}: choose one of {list(SCALINGS)}.")
 
 
+def peft_task_type(model: nn.Module) -> str:
+    """peft's ``task_type`` for a transformers model: ``CAUSAL_LM`` for a causal LM (the
+    ``choice`` task kind loads one), else ``SEQ_CLS`` (a sequence classifier)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return "CAUSAL_LM" if type(model).__name__ in names else "SEQ_CLS"
+
+
 def attach_lora(
     model: nn.Module,
     candidates: list[Candidate],
@@ -55,13 +64,16 @@ def attach_lora(
     lora_alpha: float,
     lora_dropout: float,
     head_modules: list[str],
+    task_type: str | None = None,
     **peft_options: Any,
 ) -> PeftModel:
     """Wraps ``model`` with peft LoRA adapters on exactly the given candidate modules.
 
-    The backbone is frozen by peft; the classifier head (``head_modules``) stays trainable and is
-    saved with the adapter (``modules_to_save``). ``peft_options`` are further ``LoraConfig``
-    fields (a peft variant of LoRA, e.g. ``use_dora=True``).
+    The backbone is frozen by peft; the classifier head (``head_modules``, none for a causal LM
+    whose tied ``lm_head`` stays frozen) stays trainable and is saved with the adapter
+    (``modules_to_save``). ``task_type`` defaults to :func:`peft_task_type` of the model.
+    ``peft_options`` are further ``LoraConfig`` fields (a peft variant of LoRA, e.g.
+    ``use_dora=True``).
     """
     if rank < 1:
         raise ValueError(f"rank={rank} must be >= 1 (the LoRA rank r).")
@@ -70,8 +82,8 @@ def attach_lora(
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         target_modules=[c.name for c in candidates],
-        modules_to_save=list(head_modules),
-        task_type="SEQ_CLS",
+        modules_to_save=list(head_modules) or None,
+        task_type=task_type or peft_task_type(model),
         **peft_options,
     )
     return get_peft_model(model, config)
@@ -229,64 +241,3 @@ def count_parameters(
             counts["backbone"] += param.numel()
     counts["total"] = sum(counts.values())
     return counts
-
-
-def export_adapter(
-    peft_model: PeftModel, folder: str | Path, base_model: str | None = None, **extra: Any
-) -> Path:
-    """Writes a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-    ``target_modules`` are exactly the kept modules' full paths; the head is included through
-    ``modules_to_save``, listed once each and only the modules the model has (peft adds its task
-    defaults, ``classifier`` and ``score``, to the configured ones). Load with
-    ``PeftModel.from_pretrained(base, folder)``.
-
-    Args:
-        peft_model: The trained model.
-        folder: Where to write.
-        base_model: What a user loads as the base, written as ``base_model_name_or_path``
-            instead of peft's (a local path, possibly inside a virtual environment); see
-            :func:`diffora_lab.backbones.model_reference`.
-        **extra: Passed to ``save_pretrained``.
-    """
-    import json
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(folder), **extra)
-    config_file = folder / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    if config.get("modules_to_save"):
-        names = {name.rsplit(".", 1)[-1] for name, _ in base_of(peft_model).named_modules()}
-        config["modules_to_save"] = [
-            m for m in dict.fromkeys(config["modules_to_save"]) if m in names
-        ]
-    if base_model is not None:
-        config["base_model_name_or_path"] = base_model
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
-    return folder
-
-
-def export_merged(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
-    """Writes the model with its adapter merged into the base weights (``save_pretrained``).
-
-    The trained model is left as it is (a copy is merged). Works for LoRA adapters (DiffoRA's
-    kept modules, LoRA, random masks) and AdaLoRA (pruned singular values are zero, so they merge
-    as nothing); the head (``modules_to_save``) is the trained one. A model without adapters
-    (``full``, ``bitfit``) is written as it is.
-
-    Args:
-        model: A peft model, or a plain ``transformers`` model.
-        folder: Output folder; created if missing.
-        tokenizer: Saved alongside when given, so the folder is self-contained.
-
-    Returns:
-        The folder; load it with ``AutoModelForSequenceClassification.from_pretrained(folder)``.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    plain = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
-    plain.save_pretrained(str(folder))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    return folder

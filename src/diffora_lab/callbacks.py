@@ -1,9 +1,11 @@
-"""Callbacks: the discretization of the DAM (METHOD.md, Phase 2) and the DAM monitor.
+"""Callbacks: the discretization of the DAM (METHOD.md, Phase 2), the DAM monitor, the run clock.
 
-:class:`Discretization` is where the search ends: at step ``search.steps`` it scores the dev set,
-keeps the top-k gates, freezes the mask into the model, scores the dev set again (the
-discretization gap) and writes ``dam/mask.json``. :class:`DAMMonitor` records the gates while they
-move: heatmaps at intervals, the raw gates as JSON lines, and W&B images and tables.
+:class:`Discretization` runs the search variant's in-search hooks (searches/) and is where the
+search ends: at the variant's cut step it scores the dev set, keeps what the variant's cut keeps
+under the budget, freezes the mask into the model, scores the dev set again (the discretization
+gap) and writes ``dam/mask.json``; on the way it writes the search cache's snapshots.
+:class:`DAMMonitor` records the gates while they move: heatmaps at intervals, the raw gates as
+JSON lines, and W&B images and tables.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from diffora_lab import plotting
-from diffora_lab.dam import Mask, cubic_count
+from diffora_lab.dam import Mask
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +36,27 @@ def _wandb_run(trainer: pl.Trainer):
     return None
 
 
+def _forget_search_metrics(trainer: pl.Trainer) -> None:
+    """Drops the search's metrics from Lightning's step results once the search has ended.
+
+    Lightning logs every metric of the epoch's results at each log step until the metric is
+    logged again; without this, ``search/loss``, ``dam/mean`` ... would repeat the search's last
+    values at every fine-tuning log step (and only in an uninterrupted run: a resumed one starts
+    a fresh collection). Lightning 2.6 keeps them in the epoch loop's ``_results``.
+    """
+    results = getattr(trainer.fit_loop.epoch_loop, "_results", None) or {}
+    for key, metric in list(results.items()):
+        if key.rsplit(".", 1)[-1].startswith(("search/", "dam/")) or "search/" in key:
+            metric.reset()
+
+
 class Discretization(pl.Callback):
-    """Turns the relaxed gates into a binary top-k mask when the search ends.
+    """Runs the search variant's hooks after each search step and discretizes at its end.
 
     Args:
         output_dir: The run folder; the mask goes to ``dam/mask.json``.
         backbone: Backbone name recorded in the mask.
-        search_cache: Where the end-of-search state is shared (``search_cache.SearchCache``),
+        search_cache: Where the search's snapshots are shared (``search_cache.SearchCache``),
             or None.
     """
 
@@ -46,47 +64,55 @@ class Discretization(pl.Callback):
         self.output_dir = Path(output_dir)
         self.backbone = backbone
         self.search_cache = search_cache
+        self._forget = False
 
     def on_train_start(self, trainer, module) -> None:
-        # A run resumed from a search snapshot (or stopped right at the end of the search)
+        if module.searching:
+            # A resumed state (a checkpoint, or another run's snapshot): what the variant had
+            # left to do at this step (e.g. the progressive search's removals).
+            module.variant.catch_up(module.dam, module.step, module.tau())
+        # A run started from its budget's snapshot (or stopped right at the end of the search)
         # discretizes before its first fine-tuning step.
         if module.search_finished:
             self.discretize(trainer, module)
 
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self._forget:
+            _forget_search_metrics(trainer)
+            self._forget = False
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if module.searching and module.search.progressive:
-            self.prune(trainer, module)
-        if module.search_finished:
-            if self.search_cache is not None and not module.search_reused:
-                # The state at the end of the search, shared by runs that differ only in what
-                # happens after it (budget, folding, ...): see search_cache.search_key.
-                # search_cache.SearchCache: the snapshot, then its record (key, split, source).
-                trainer.save_checkpoint(str(self.search_cache.snapshot))
-                history = self.output_dir / "dam" / "gates.jsonl"
-                if trainer.is_global_zero:
-                    if history.is_file():
-                        shutil.copyfile(history, self.search_cache.folder / "gates.jsonl")
-                    self.search_cache.record(self.output_dir)
-            self.discretize(trainer, module)
-
-    def prune(self, trainer: pl.Trainer, module) -> None:
-        """Progressive discretization: removes modules on the cubic schedule during the search.
-
-        Called after each step; acts only on the steps where the scheduled count falls, so
-        the gates are read from the device a few dozen times per search, not every step. The
-        removed modules' gates are 0 from then on (:meth:`DAM.prune_to`), so the final cut
-        removes nothing the model still uses.
-        """
-        search, dam = module.search, module.dam
-        n = dam.logits.numel()
-        count = cubic_count(module.step, n, dam.k, search.prune_start, search.prune_end)
-        if count >= cubic_count(module.step - 1, n, dam.k, search.prune_start, search.prune_end):
+        if not module.searching:
             return
-        removed = dam.prune_to(count, search.tau_at(module.step))
+        variant, dam, tau = module.variant, module.dam, module.tau()
+        # The states the search cache keeps after this step (the variant brings the DAM to
+        # each in turn): another run with that budget starts from there.
+        for budget in variant.snapshot_budgets(module.step):
+            variant.restrict(dam, budget, tau)
+            self.save_snapshot(trainer, module, budget)
+        if module.search_finished:
+            self.discretize(trainer, module)
+            return
+        removed = variant.after_step(dam, module.step, tau)
         if removed:
             for logger in trainer.loggers:
-                logger.log_metrics({"dam/active": float(count)}, step=module.step)
-            log.debug("step %d: %d modules active, removed %s", module.step, count, removed)
+                logger.log_metrics({"dam/active": float(dam.num_active)}, step=module.step)
+            log.debug(
+                "step %d: %d modules active, removed %s", module.step, dam.num_active, removed
+            )
+
+    def save_snapshot(self, trainer: pl.Trainer, module, budget) -> None:
+        """Writes the state after this step for ``budget`` into the search cache (once)."""
+        cache = self.search_cache
+        # Rank 0 decides: saving a checkpoint waits for every rank.
+        if cache is None or trainer.strategy.broadcast(cache.has(module.step, budget), src=0):
+            return
+        trainer.save_checkpoint(str(cache.snapshot(module.step, budget)))
+        if trainer.is_global_zero:
+            history = self.output_dir / "dam" / "gates.jsonl"
+            if history.is_file():  # the longest history so far: runs keep what precedes them
+                shutil.copyfile(history, cache.folder / "gates.jsonl")
+            cache.record(self.output_dir, module.step, budget)
 
     def discretize(self, trainer: pl.Trainer, module) -> Mask:
         """Scores dev, freezes the top-k mask into the model, scores dev again."""
@@ -95,6 +121,7 @@ class Discretization(pl.Callback):
         # Ranks hold identical gates, but the mask must be identical bit for bit: rank 0 decides.
         mask = trainer.strategy.broadcast(mask, src=0)
         module.discretize(mask, gates)
+        self._forget = True  # after this step's row is logged: it holds its search metrics
         val_after = module.evaluate()
         metrics = module.record_discretization(val_before, val_after)
         for logger in trainer.loggers:  # direct: this may run in on_train_start
@@ -112,119 +139,36 @@ class Discretization(pl.Callback):
         return mask
 
 
-class StopAfter(pl.Callback):
-    """Stops a run after ``step`` weight steps (its checkpoint is then resumable).
-
-    For time-limited slots: a run split over several jobs with ``ckpt_path=last`` ends exactly
-    as one uninterrupted run.
-    """
-
-    def __init__(self, step: int) -> None:
-        self.step = int(step)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if module.step >= self.step:
-            trainer.should_stop = True
-
-
-class Preemption(pl.Callback):
-    """Saves ``last.ckpt`` and stops when the job is told to go (SIGTERM, SIGINT, or SIGUSR1 off
-    SLURM).
-
-    Lightning turns SIGTERM into an exception after the current batch; this callback writes the
-    checkpoint first. SIGINT (Ctrl-C) takes the same path (a second one stops at once). Under
-    SLURM with auto-requeue, Lightning's own SIGUSR1 handler saves and requeues, and this one
-    leaves SIGUSR1 alone.
-    """
-
-    def __init__(self, checkpoint: str | Path) -> None:
-        self.checkpoint = Path(checkpoint)
-        self.signalled = False
-        self.interrupted = False
-        self.stopped_by: int | None = None  # the signal that stopped the run, if any
-        self._previous_sigint = None
-
-    def on_fit_start(self, trainer, module) -> None:
-        import os
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if "SLURM_JOB_ID" not in os.environ and hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._notice)
-        self._previous_sigint = signal.signal(signal.SIGINT, self._interrupt)
-
-    def _notice(self, signum, frame) -> None:
-        self.signalled = True
-
-    def _interrupt(self, signum, frame) -> None:
-        import os
-        import signal
-
-        if self.interrupted:  # the second Ctrl-C: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        self.interrupted = True
-        # Lightning's SIGTERM path: stops child processes and every rank after this batch.
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def teardown(self, trainer, module, stage: str) -> None:
-        import signal
-        import threading
-
-        if (
-            self._previous_sigint is not None
-            and threading.current_thread() is threading.main_thread()
-        ):
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
-
-    def stop_signal(self) -> int:
-        """The signal that stopped the run (SIGINT, SIGUSR1 or SIGTERM)."""
-        import signal
-
-        if self.interrupted:
-            return int(signal.SIGINT)
-        return int(signal.SIGUSR1 if self.signalled else signal.SIGTERM)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.signalled or trainer.received_sigterm:
-            self.stopped_by = self.stop_signal()
-            trainer.save_checkpoint(str(self.checkpoint))
-            trainer.should_stop = True
-            log.warning("signal received: saved %s at step %d", self.checkpoint, module.step)
-
-
 class RunClock(pl.Callback):
     """Wall and fit seconds of a run, added up over its resumes (kept in the checkpoint).
 
     Args:
-        started: ``time.time()`` when this process started the run.
+        started: ``now()`` when this process started the run.
         restore: False when the checkpoint is another run's (a reused search): its time is not
             this run's.
+        now: The time source (seconds); tests pass a fake one to check the arithmetic.
     """
 
-    def __init__(self, started: float, restore: bool = True) -> None:
+    def __init__(
+        self, started: float, restore: bool = True, now: Callable[[], float] = time.time
+    ) -> None:
         self.started = started
         self.restore = restore
+        self.now = now
         self.fit_started: float | None = None
         self.wall_before = 0.0  # spent by earlier processes of this run
         self.fit_before = 0.0
 
     def on_fit_start(self, trainer, module) -> None:
-        import time
-
-        self.fit_started = time.time()
+        self.fit_started = self.now()
 
     def wall_seconds(self) -> float:
-        import time
-
-        return self.wall_before + time.time() - self.started
+        return self.wall_before + self.now() - self.started
 
     def fit_seconds(self) -> float:
-        import time
-
-        return self.fit_before + (time.time() - self.fit_started if self.fit_started else 0.0)
+        return self.fit_before + (
+            self.now() - self.fit_started if self.fit_started is not None else 0.0
+        )
 
     def state_dict(self) -> dict[str, float]:
         return {"wall_seconds": self.wall_seconds(), "fit_seconds": self.fit_seconds()}

@@ -9,17 +9,28 @@ different one, and fills the left-out tensors back in from it, so the state dict
 strictly (a trainable tensor missing from a checkpoint is an error, not a silent re-init).
 
 Our own entry in a Lightning checkpoint (``STATE_KEY``) carries a format number; :func:`our_state`
-is the one check of it, used before anything loads (``runfolder.check_checkpoint``) and again when
+is the one check of it, used before anything loads (``resume.check_checkpoint``) and again when
 Lightning hands the checkpoint to the module (``TrainingModule.on_load_checkpoint``, for code that
 calls ``trainer.fit(ckpt_path=...)`` directly).
+
+Every checkpoint, snapshot and cache entry is read by :func:`read_checkpoint`, with
+``torch.load(weights_only=True)``: a file is data, never code. What we store is tensors and plain
+values (the RNG states too, ``rng.py``), so nothing needs an allow-list.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import pickle
+import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 # Tensors whose names contain these are created by the adapter or the DAM, not loaded from the
@@ -55,6 +66,50 @@ def our_state(checkpoint: object, source: str) -> dict:
             "it (or pass ckpt_path=null) to start this run over."
         )
     return state
+
+
+class UnsafeFile(ValueError):
+    """A file that is not a checkpoint this version can read safely (nothing in it was run)."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format is a zip archive
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)`` on CPU: tensors and plain values only.
+
+    Args:
+        path: The checkpoint file.
+        mmap: Map the tensors instead of reading them (only the small entries are looked at).
+
+    Raises:
+        UnsafeFile: The file asks for Python objects beyond tensors and plain values (a crafted
+            pickle: refused before anything in it runs), or it is another kind of file (JSON, a
+            plain pickle). The message names the file.
+        Exception: Whatever ``torch.load`` raises for a damaged (empty, truncated) checkpoint.
+    """
+    path = Path(path)
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if len(head) >= len(_ZIP_MAGIC) and not head.startswith(_ZIP_MAGIC):
+        if head.lstrip()[:1] in (b"{", b"["):
+            raise UnsafeFile(
+                f"{path} is a JSON file, not a checkpoint (a run's dam/mask.json is read by "
+                "dam.mask_path)"
+            )
+        raise UnsafeFile(
+            f"{path} is not a checkpoint this version of diffora_lab can read safely (not in "
+            "torch.save's format; nothing in it was run)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"it asks for {found.group(1)}" if found else "it holds unsupported pickle content"
+        raise UnsafeFile(
+            f"{path} is not a checkpoint this version of diffora_lab can read safely ({what}; "
+            "only tensors and plain values are read, nothing in it was run)"
+        ) from None
 
 
 class BackboneMismatch(ValueError):
@@ -167,3 +222,26 @@ def fill(
         )
     for key in missing:
         state[key] = current[key]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file, then renames it: a kill never truncates one.
+
+    Reads with ``weights_only=True`` whatever the caller or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    asks: a checkpoint is data, never code (``checkpointing.read_checkpoint``).
+    """
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return read_checkpoint(path)
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(checkpoint, tmp)
+        except RuntimeError as error:  # torch's zip writer hides the errno: a full disk, mostly
+            tmp.unlink(missing_ok=True)
+            failed = f"writing the checkpoint failed ({error})"
+            raise OSError(errno.EIO, failed, str(path)) from None
+        os.replace(tmp, path)

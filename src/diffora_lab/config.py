@@ -4,13 +4,14 @@ Every user-facing mistake (a budget outside (0, 1], a rank below 1, an unknown n
 folder) becomes a ``ValueError`` that names the setting and the fix, raised by :func:`validate`
 before a model or a dataset loads. The typed settings check their own values when built
 (:class:`OptimSettings`, :class:`SearchSettings`); the method checks ``method.*``
-(``Method.validate``) and the search-variant registry ``dam.order``; :func:`validate` parses the
-numbers, builds them and adds the checks that span groups or need the file system.
+(``Method.validate``), the search variant ``search.*`` and the architecture-gradient registry
+``dam.arch_grad``; :func:`validate` parses the numbers, builds them and adds the checks that span
+groups or need the file system.
 """
 
 from __future__ import annotations
 
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from diffora_lab.architect import get_architect
-from diffora_lab.dam import RELAXATIONS
+from diffora_lab.budget import check_unit
 from diffora_lab.methods import get_method, method_for
+from diffora_lab.renamed import check_renamed
+from diffora_lab.searches import search_for
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,8 @@ class SearchSettings:
     arch_weight_decay: float
     tau_start: float
     tau_end: float
-    relaxation: str
-    order: str
+    arch_grad: str
     budget: float
-    budget_penalty: float
-    progressive: bool
-    prune_start: int
-    prune_end: int
     fold_gates: bool
     weight_sharing: bool
     merge_search_split: bool
@@ -84,21 +82,18 @@ class SearchSettings:
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
             _fail(
-                "budget", self.budget, "must be in (0, 1]: the fraction of candidate modules kept."
+                "budget",
+                self.budget,
+                "must be in (0, 1]: the share of the candidates a selecting method keeps.",
             )
         if not self.enabled:
             return
         if self.steps < 1:
             _fail("dam.search_steps", self.steps, "the search must last >= 1 step.")
-        if self.tau_start <= 0 or self.tau_end <= 0:
-            # Shown as typed: dam.tau=0, not 0.0.
-            shown = int(self.tau_start) if self.tau_start == int(self.tau_start) else self.tau_start
-            _fail("dam.tau", shown, "temperatures must be > 0.")
-        if self.relaxation not in RELAXATIONS:
-            _fail("dam.relaxation", self.relaxation, f"choose one of {list(RELAXATIONS)}.")
-        get_architect(self.order)  # dam.order names a registered search variant
-        if self.budget_penalty < 0:
-            _fail("dam.budget_penalty", self.budget_penalty, "must be >= 0 (0 disables it).")
+        for setting, tau in (("dam.tau", self.tau_start), ("dam.tau_end", self.tau_end)):
+            if tau <= 0:  # shown as typed: dam.tau=0, not 0.0
+                _fail(setting, int(tau) if tau == int(tau) else tau, "temperatures must be > 0.")
+        get_architect(self.arch_grad)  # dam.arch_grad names a registered rule
         if self.arch_lr <= 0:
             _fail("dam.arch_lr", self.arch_lr, "the gate learning rate must be > 0.")
         if not 0 <= self.warmup_steps < self.steps:
@@ -125,16 +120,60 @@ def _number(cfg: DictConfig, key: str, kind: type) -> Any:
     value = OmegaConf.select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(key, value, f"must be a number ({kind.__name__}).")
+    if not math.isfinite(value):
+        _fail(key, value, "must be a finite number.")
     if kind is int and float(value) != int(value):
         _fail(key, value, "must be a whole number.")
     return kind(value)
 
 
+def _non_finite(node: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The first NaN or infinite number anywhere in a (resolved) config, with its setting."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        bad = isinstance(node, float) and not math.isfinite(node)
+        return (prefix, node) if bad else None
+    for key, value in items:
+        found = _non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return None
+
+
+def _check_finite(cfg: DictConfig) -> None:
+    """Every number, wherever it is read: NaN passes every range check (nan > 0 is false)."""
+    found = _non_finite(OmegaConf.to_container(cfg, resolve=True))
+    if found:
+        _fail(found[0], found[1], "must be a finite number.")
+
+
+def _check_adapter_settings(cfg: DictConfig) -> None:
+    """``method.scaling``, ``.scale`` and ``.lora_dropout`` of the LoRA-family methods."""
+    if cfg.method.get("scaling") is not None:
+        from diffora_lab.adapters import SCALINGS
+
+        if cfg.method.scaling not in SCALINGS:
+            _fail("method.scaling", cfg.method.scaling, f"choose one of {list(SCALINGS)}.")
+        if _number(cfg, "method.scale", float) <= 0:
+            _fail("method.scale", cfg.method.scale, "the LoRA update scale s must be > 0.")
+    if cfg.method.get("lora_dropout") is not None:
+        if not 0.0 <= _number(cfg, "method.lora_dropout", float) < 1.0:
+            _fail("method.lora_dropout", cfg.method.lora_dropout, "a probability in [0, 1).")
+
+
 def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     """Checks the composed config; raises ``ValueError`` naming the setting and the fix."""
-    from diffora_lab.tasks import TASKS, check_data_dir
+    from diffora_lab.tasks import TASKS
 
+    check_renamed(cfg)
+    if cfg.get("search") is not None:
+        search_for(cfg)  # search.name: a registered variant (else the names to choose from)
+    _check_finite(cfg)
     _number(cfg, "budget", float)
+    check_unit(str(cfg.get("budget_unit") or "params"))
     rank = _number(cfg, "rank", int)
     if rank < 1:
         _fail("rank", cfg.rank, "the LoRA rank must be an integer >= 1.")
@@ -153,22 +192,18 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
         frac = _number(cfg, "dam.search_split", float)
         if not 0.0 < frac < 1.0:
             _fail("dam.search_split", frac, "the fraction of train held out for search: (0, 1).")
-        for key in ("dam.tau", "dam.tau_end", "dam.budget_penalty", "dam.arch_lr"):
+        for key in ("dam.tau", "dam.tau_end", "dam.arch_lr"):
             _number(cfg, key, float)
-        prune_end = _number(cfg, "dam.prune_end", float)
-        if not 0.0 < prune_end <= 1.0:
-            _fail(
-                "dam.prune_end",
-                prune_end,
-                "the share of the search after which only k modules remain: (0, 1].",
-            )
         _check_search_optimizer(cfg)
         if cfg.dam.get("search_steps") is not None:
             _number(cfg, "dam.search_steps", int)
         _number(cfg, "dam.warmup_steps", int)
-        # Built here: SearchSettings checks the search's own values (tau, relaxation, order,
-        # penalty, gate lr, warmup within the search).
-        steps = search_settings(cfg).steps
+        # Built here: SearchSettings checks the search's own values (tau, arch_grad, gate lr,
+        # warmup within the search); the variant checks its own (search.*).
+        settings = search_settings(cfg)
+        steps = settings.steps
+        search_for(cfg).validate(cfg.search, settings)
+        _check_sweep_budgets(cfg)
         if steps >= max_steps:
             _fail(
                 "dam.search_steps",
@@ -178,22 +213,26 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
             )
     else:
         search_settings(cfg)  # the budget, for every method
-    if cfg.method.get("scaling") is not None:
-        from diffora_lab.adapters import SCALINGS
+    _check_adapter_settings(cfg)
+    _check_match(cfg)
+    method.validate(cfg)
+    _check_paths(cfg)
 
-        if cfg.method.scaling not in SCALINGS:
-            _fail("method.scaling", cfg.method.scaling, f"choose one of {list(SCALINGS)}.")
-        if _number(cfg, "method.scale", float) <= 0:
-            _fail("method.scale", cfg.method.scale, "the LoRA update scale s must be > 0.")
-    # --- baselines/export: parameter matching (matching.py) and AdaLoRA (adalora.py) --------
+
+def _check_match(cfg: DictConfig) -> None:
+    """``match=lora_rN``: parameter matching against LoRA rN (matching.py)."""
     match = cfg.get("match")
     if match is not None and match.get("target_rank") is not None:
         if _number(cfg, "match.target_rank", int) < 1:
             _fail("match.target_rank", match.target_rank, "the reference LoRA rank must be >= 1.")
         if _number(cfg, "match.tolerance", float) <= 0:
             _fail("match.tolerance", match.tolerance, "a relative tolerance > 0, e.g. 0.05.")
-    # --- end baselines/export ---------------------------------------------------------------
-    method.validate(cfg)
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    """The data folder's layout, the mask file and the checkpoint exist."""
+    from diffora_lab.tasks import TASKS, check_data_dir
+
     data_dir = cfg.task.get("data_dir")
     if data_dir:
         check_data_dir(TASKS[cfg.task.name], Path(str(data_dir)).expanduser())
@@ -203,6 +242,45 @@ def validate(cfg: DictConfig, config_dir: Path | None = None) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt and ckpt != "last" and not Path(str(ckpt)).is_file():
         _fail("ckpt_path", ckpt, "no such checkpoint file; use a path or ckpt_path=last.")
+
+
+def _check_sweep_budgets(cfg: DictConfig) -> None:
+    budgets = cfg.dam.get("sweep_budgets")
+    if budgets is None:
+        return
+    shown = OmegaConf.to_container(budgets) if OmegaConf.is_list(budgets) else budgets
+    fix = "a list of budgets in (0, 1] that holds this run's budget, e.g. [0.25,0.5,0.75]."
+    if not OmegaConf.is_list(budgets) or not budgets:
+        _fail("dam.sweep_budgets", shown, fix)
+    for value in budgets:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail("dam.sweep_budgets", shown, fix)
+        if not 0.0 < float(value) <= 1.0:
+            _fail("dam.sweep_budgets", shown, fix)
+    if not any(abs(float(b) - float(cfg.budget)) < 1e-12 for b in budgets):
+        _fail("dam.sweep_budgets", shown, f"budget={cfg.budget} is not one of them; {fix}")
+
+
+def check_against_backbone(cfg: DictConfig, positions: int | None, candidates: list) -> None:
+    """Settings the backbone bounds: ``task.max_length`` (its positions) and ``rank`` (its
+    smallest adapted layer), checked on the weightless copy ``train.prepare`` builds."""
+    if positions and int(cfg.task.max_length) > positions:
+        _fail(
+            "task.max_length",
+            cfg.task.max_length,
+            f"backbone {cfg.backbone.name} has {positions} positions; use task.max_length<="
+            f"{positions}.",
+        )
+    if candidates and method_for(cfg).adapts_candidates:
+        smallest = min(candidates, key=lambda c: min(c.d_in, c.d_out))
+        most = min(smallest.d_in, smallest.d_out)
+        if int(cfg.rank) > most:
+            _fail(
+                "rank",
+                cfg.rank,
+                f"above the rank of the smallest adapted layer ({smallest.name}: {smallest.d_in}"
+                f" -> {smallest.d_out}, rank <= {most}); use rank<={most}.",
+            )
 
 
 # Whole-number settings and their smallest value, with what each one is (issue 11: a 0 or a
@@ -237,7 +315,6 @@ def _check_run_settings(cfg: DictConfig) -> None:
         _fail("train.stop_after", cfg.train.stop_after, "steps before a resumable stop: >= 1.")
     if not isinstance(cfg.get("overwrite", False), bool):
         _fail("overwrite", cfg.get("overwrite"), "true or false.")
-    _check_devices(cfg)
 
 
 def _check_search_optimizer(cfg: DictConfig) -> None:
@@ -255,44 +332,6 @@ def _check_search_optimizer(cfg: DictConfig) -> None:
         _fail("dam.arch_weight_decay", cfg.dam.arch_weight_decay, "must be >= 0.")
     if _number(cfg, "dam.log_every", int) < 1:
         _fail("dam.log_every", cfg.dam.log_every, "steps between gate records: >= 1.")
-
-
-def _available_devices(accelerator: str) -> tuple[int, str] | None:
-    """How many devices of the accelerator's kind this machine has (None: not checked here)."""
-    import torch
-
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.cuda.device_count(), "GPU(s)"
-    if accelerator in ("cpu", "auto"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return int(cores or 1), "CPU core(s)"
-    return None
-
-
-def _check_devices(cfg: DictConfig) -> None:
-    devices = cfg.trainer.get("devices")
-    if devices is None or devices in ("auto", -1, "-1"):
-        return
-    if OmegaConf.is_list(devices):
-        wanted = len(devices)
-    elif isinstance(devices, str) and devices.replace(",", "").strip().isdigit():
-        wanted = int(devices) if "," not in devices else len([d for d in devices.split(",") if d])
-    elif isinstance(devices, int) and not isinstance(devices, bool):
-        wanted = devices
-    else:
-        _fail("trainer.devices", devices, "a number of devices >= 1, a list of ids, or auto.")
-    if wanted < 1:
-        _fail("trainer.devices", devices, "a number of devices >= 1 (or auto).")
-    accelerator = str(cfg.trainer.get("accelerator") or "auto")
-    available = _available_devices(accelerator)
-    if available is not None and wanted > available[0]:
-        count, kind = available
-        _fail(
-            "trainer.devices",
-            devices,
-            f"this machine has {count} {kind} for trainer.accelerator={accelerator}; use "
-            f"trainer.devices<={count} (or trainer.devices=auto).",
-        )
 
 
 def _check_speedups(cfg: DictConfig) -> None:
@@ -333,9 +372,6 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         else max(1, round(float(cfg.dam.search_ratio) * int(cfg.train.max_steps)))
     )
     warmup = int(cfg.dam.warmup_steps)
-    prune_start = cfg.dam.get("prune_start")
-    prune_start = warmup if prune_start is None else int(prune_start)
-    prune_end = max(prune_start + 1, round(float(cfg.dam.get("prune_end", 0.75)) * steps))
     return SearchSettings(
         enabled=enabled,
         steps=steps if enabled else 0,
@@ -345,13 +381,8 @@ def search_settings(cfg: DictConfig) -> SearchSettings:
         arch_weight_decay=float(cfg.dam.arch_weight_decay),
         tau_start=float(cfg.dam.tau),
         tau_end=float(cfg.dam.tau_end),
-        relaxation=str(cfg.dam.relaxation),
-        order=str(cfg.dam.order),
+        arch_grad=str(cfg.dam.arch_grad),
         budget=float(cfg.budget),
-        budget_penalty=float(cfg.dam.get("budget_penalty", 0.0)),
-        progressive=bool(cfg.dam.get("progressive", False)),
-        prune_start=prune_start,
-        prune_end=prune_end,
         fold_gates=bool(cfg.dam.fold_gates),
         weight_sharing=bool(cfg.dam.weight_sharing),
         merge_search_split=bool(cfg.dam.merge_search_split),

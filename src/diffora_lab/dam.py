@@ -2,7 +2,8 @@
 
 METHOD.md, "Objects" and "Phase 2": one learnable logit theta per candidate module, arranged as
 layers x module types; relaxed gates gamma = sigmoid(theta / tau) (or a row softmax); at the end of
-the search the top-k gates become a binary, frozen mask.
+the search the gates become a binary, frozen mask under the budget (``budget.py`` owns which
+modules a budget keeps).
 """
 
 from __future__ import annotations
@@ -15,23 +16,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffora_lab.budget import UNITS, Budget, in_modules, keep_in_order, num_kept
+
+__all__ = ["DAM", "Mask", "budget_sigmoid", "cubic_count", "gate_entropy", "num_kept"]
+
 RELAXATIONS = ("sigmoid", "softmax_row", "topk")
 
 
-def num_kept(budget: float, n: int) -> int:
-    """k = max(1, round(budget * n)), rounding halves up (so 0.5 * 5 keeps 3)."""
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget={budget} must be in (0, 1]: the fraction of modules kept.")
-    return max(1, min(n, math.floor(budget * n + 0.5)))
-
-
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest scores; ties go to the earlier module (row-major order)."""
-    flat = scores.detach().flatten().float().cpu()
-    order = torch.sort(flat, descending=True, stable=True).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[:k]] = True
-    return mask.view(scores.shape)
+    """Boolean mask of the k largest scores; ties go to the earlier module (row-major order).
+
+    The budget rule (:func:`~diffora_lab.budget.keep_in_order`) with one unit per module.
+    """
+    return keep_in_order(scores, [1] * scores.numel(), float(k))
 
 
 def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
@@ -81,12 +78,13 @@ def budget_sigmoid(
     return (torch.sigmoid(flat - mu) * on).view_as(scaled)
 
 
-def cubic_count(step: int, n: int, k: int, start: int, end: int) -> int:
-    """Modules still active at ``step`` under progressive discretization.
+def cubic_count(step: int, n: float, k: float, start: int, end: int) -> float:
+    """The count still active at ``step`` under progressive discretization.
 
-    AdaLoRA's cubic budget schedule applied to module counts: all n until ``start``, then
-    k + (n - k) (1 - t)^3 with t the progress from ``start`` to ``end``, then k. The count only
-    falls, quickly at first, so late cuts remove modules whose gates have already decayed.
+    AdaLoRA's cubic budget schedule: all n until ``start``, then k + floor((n - k) (1 - t)^3)
+    with t the progress from ``start`` to ``end``, then k. n and k are in the budget's unit
+    (modules, or adapter parameters). The count only falls, quickly at first, so late cuts
+    remove modules whose gates have already decayed.
     """
     if step <= start:
         return n
@@ -109,10 +107,11 @@ class DAM(nn.Module):
             (the types of a layer compete) or ``"topk"`` (sigmoid gates whose sum is held at
             ``k`` by a shared threshold: :func:`budget_sigmoid`).
         init: Initial logit value for every entry.
-        k: Modules the discretization will keep (the target sum of ``topk`` gates).
+        k: Modules the discretization is expected to keep (the target sum of ``topk`` gates;
+            the budget's expected count, budget.py).
 
     The buffer ``active`` marks modules not yet removed by progressive discretization
-    (:meth:`prune_to`); removed modules have gate 0 from then on.
+    (:meth:`restrict`, :meth:`prune_to`); removed modules have gate 0 from then on.
     """
 
     def __init__(
@@ -121,15 +120,15 @@ class DAM(nn.Module):
         module_types: list[str],
         relaxation: str = "sigmoid",
         init: float = 0.0,
-        k: int | None = None,
+        k: float | None = None,
     ) -> None:
         super().__init__()
         if relaxation not in RELAXATIONS:
-            raise ValueError(f"dam.relaxation={relaxation!r} must be one of {RELAXATIONS}.")
+            raise ValueError(f"relaxation={relaxation!r} must be one of {RELAXATIONS}.")
         self.module_types = list(module_types)
         self.relaxation = relaxation
         self.logits = nn.Parameter(torch.full((layers, len(module_types)), float(init)))
-        self.k = layers * len(module_types) if k is None else int(k)
+        self.k = layers * len(module_types) if k is None else float(k)
         # In the state dict (so a resumed search knows what was pruned), not trained.
         self.register_buffer("active", torch.ones(layers, len(module_types), dtype=torch.bool))
 
@@ -165,14 +164,26 @@ class DAM(nn.Module):
         if count >= self.num_active:
             return []
         gates = self.gates(tau).detach().flatten().float().cpu()
-        gates[~self.active.flatten().cpu()] = -1.0  # already removed: never chosen again
-        keep = top_k_mask(gates, count)
-        removed = (self.active.flatten().cpu() & ~keep).nonzero().flatten().tolist()
-        self.active.copy_(keep.view(self.active.shape).to(self.active.device))
+        keep = keep_in_order(gates, [1] * gates.numel(), float(count), self.active.flatten())
+        return self.restrict(keep)
+
+    @torch.no_grad()
+    def restrict(self, keep: torch.Tensor) -> list[int]:
+        """Removes every active module outside ``keep`` (any shape, one flag per module).
+
+        Returns the flat indices of the modules removed by this call; removed modules never
+        come back (``keep`` is intersected with the active set).
+        """
+        active = self.active.flatten().cpu()
+        keep = keep.flatten().cpu().bool() & active
+        removed = (active & ~keep).nonzero().flatten().tolist()
+        if removed:
+            self.active.copy_(keep.view(self.active.shape).to(self.active.device))
         return removed
 
 
-# The keys a mask.json must have (the rest default).
+# The keys a mask.json must have (the rest default; masks written before the budget unit existed
+# are in modules).
 MASK_FIELDS = ("modules", "gates", "kept", "budget", "k", "step", "shape", "module_types")
 
 
@@ -190,7 +201,11 @@ class Mask:
         shape: (layers, module types) of the DAM.
         module_types: Column names of the DAM.
         backbone: Backbone name, so a mask is not applied to another model by mistake.
-        source: ``search``, ``random``, ``all`` or ``file``.
+        source: ``search``, ``random``, ``all``, ``fixed`` or ``file``.
+        unit: The budget's unit (``params`` or ``modules``, budget.py).
+        target: The budget's target count in ``unit`` (None: not recorded).
+        sizes: Each module's cost in ``unit`` (adapter parameters at the search's rank; None: not
+            recorded), so that what ``kept`` holds can be checked against ``target``.
     """
 
     modules: list[str]
@@ -204,6 +219,9 @@ class Mask:
     backbone: str = ""
     source: str = "search"
     extra: dict = field(default_factory=dict)
+    unit: str = "modules"
+    target: float | None = None
+    sizes: list[int] | None = None
 
     @property
     def kept_modules(self) -> list[str]:
@@ -261,6 +279,8 @@ class Mask:
                 f"{where}: the mask's entries disagree ({counts}, shape {list(self.shape)}); "
                 "use an unedited dam/mask.json."
             )
+        if self.unit not in UNITS:
+            raise ValueError(f"{where}: unknown budget unit {self.unit!r}; use one of {UNITS}.")
         kept = sum(bool(flag) for flag in self.kept)
         if kept == 0:
             raise ValueError(f"{where} keeps no module; use a mask with at least one kept.")
@@ -275,23 +295,47 @@ class Mask:
         scores: torch.Tensor,
         modules: list[str],
         module_types: list[str],
-        budget: float,
+        budget: Budget | float,
         step: int,
         backbone: str = "",
         source: str = "search",
     ) -> Mask:
-        """Keeps the top ``k = max(1, round(budget * n))`` modules by score."""
-        k = num_kept(budget, scores.numel())
-        kept = top_k_mask(scores, k).flatten().tolist()
+        """Keeps what ``budget`` keeps of the modules in score order (:func:`keep_in_order`).
+
+        A float ``budget`` is the paper's: k = max(1, round(budget * n)) modules.
+        """
+        if not isinstance(budget, Budget):
+            budget = in_modules(float(budget), scores.numel())
+        return cls.of(
+            budget.keep(scores), scores, modules, module_types, budget, step, backbone, source
+        )
+
+    @classmethod
+    def of(
+        cls,
+        kept: torch.Tensor,
+        scores: torch.Tensor,
+        modules: list[str],
+        module_types: list[str],
+        budget: Budget,
+        step: int,
+        backbone: str = "",
+        source: str = "search",
+    ) -> Mask:
+        """The mask keeping ``kept`` (one flag per module), recorded with its budget."""
+        flags = [bool(k) for k in kept.flatten().tolist()]
         return cls(
             modules=list(modules),
             gates=[float(g) for g in scores.detach().flatten().cpu()],
-            kept=kept,
-            budget=float(budget),
-            k=k,
+            kept=flags,
+            budget=float(budget.fraction),
+            k=sum(flags),
             step=int(step),
             shape=tuple(scores.shape),
             module_types=list(module_types),
             backbone=backbone,
             source=source,
+            unit=budget.unit,
+            target=float(budget.target),
+            sizes=[int(size) for size in budget.sizes],
         )

@@ -1,4 +1,8 @@
-"""Batches: tokenization (cached), the search split carved from train, resumable loaders.
+"""Batches: the search split carved from train, resumable loaders, the data module.
+
+Tokenization, collation and how dev splits are cut into batches belong to the run's task kind
+(:mod:`diffora_lab.tasks.kinds`: classification pads on the right, causal-LM choice on the left,
+with an item's choices in one dev batch); the data module asks it.
 
 METHOD.md, "Phase 1": the search split comes from the task's TRAIN set (seeded, fraction
 configurable, indices saved with the run); the dev set is only for reporting.
@@ -14,89 +18,32 @@ those of the plain sampler.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
-from diffora_lab.tasks import Examples, RawSplits, TaskSpec
+from diffora_lab.tasks import RawSplits, TaskSpec
+from diffora_lab.tasks.kinds import TaskKind, get_kind
+from diffora_lab.tasks.kinds.classification import PadCollator, tokenize
+from diffora_lab.tasks.tokenized import TokenizedSplit, padded_length
+
+__all__ = [
+    "PadCollator",
+    "ResumableBatchSampler",
+    "TaskDataModule",
+    "TokenizedSplit",
+    "TrainBatchSampler",
+    "carve_search_split",
+    "padded_length",
+    "tokenize",
+]
 
 log = logging.getLogger(__name__)
-
-
-class TokenizedSplit(Dataset):
-    """Token ids of one split, held as Python lists (fast indexing, small)."""
-
-    def __init__(self, columns: dict[str, list]) -> None:
-        self.columns = columns
-        self._length = len(columns["input_ids"])
-
-    def __len__(self) -> int:
-        return self._length
-
-    def lengths(self) -> list[int]:
-        """Tokens per example."""
-        return [len(ids) for ids in self.columns["input_ids"]]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {key: values[index] for key, values in self.columns.items()}
-
-    def subset(self, indices: list[int]) -> TokenizedSplit:
-        return TokenizedSplit({k: [v[i] for i in indices] for k, v in self.columns.items()})
-
-
-def padded_length(length: int, multiple: int, max_length: int | None = None) -> int:
-    """``length`` rounded up to a multiple of ``multiple`` (0: unchanged), at most max_length."""
-    if multiple <= 0:
-        return length
-    rounded = -(-length // multiple) * multiple
-    return min(rounded, max_length) if max_length else rounded
-
-
-class PadCollator:
-    """Dynamic padding: each batch is padded to its own longest sequence.
-
-    With ``multiple`` > 0 the width is rounded up to a multiple of it (capped at ``max_length``),
-    so batches take one of a bounded set of shapes.
-    """
-
-    def __init__(
-        self,
-        pad_token_id: int,
-        regression: bool,
-        multiple: int = 0,
-        max_length: int | None = None,
-    ) -> None:
-        self.pad_token_id = pad_token_id
-        self.label_dtype = torch.float32 if regression else torch.long
-        self.multiple = multiple
-        self.max_length = max_length
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(row["input_ids"]) for row in rows)
-        width = padded_length(longest, self.multiple, self.max_length)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        has_types = "token_type_ids" in rows[0]
-        types = torch.zeros((len(rows), width), dtype=torch.long) if has_types else None
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            input_ids[i, :n] = torch.tensor(row["input_ids"])
-            attention[i, :n] = 1
-            if types is not None:
-                types[i, :n] = torch.tensor(row["token_type_ids"])
-        batch = {"input_ids": input_ids, "attention_mask": attention}
-        if types is not None:
-            batch["token_type_ids"] = types
-        batch["labels"] = torch.tensor([row["labels"] for row in rows], dtype=self.label_dtype)
-        return batch
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -232,54 +179,6 @@ def carve_search_split(n_train: int, fraction: float, seed: int) -> list[int]:
     return sorted(torch.randperm(n_train, generator=generator)[:n_search].tolist())
 
 
-def _fingerprint(examples: Examples) -> str:
-    digest = hashlib.sha1()
-    for i in range(len(examples)):
-        digest.update(examples.text_a[i].encode())
-        if examples.text_b is not None:
-            digest.update(b"\x00" + examples.text_b[i].encode())
-        digest.update(f"\x01{examples.labels[i]}\x02".encode())
-    return digest.hexdigest()
-
-
-def tokenize(
-    examples: Examples,
-    tokenizer,
-    max_length: int,
-    cache_dir: str | Path | None,
-) -> TokenizedSplit:
-    """Tokenizes a split (truncating to ``max_length``), reusing a disk cache when present.
-
-    The cache key covers the texts and labels, the tokenizer (name, vocabulary size, class) and
-    ``max_length``, so a changed file or setting never reads a stale cache.
-    """
-    key = hashlib.sha1(
-        json.dumps(
-            [
-                _fingerprint(examples),
-                getattr(tokenizer, "name_or_path", ""),
-                len(tokenizer),
-                type(tokenizer).__name__,
-                max_length,
-            ]
-        ).encode()
-    ).hexdigest()
-    path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
-    if path is not None and path.is_file():
-        return TokenizedSplit(torch.load(path, weights_only=True))
-    args = (examples.text_a,) if examples.text_b is None else (examples.text_a, examples.text_b)
-    encoded = tokenizer(*args, truncation=True, max_length=max_length)
-    columns = {"input_ids": encoded["input_ids"], "labels": list(examples.labels)}
-    if "token_type_ids" in encoded:
-        columns["token_type_ids"] = encoded["token_type_ids"]
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(columns, tmp)
-        os.replace(tmp, path)
-    return TokenizedSplit(columns)
-
-
 def _private_generator(seed: int) -> torch.Generator:
     # A DataLoader without its own generator draws its worker seed from the global RNG each
     # time an iterator starts, which would shift dropout masks between a resumed run and an
@@ -305,6 +204,8 @@ class TaskDataModule(pl.LightningDataModule):
             (``dam.merge_search_split``), or None.
         bucketing: Length-bucket width in tokens (``data.bucketing``); 0 pads each batch to its
             longest example and draws batches at random (the default).
+        kind: The run's task kind (tokenization, collation, dev batches); default: the task's
+            first kind (classification for GLUE).
     """
 
     def __init__(
@@ -321,23 +222,24 @@ class TaskDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         merge_at: int | None = None,
         bucketing: int = 0,
+        kind: TaskKind | None = None,
     ) -> None:
         super().__init__()
         if bucketing < 0:
             raise ValueError(f"data.bucketing={bucketing}: a width in tokens >= 0 (0: off).")
         self.spec = spec
+        self.kind = kind if kind is not None else get_kind(spec.kinds[0])(spec)
         self.bucketing = bucketing
-        self.collate = PadCollator(
-            tokenizer.pad_token_id or 0, spec.is_regression, bucketing, max_length
-        )
+        self.collate = self.kind.collator(tokenizer, bucketing, max_length)
+        self.dev_collate = self.kind.collator(tokenizer, bucketing, max_length, dev=True)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.num_workers = num_workers
         self.train_start = 0
-        train = tokenize(raw.train, tokenizer, max_length, cache_dir)
+        train = self.kind.tokenize(raw.train, tokenizer, max_length, cache_dir)
         self.dev = {
-            name: tokenize(examples, tokenizer, max_length, cache_dir)
+            name: self.kind.tokenize(examples, tokenizer, max_length, cache_dir, dev=True)
             for name, examples in raw.dev.items()
         }
         self.train = train
@@ -396,23 +298,14 @@ class TaskDataModule(pl.LightningDataModule):
         )
         return self._loader(self.search, sampler, seed)
 
-    def _eval_batches(self, split: TokenizedSplit) -> dict[str, Any]:
-        if not self.bucketing:
-            return {"batch_size": self.eval_batch_size, "shuffle": False}
-        # Dev metrics do not depend on the order: evaluate in length order, little padding.
-        lengths = split.lengths()
-        order = sorted(range(len(split)), key=lengths.__getitem__)
-        size = self.eval_batch_size
-        return {"batch_sampler": [order[i : i + size] for i in range(0, len(order), size)]}
-
     def val_dataloader(self) -> list[DataLoader]:
         return [
             DataLoader(
                 split,
                 generator=_private_generator(self.seed),
-                collate_fn=self.collate,
+                collate_fn=self.dev_collate,
                 num_workers=self.num_workers,
-                **self._eval_batches(split),
+                **self.kind.dev_batches(split, self.eval_batch_size, self.bucketing),
             )
             for split in self.dev.values()
         ]

@@ -12,10 +12,13 @@ of:
 - an adapter folder (``adapter_config.json``) or a merged model folder (``config.json``): the
   config comes from the run folder around it, or is composed from ``--backbone`` and ``--task``.
 
+A run folder that has not finished (no ``results.json``) is refused: its checkpoint is not the
+run's result. ``--unfinished`` scores it anyway, with a note naming its step.
+
 ``--task`` and ``--data-dir`` override the run's task and GLUE folder (e.g. the same adapter on
 a local copy of GLUE).
 
-Merged models are written by :func:`diffora_lab.adapters.export_merged`.
+Merged models are written by :func:`diffora_lab.export.export_merged`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
 from torch import nn
@@ -58,15 +60,29 @@ class Source:
 
 
 def _run_config(run_dir: Path) -> DictConfig | None:
+    from diffora_lab.checkpointing import read_checkpoint
+    from diffora_lab.saved_config import upgrade  # a run saved by an earlier version
+
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
     if hydra_cfg.is_file():
-        return OmegaConf.load(hydra_cfg)
+        try:
+            cfg = OmegaConf.load(hydra_cfg)
+        except Exception as error:  # YAML errors come in several classes
+            cfg, why = None, f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        else:
+            why = "not a run's config"
+        if not isinstance(cfg, DictConfig) or "task" not in cfg or "backbone" not in cfg:
+            raise ValueError(
+                f"{hydra_cfg} is damaged ({why}); restore it, or delete it to use the config "
+                "stored in checkpoints/last.ckpt."
+            )
+        return upgrade(cfg)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = read_checkpoint(ckpt)
         config = saved.get("hyper_parameters", {}).get("config")
         if config:
-            return OmegaConf.create(config)
+            return upgrade(OmegaConf.create(config))
     return None
 
 
@@ -121,6 +137,30 @@ def locate(path: str | Path, backbone: str | None = None, task: str | None = Non
     raise ValueError(f"{path}: the run has no adapter/, merged/ or checkpoints/last.ckpt.")
 
 
+def check_finished(source: Source, path: str | Path, allow_unfinished: bool = False) -> None:
+    """Refuses a run folder that has not finished (scored from its checkpoint, no results.json);
+    with ``allow_unfinished`` prints a note naming its step instead.
+
+    Raises:
+        ValueError: Naming the step and how to finish the run or score it anyway.
+    """
+    from diffora_lab.checkpointing import STATE_KEY, read_checkpoint
+
+    if source.checkpoint is None or (source.checkpoint.parents[1] / "results.json").is_file():
+        return
+    step = read_checkpoint(source.checkpoint, mmap=True).get(STATE_KEY, {}).get("step", "?")
+    partial = (
+        f"{path} has not finished (no results.json; its checkpoint is at step {step} of "
+        f"{source.cfg.train.max_steps})"
+    )
+    if not allow_unfinished:
+        raise ValueError(
+            f"{partial}: finish it with python -m diffora_lab hydra.run.dir={path}, or pass "
+            "--unfinished to score the checkpoint as it is."
+        )
+    print(f"note: {partial}; scoring the checkpoint as it is.", file=sys.stderr)
+
+
 def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> DictConfig:
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
@@ -134,18 +174,26 @@ def _with_overrides(cfg: DictConfig, task: str | None, data_dir: str | None) -> 
     return cfg
 
 
-def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int) -> nn.Module:
-    """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights."""
-    from diffora_lab import backbones
-    from diffora_lab.checkpointing import STATE_KEY, fill
+def load_model(source: Source, cfg: DictConfig, prepared) -> nn.Module:
+    """Builds the model to score: base + adapter, a merged folder, or a checkpoint's weights.
+
+    ``prepared`` is what ``train.prepare`` returned (its task kind picks the model class).
+    """
+    from diffora_lab import backbones, building
+    from diffora_lab.checkpointing import STATE_KEY, fill, read_checkpoint
 
     if source.merged is not None:
         import transformers
 
-        return transformers.AutoModelForSequenceClassification.from_pretrained(
-            str(source.merged), dtype=torch.float32
+        auto = (
+            transformers.AutoModelForCausalLM
+            if prepared.kind.causal_lm
+            else transformers.AutoModelForSequenceClassification
         )
-    backbone = backbones.load_backbone(cfg.backbone, num_labels, vocab_size=vocab_size)
+        return auto.from_pretrained(
+            str(source.merged), dtype=backbones.model_dtype(cfg.backbone, prepared.kind.causal_lm)
+        )
+    backbone = building.load_model(cfg, prepared.resolved, prepared.tokenizer)
     if source.adapter is not None:
         with warnings.catch_warnings():
             # peft reads an AdaLoRA rank_pattern (kept singular values) as LoRA's per-module
@@ -159,7 +207,7 @@ def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int
             f"{source.checkpoint}: a {cfg.method.name} run is scored from its adapter/ folder "
             "(written at the end of training), which this run lacks."
         )
-    checkpoint = torch.load(source.checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(source.checkpoint)
     # Checkpoints leave the frozen backbone out (checkpointing.py): filled from the one loaded.
     current = {f"model.{k}": v for k, v in backbone.state_dict().items()}
     state = checkpoint["state_dict"]
@@ -170,48 +218,27 @@ def load_model(source: Source, cfg: DictConfig, num_labels: int, vocab_size: int
     return backbone
 
 
-def evaluate(
-    path: str | Path,
-    task: str | None = None,
-    data_dir: str | None = None,
-    backbone: str | None = None,
-    batch_size: int | None = None,
-) -> dict[str, float]:
-    """Dev metrics of the model at PATH, keyed as in training (``val/accuracy``, ...).
-
-    Args:
-        path: A run folder, an adapter folder or a merged model folder.
-        task: Score on this task instead of the run's.
-        data_dir: GLUE folder (original TSV layout) instead of the run's ``task.data_dir``.
-        backbone: Backbone name, for a folder outside any run.
-        batch_size: Dev batch size (default: the run's ``train.eval_batch_size``, which is what
-            reproduces ``results.json`` bit for bit).
-    """
-    from diffora_lab.config import optim_settings, search_settings
+def _dev_data(cfg: DictConfig, prepared, batch_size: int | None):
+    """The run's dev splits in a data module built as training builds it."""
     from diffora_lab.data import TaskDataModule
-    from diffora_lab.module import TrainingModule
     from diffora_lab.tasks import RawSplits, load_raw
-    from diffora_lab.train import build_trainer, prepare
 
-    source = locate(path, backbone=backbone, task=task)
-    cfg = _with_overrides(source.cfg, task, data_dir)
-    prepared = prepare(cfg)
-    spec = prepared.spec
-    model = load_model(source, cfg, spec.num_labels, len(prepared.tokenizer))
     raw = load_raw(
-        spec,
+        prepared.spec,
         cfg.task.get("data_dir") or None,
         seed=int(cfg.seed),
         # A GLUE task has no `synthetic` node (e.g. a synthetic run's adapter scored on RTE).
         synthetic=(
             OmegaConf.to_container(cfg.task.synthetic) if cfg.task.get("synthetic") else None
         ),
+        hub_id=cfg.task.get("hub_id"),
+        dev_limit=cfg.task.get("dev_limit"),
     )
     # The data module tokenizes a train split; scoring never reads it, so the dev set stands in
     # (no tokenization of e.g. MNLI's 393k train pairs).
     first_dev = next(iter(raw.dev.values()))
-    datamodule = TaskDataModule(
-        spec,
+    return TaskDataModule(
+        prepared.spec,
         RawSplits(train=first_dev, dev=raw.dev),
         prepared.tokenizer,
         max_length=int(cfg.task.max_length),
@@ -222,18 +249,63 @@ def evaluate(
         cache_dir=cfg.data.cache_dir,
         num_workers=int(cfg.data.num_workers),
         bucketing=int(cfg.data.get("bucketing") or 0),
+        kind=prepared.kind,
     )
+
+
+def evaluate(
+    path: str | Path,
+    task: str | None = None,
+    data_dir: str | None = None,
+    backbone: str | None = None,
+    batch_size: int | None = None,
+    allow_unfinished: bool = False,
+) -> dict[str, float]:
+    """Dev metrics of the model at PATH, keyed as in training (``val/accuracy``, ...).
+
+    Args:
+        path: A run folder, an adapter folder or a merged model folder.
+        task: Score on this task instead of the run's.
+        data_dir: GLUE folder (original TSV layout) instead of the run's ``task.data_dir``.
+        backbone: Backbone name, for a folder outside any run.
+        batch_size: Dev batch size (default: the run's ``train.eval_batch_size``, which is what
+            reproduces ``results.json`` bit for bit).
+        allow_unfinished: Score a run folder that has not finished (its checkpoint as it is;
+            a note says so). Without it such a folder is refused.
+    """
+    from diffora_lab.config import optim_settings, search_settings
+    from diffora_lab.module import TrainingModule
+    from diffora_lab.train import build_trainer, prepare
+
+    source = locate(path, backbone=backbone, task=task)
+    check_finished(source, path, allow_unfinished)
+    cfg = _with_overrides(source.cfg, task, data_dir)
+    prepared = prepare(cfg)
+    spec = prepared.spec
+    model = load_model(source, cfg, prepared)
+    datamodule = _dev_data(cfg, prepared, batch_size)
     module = TrainingModule(
         model,
         spec,
         [],
         optim_settings(cfg),
         replace(search_settings(cfg), enabled=False, steps=0),
+        kind=prepared.kind,
     )
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(cfg, Path(scratch), logger=False, callbacks=[])
         trainer.validate(module, datamodule=datamodule, verbose=False)
     return dict(module.last_val)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number >= 1")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,9 +318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--task", help="task name (conf/task/); default: the run's")
     parser.add_argument("--data-dir", help="GLUE folder in the original TSV layout")
     parser.add_argument("--backbone", help="backbone name (conf/backbone/) outside a run folder")
-    parser.add_argument("--batch-size", type=int, help="dev batch size; default: the run's")
+    parser.add_argument("--batch-size", type=_positive, help="dev batch size; default: the run's")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
+    parser.add_argument(
+        "--unfinished", action="store_true", help="score a run that has not finished (labelled)"
+    )
     args = parser.parse_args(argv)
+    if args.json and not Path(args.json).expanduser().parent.is_dir():
+        parser.error(f"--json {args.json}: no folder {Path(args.json).parent}; create it first.")
+    if args.json and Path(args.json).expanduser().is_dir():
+        parser.error(f"--json {args.json} is a folder; give a file name.")
 
     from diffora_lab.runtime import quiet_libraries
     from diffora_lab.train import ConfigError
@@ -261,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             backbone=args.backbone,
             batch_size=args.batch_size,
+            allow_unfinished=args.unfinished,
         )
     except (ConfigError, ValueError) as error:
         print(f"diffora_lab.evaluate: error: {error}", file=sys.stderr)

@@ -1,19 +1,25 @@
 """Parameter matching: the DiffoRA rank whose adapter costs what LoRA r=8 (or r=2) costs.
 
-METHOD.md, "Budgets and fair comparison": a budget in modules is not a budget in parameters, and
-comparisons with LoRA/AdaLoRA are only fair at matched trainable parameters. ``match=lora_r8``
-(``conf/match/``) turns that into a rule applied once the candidate modules are known; each
-method states its rule (``Method.matched_rank``, applied by ``methods.resolve_rank``):
+METHOD.md, "Budgets and fair comparison": comparisons with LoRA/AdaLoRA are only fair at matched
+trainable parameters. ``match=lora_r8`` (``conf/match/``) turns that into a rule applied once the
+candidate modules are known; each method states its rule (``Method.run_rank``, applied by
+``methods.resolve_rank``):
 
 - LoRA on all candidates (``lora`` and its peft variants): the reference rank (it is the
   reference);
 - ``adalora``: target_r = the reference rank (its final rank budget is target_r per module);
-- methods keeping k of n (``diffora``, ``random_mask``): the rank whose EXPECTED kept adapter
-  parameters are closest to the reference (:func:`masked_rank`, below); ``full`` / ``bitfit``:
-  ``rank`` is unused and left as given.
+- selecting methods (``diffora``, ``random_mask``) under ``budget_unit=params`` (the default):
+  rank r = round(r0 / budget) (:func:`params_rank`) and the budget's target is LoRA r0's count on
+  all candidates exactly (budget.py), so the cut keeps within half a module (at rank r) of it;
+- the same under ``budget_unit=modules``: the rank whose EXPECTED kept adapter parameters are
+  closest to the reference (:func:`masked_rank`, below);
+- fixed-choice baselines (``lora_qv``, ``lora_attn``, ``lora_mlp``): the rank whose adapter on
+  their module group is closest to the target (methods/fixed_choice.py);
+- ``full`` / ``bitfit``: ``rank`` is unused and left as given.
 
-The expectation. A rank-r adapter on module i costs r (d_in_i + d_out_i). DiffoRA keeps
-k = max(1, round(budget * n)) of the n candidates, and which ones is only known after the search.
+The expectation (``budget_unit=modules``). A rank-r adapter on module i costs r (d_in_i + d_out_i).
+DiffoRA keeps k = max(1, round(budget * n)) of the n candidates, and which ones is only known
+after the search.
 We define the expected cost as the mean over all k-subsets, i.e. the kept set of the
 ``random_mask`` baseline (the no-information prior of the search):
 
@@ -39,10 +45,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from omegaconf import DictConfig
-
 from diffora_lab.backbones import Candidate
-from diffora_lab.dam import num_kept
+from diffora_lab.budget import num_kept, target_rank_of
+
+__all__ = [
+    "achieved",
+    "lora_params",
+    "masked_rank",
+    "matched_rank",
+    "params_rank",
+    "target_rank_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +195,23 @@ def achieved(
     return Achieved(params, target, params / target, int(sum(bool(k) for k in kept)), by_type)
 
 
-def target_rank_of(cfg: DictConfig) -> int | None:
-    """The configured reference rank (``match.target_rank``), or None without matching."""
-    match = cfg.get("match")
-    if match is None or match.get("target_rank") is None:
-        return None
-    return int(match.target_rank)
+def params_rank(budget: float, target_rank: int) -> int:
+    """The rank of a selecting method matched under ``budget_unit=params``: round(r0 / budget).
+
+    At rank r the budget's fraction of all candidates is budget * r * sum (d_in + d_out), so
+    r = r0 / budget makes it LoRA r0's count; with an integer r the target stays LoRA r0's count
+    exactly (budget.for_run) and only the share of modules kept moves (to r0 / r). Ties go to
+    the lower rank.
+
+    Raises:
+        ValueError: A budget outside (0, 1] or a reference rank below 1.
+    """
+    num_kept(budget, 1)  # the range check
+    if target_rank < 1:
+        raise ValueError(f"match.target_rank={target_rank}: the LoRA rank must be >= 1.")
+    ideal = target_rank / budget
+    options = sorted({max(1, math.floor(ideal)), max(1, math.ceil(ideal))})
+    return min(options, key=lambda r: (abs(r * budget - target_rank), r))
 
 
 def masked_rank(
@@ -283,3 +307,35 @@ def grid_candidates(
         for layer in range(layers)
         for module_type, (d_in, d_out) in shapes.items()
     ]
+
+
+def params_table(
+    backbones: dict[str, Sequence[Candidate]] | None = None,
+    budgets: Sequence[float] = (0.25, 0.5, 0.75),
+    target_ranks: Sequence[int] = (8, 2),
+) -> str:
+    """Matched settings under ``budget_unit=params`` (the default) as a Markdown table.
+
+    The target is LoRA r0's count exactly; the cut keeps within half of the largest module (at
+    the matched rank) of it, whatever the search keeps.
+    """
+    if backbones is None:
+        backbones = {
+            "MiniLM-L6": grid_candidates(6, 384, 1536),
+            "DeBERTa-v3-base": grid_candidates(12, 768, 3072),
+        }
+    lines = [
+        "| backbone | reference | target (LoRA params) | budget | DiffoRA r | share kept (r0 / r) "
+        "| achieved within ± |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, candidates in backbones.items():
+        largest = max(c.d_in + c.d_out for c in candidates)
+        for target_rank in target_ranks:
+            for budget in budgets:
+                rank = params_rank(budget, target_rank)
+                lines.append(
+                    f"| {name} | LoRA r={target_rank} | {lora_params(candidates, target_rank):,} "
+                    f"| {budget} | {rank} | {target_rank / rank:.3f} | {rank * largest // 2:,} |"
+                )
+    return "\n".join(lines)

@@ -34,10 +34,13 @@ from diffora_lab.checkpointing import (
 )
 from diffora_lab.config import OptimSettings, SearchSettings
 from diffora_lab.dam import DAM, Mask
+from diffora_lab.finite import FiniteLossChecks
 from diffora_lab.methods import Method
-from diffora_lab.metrics import build_metrics, predictions_from_logits
 from diffora_lab.rng import restore_rng_state, rng_state
+from diffora_lab.searches import SearchVariant
 from diffora_lab.tasks import TaskSpec
+from diffora_lab.tasks.kinds import TaskKind, get_kind
+from diffora_lab.validation import DevEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
 
 
-class TrainingModule(pl.LightningModule):
+class TrainingModule(FiniteLossChecks, DevEvaluation, pl.LightningModule):
     """LightningModule for DiffoRA and the baselines that share its harness.
 
     Args:
@@ -61,6 +64,9 @@ class TrainingModule(pl.LightningModule):
         mask: A mask already applied to ``model`` (methods without a search), or None.
         hparams: The resolved run config, stored in every checkpoint.
         method: The run's method: its per-step hook and checkpoint state (None: neither).
+        variant: The search variant (searches/): where the search ends, its penalty and its cut
+            (None without a search).
+        kind: The task kind: dev evaluation step and metrics (None: the task's first kind).
     """
 
     def __init__(
@@ -74,6 +80,8 @@ class TrainingModule(pl.LightningModule):
         mask: Mask | None = None,
         hparams: dict[str, Any] | None = None,
         method: Method | None = None,
+        variant: SearchVariant | None = None,
+        kind: TaskKind | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -85,6 +93,7 @@ class TrainingModule(pl.LightningModule):
         self.dam = dam
         self.mask = mask
         self.method = method if method is not None else Method()
+        self.variant = variant
         self.phase = SEARCH if search.enabled else FINETUNE
         self.lora_gates = LoraGates(model, candidates) if self.phase == SEARCH else None
         self.step = 0  # weight-optimizer steps taken
@@ -93,15 +102,15 @@ class TrainingModule(pl.LightningModule):
         self.discretization: dict[str, Any] = {}
         self.search_reused = False  # resumed from a shared end-of-search snapshot
         self.ranks_consistent: bool | None = None  # checked at the end of multi-process runs
-        self.val_metrics = nn.ModuleList(build_metrics(spec) for _ in spec.dev_splits)
+        self.kind = kind if kind is not None else get_kind(spec.kinds[0])(spec)
+        self.val_metrics = nn.ModuleList(self.kind.build_metrics() for _ in spec.dev_splits)
         self.architect: Architect | None = None  # built with the optimizers while searching
         self._arch_state: dict | None = None
         self._search_iter = None
         self.last_val: dict[str, float] = {}
         # First step with a non-finite loss per (phase, step kind), on the loss's device: read
         # only every optim.finite_check_every steps, so a step needs no host-device sync for it.
-        self._first_nonfinite: dict[tuple[str, str], torch.Tensor] = {}
-        self._checked_at = 0
+        self.reset_finite_checks()
         if hparams is not None:
             self.save_hyperparameters({"config": hparams})
 
@@ -116,8 +125,8 @@ class TrainingModule(pl.LightningModule):
 
     @property
     def search_finished(self) -> bool:
-        """Still searching, but the search's steps are done: time to discretize."""
-        return self.searching and self.step >= self.search.steps
+        """Still searching, but the search is done (the variant's cut step): discretize."""
+        return self.searching and self.step >= self.variant.cut_step
 
     @property
     def arch_optimizer(self) -> torch.optim.Optimizer | None:
@@ -159,7 +168,7 @@ class TrainingModule(pl.LightningModule):
             shared = {id(self.dam.logits)} & {id(p) for _, p in named}
             if shared:
                 raise RuntimeError("weight and architecture parameter sets overlap")
-            self.architect = get_architect(self.search.order)(self.dam, self.search, self)
+            self.architect = get_architect(self.search.arch_grad)(self.dam, self.search, self)
             if self._arch_state is not None:
                 self.architect.load_state_dict(self._arch_state)
                 self._arch_state = None
@@ -245,101 +254,20 @@ class TrainingModule(pl.LightningModule):
     def tau(self) -> float:
         return self.search.tau_at(self.step)
 
-    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
-        if self.optim.finite_check_every <= 1:  # reads the loss now: one sync per step
-            if not torch.isfinite(loss):
-                self._diverged(which, self.phase, self.step, value=f" ({float(loss)})")
-            return
-        key = (self.phase, which)
-        first = self._first_nonfinite.get(key)
-        if first is None:
-            first = torch.full((), -1, dtype=torch.long, device=loss.device)
-        bad = torch.logical_not(torch.isfinite(loss.detach()))
-        self._first_nonfinite[key] = torch.where(bad & (first < 0), self.step, first)
-
-    def check_finite(self) -> None:
-        """Raises ``FloatingPointError`` if a loss since the last check was not finite.
-
-        Called every ``train.finite_check_every`` steps, before a checkpoint is written and
-        before each evaluation, so a run stops within that many steps of diverging and never
-        saves non-finite weights. This is the only point that waits for the device.
-        """
-        if not self._first_nonfinite:
-            return
-        firsts = torch.stack(list(self._first_nonfinite.values())).tolist()  # the sync
-        bad = [(step, key) for step, key in zip(firsts, self._first_nonfinite) if step >= 0]
-        if bad:
-            step, (phase, which) = min(bad)
-            since = f" (checked every {self.optim.finite_check_every} steps, "
-            since += f"steps {self._checked_at}-{self.step})"
-            self._diverged(which, phase, step, since=since)
-        self._checked_at = self.step
-
-    def _diverged(
-        self, which: str, phase: str, step: int, value: str = "", since: str = ""
-    ) -> None:
-        raise FloatingPointError(
-            f"non-finite {which} loss{value} at step {step} in phase {phase!r}{since}"
-            # train.run adds where to resume from and what to change
-        )
-
-    # ------------------------------------------------------------- validation
-
-    def _metric_key(self, split_index: int, metric: str) -> str:
-        if split_index == 0:
-            return f"val/{metric}"
-        return f"val/{metric}_{self.spec.dev_splits[split_index]}"
-
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        labels = batch.pop("labels")
-        logits = self(batch).logits
-        self.val_metrics[dataloader_idx].update(predictions_from_logits(self.spec, logits), labels)
-
-    def _compute_val_metrics(self) -> dict[str, float]:
-        results = {}
-        for index, metrics in enumerate(self.val_metrics):
-            for name, value in metrics.compute().items():
-                results[self._metric_key(index, name)] = float(value)
-            metrics.reset()
-        return results
-
-    def on_validation_epoch_end(self) -> None:
-        self.check_finite()
-        results = self._compute_val_metrics()
-        self.last_val = results
-        if not self.trainer.sanity_checking:
-            # torchmetrics already synced the states: every rank holds the same values.
-            self.log_dict(results, prog_bar=True, sync_dist=True)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Dev metrics of the model as it is now, from inside training (around discretization).
-
-        Lightning's validation loop cannot run within a training step, so this drives the same
-        :meth:`validation_step` and reduction over the dev loaders itself.
-        """
-        self.check_finite()
-        was_training = self.model.training
-        self.model.eval()
-        for metrics in self.val_metrics:
-            metrics.reset()
-        for index, loader in enumerate(self.trainer.datamodule.val_dataloader()):
-            for batch in loader:
-                self.validation_step(self.trainer.strategy.batch_to_device(batch), 0, index)
-        results = self._compute_val_metrics()
-        self.model.train(was_training)
-        return results
+    def search_penalty(self):
+        return None if self.variant is None else self.variant.penalty()
 
     # --------------------------------------------------------- discretization
 
     def propose_mask(self, backbone: str) -> tuple[Mask, torch.Tensor]:
-        """The top-k mask of the current gates under the budget, and those gates."""
+        """The search variant's cut of the current gates under the budget, and those gates."""
         gates = self.current_gates().detach()
-        mask = Mask.from_scores(
+        mask = Mask.of(
+            self.variant.cut(self.dam, gates),
             gates,
             [c.name for c in self.candidates],
             self.dam.module_types,
-            self.search.budget,
+            self.variant.budget,
             self.step,
             backbone=backbone,
         )
@@ -411,6 +339,7 @@ class TrainingModule(pl.LightningModule):
             "mask": None if self.mask is None else vars(self.mask).copy(),
             "discretization": dict(self.discretization),
             "method": self.method.checkpoint_state(self.model),
+            "search_variant": self.variant.state_dict() if self.variant is not None else None,
             "rng": rng_state(),
         }
 
@@ -422,6 +351,8 @@ class TrainingModule(pl.LightningModule):
         self.discretization = dict(state["discretization"])
         self._arch_state = state["arch_optimizer"]
         self.method.load_checkpoint_state(state.get("method"))
+        if self.variant is not None:
+            self.variant.load_state_dict(state.get("search_variant"))
         if state["phase"] == FINETUNE and self.phase == SEARCH:
             # Restore the structure only: the state dict that follows holds the folded weights.
             self._enter_finetune(Mask(**state["mask"]), None, fold_gates=False, reinit=False)

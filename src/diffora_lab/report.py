@@ -126,6 +126,8 @@ def _load(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or missing:
         warnings.warn(f"skipping {path}: not a diffora_lab results file {missing}", stacklevel=3)
         return None
+    if data["budget"] is None:  # a method without a budget: it adapts every candidate
+        data["budget"] = 1.0
     return data
 
 
@@ -221,6 +223,19 @@ def differences(runs: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     return found
 
 
+def off_target(row: dict[str, Any]) -> bool:
+    """Whether a run kept more than one module away from its budget's target.
+
+    The budget rule keeps within half a module of the target (budget.py), so this flags a run
+    whose count is not what its budget asked for (e.g. a saved mask, or a fixed choice whose
+    rank cannot reach the target).
+    """
+    count = row.get("budget_count")
+    if not isinstance(count, dict) or count.get("target") is None:
+        return False
+    return abs(float(count["achieved"]) - float(count["target"])) > float(count["largest_module"])
+
+
 def _group_label(key: tuple) -> str:
     backbone, task, method, budget, rank = key
     return f"{method} on {task} ({backbone}, budget {budget:g}, rank {rank})"
@@ -238,8 +253,9 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         standard deviation, ddof=1; ``None`` for a single run), ``runs``, ``seeds``,
         ``params_trainable`` (mean), ``dev_examples`` (the dev set's size, if recorded) and
         ``differs_in`` (settings besides the seed that differ within the group; each also
-        warned about). Runs without a value for their primary metric are left out with a
-        warning.
+        warned about) and ``off_target`` (runs more than one module away from their budget's
+        target: :func:`off_target`, also warned about). Runs without a value for their primary
+        metric are left out with a warning.
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
@@ -270,6 +286,13 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 stacklevel=2,
             )
         metrics = sorted({str(r["primary_metric"]) for r in runs})
+        missed = [r["run_dir"] for r in runs if off_target(r)]
+        if missed:
+            warnings.warn(
+                f"{_group_label(key)}: {len(missed)} run(s) kept more than one module away from "
+                f"their budget's target (results.json budget_count): {', '.join(missed)}",
+                stacklevel=2,
+            )
         summary.append(
             {
                 **dict(zip(GROUP_KEYS, key)),
@@ -283,6 +306,7 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     (int(r["dev_examples"]) for r in runs if r.get("dev_examples")), default=None
                 ),
                 "differs_in": sorted(differ),
+                "off_target": missed,
             }
         )
     return summary
@@ -317,6 +341,7 @@ def to_markdown(groups: Sequence[dict[str, Any]], digits: int = 4) -> str:
     for g in groups:
         std = "-" if g["std"] is None else f"{g['std']:.{digits}f}"
         runs = str(g["runs"]) + (" !" if g.get("differs_in") else "")
+        params = f"{g['params_trainable']:,.0f}" + (" ‡" if g.get("off_target") else "")
         cells = [
             g["backbone"],
             g["task"],
@@ -326,7 +351,7 @@ def to_markdown(groups: Sequence[dict[str, Any]], digits: int = 4) -> str:
             g["metric"],
             f"{g['mean']:.{digits}f}",
             std,
-            f"{g['params_trainable']:,.0f}",
+            params,
             runs,
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -386,8 +411,9 @@ def write_report(
         header += " from " + ", ".join(f"`{s}`" for s in sources)
     body = (
         f"{header}. Mean and sample std (ddof=1) of the primary dev metric over seeds; "
-        "params: mean trainable parameters; `!` after the run count: the runs of that group "
-        "differ in more than their seed (listed in the warnings).\n\n"
+        "params: mean trainable parameters (`‡`: some runs kept more than one module away from "
+        "their budget's target); `!` after the run count: the runs of that group differ in more "
+        "than their seed (listed in the warnings).\n\n"
         f"{to_markdown(groups)}\n\n![budget curve](budget_curve.png)\n"
     )
     markdown = out_dir / "report.md"
@@ -400,6 +426,20 @@ def write_report(
     finally:
         plt.close(fig)
     return {"markdown": markdown, "csv": table, "plot": plot}
+
+
+def _out_folder(dirs: Sequence[str], out: str | None) -> Path:
+    """``--out``, else the one folder given (a ``results.json``'s own folder), else ./report."""
+    if out is not None:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ReportError(
+                f"--out {out} is a file; give a folder (it receives report.md, report.csv and "
+                "budget_curve.png)."
+            )
+        return Path(out)
+    if len(dirs) == 1:
+        return Path(dirs[0]).parent if Path(dirs[0]).is_file() else Path(dirs[0])
+    return Path("report")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -423,8 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(default: DIR when a single one is given, else ./report)",
     )
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.dirs[0] if len(args.dirs) == 1 else "report")
     try:
+        out = _out_folder(args.dirs, args.out)
         rows = collect(args.dirs)
         if not rows:
             raise ReportError(

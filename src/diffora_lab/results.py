@@ -28,9 +28,14 @@ def collect_results(
     results = {
         "task": spec.name,
         "method": cfg.method.name,
-        "preset": cfg.method.get("preset"),
+        # The search variant's name for it (searches/), else the method file's preset.
+        "preset": module.variant.preset if module.variant else cfg.method.get("preset"),
         "backbone": cfg.backbone.name,
-        "budget": float(cfg.budget),
+        # Only module-selecting methods have one: others record none (reports group them as one).
+        "budget": float(cfg.budget) if module.method.uses_budget else None,
+        "budget_unit": (
+            str(cfg.get("budget_unit") or "params") if module.method.uses_budget else None
+        ),
         "rank": int(cfg.rank),
         "seed": int(cfg.seed),
         "params_trainable": params["total"],
@@ -66,15 +71,12 @@ def collect_results(
         "wall_seconds": round(time.time() - started, 2),
         "output_dir": str(output_dir),
     }
-    if module.search.enabled or cfg.dam.get("mask_path"):
-        dam = cfg.dam
-        results["search_variant"] = {
-            "relaxation": str(dam.relaxation),
-            "budget_penalty": float(dam.budget_penalty),
-            "progressive": bool(dam.get("progressive", False)),
-            "tau": [float(dam.tau), float(dam.tau_end)],
-            "order": str(dam.order),
-        }
+    if module.variant is not None:
+        results["search_variant"] = module.variant.describe()
+    budget = module.method.budget(cfg, candidates) if module.method.uses_budget else None
+    if budget is not None and mask is not None:
+        # Target against achieved, in the budget's unit (the report flags > one module off).
+        results["budget_count"] = budget.summary(mask.kept)
     if cfg.method.get("scaling") is not None:
         method = cfg.method
         results["lora_scaling"] = {"rule": str(method.scaling), "scale": method.get("scale")}
@@ -143,6 +145,8 @@ def summary_text(results: dict[str, Any], output_dir: Path) -> str:
         )
     for key, value in results["metrics"].items():
         lines.append(f"  final {key:<14}{value:.4f}")
+    for warning in results.get("warnings") or []:
+        lines.append(f"  warning             {warning}")
     written = ["results.json", "checkpoints/last.ckpt"]
     for name in ("dam/mask.json", "dam/heatmaps/", "adapter/", "merged/"):
         if (output_dir / name).exists():

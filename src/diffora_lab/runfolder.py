@@ -152,20 +152,6 @@ def _read_owner(fd: int) -> dict[str, Any]:
         return {}
 
 
-def check_not_finished(folder: Path, overwrite: bool) -> None:
-    """Refuses to rerun a folder that already holds ``results.json`` unless asked to.
-
-    Raises:
-        ValueError: Naming ``overwrite`` and the alternative (another run folder).
-    """
-    results = folder / "results.json"
-    if results.is_file() and not overwrite:
-        raise ValueError(
-            f"hydra.run.dir={str(folder)!r} holds a finished run ({results.name}); pass "
-            "overwrite=true to delete its outputs and run again, or choose another hydra.run.dir."
-        )
-
-
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Deletes ``.<name>.<pid>.tmp`` files left by a killed checkpoint write.
 
@@ -217,60 +203,14 @@ def write_hydra_files(folder: Path, task_cfg: DictConfig | None) -> None:
     OmegaConf.save(hydra_cfg.overrides.task, target / "overrides.yaml")
 
 
-def check_checkpoint(path: str, cfg: DictConfig) -> int:
-    """Checks a checkpoint to resume before anything loads; returns its step.
-
-    Raises:
-        ValueError: A damaged file, one written with other settings, or one past
-            ``train.max_steps``.
-    """
-    import torch
-
-    from diffora_lab.checkpointing import our_state
-
-    setting = f"ckpt_path={cfg.get('ckpt_path')}"
-    try:
-        # mmap: only the small entries are read here; Lightning loads the tensors later.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:
-        size = Path(path).stat().st_size
-        what = "empty (0 bytes)" if size == 0 else f"truncated or not a checkpoint ({size} bytes)"
-        raise ValueError(
-            f"{setting}: {path} is damaged: {what}, {type(error).__name__}. Delete it to start "
-            "this run over, or pass ckpt_path=null to start fresh without reading it."
-        ) from None
-    state = our_state(checkpoint, f"{setting}: {path}")
-    step = int(state["step"])
-    saved = checkpoint.get("hyper_parameters", {})
-    saved_cfg = OmegaConf.create(saved.get("config") or {})
-    for key in ("method.name", "backbone.name", "task.name", "rank"):
-        mine = OmegaConf.select(cfg, key)
-        theirs = OmegaConf.select(saved_cfg, key)
-        if theirs is not None and theirs != mine:
-            raise ValueError(
-                f"ckpt_path={path!r} was written with {key}={theirs!r}, this run has "
-                f"{key}={mine!r}; resume with the same settings or start a new run."
-            )
-    max_steps = int(cfg.train.max_steps)
-    if step > max_steps:
-        raise ValueError(
-            f"train.max_steps={max_steps} is below the step of the checkpoint to resume "
-            f"({path}, step {step}); raise train.max_steps to at least {step}, or start a new "
-            "run folder."
-        )
-    return step
-
-
 def divergence_message(error: FloatingPointError, ckpt_dir: Path, grad_clip: float) -> str:
     """The non-finite-loss message with advice that matches this run."""
-    import torch
-
-    from diffora_lab.checkpointing import STATE_KEY
+    from diffora_lab.checkpointing import STATE_KEY, read_checkpoint
 
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
         try:
-            saved = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+            saved = read_checkpoint(last, mmap=True)
             where = f"the last checkpoint is {last} (step {saved[STATE_KEY]['step']})"
         except Exception:
             where = f"the last checkpoint is {last}"

@@ -1,4 +1,4 @@
-"""Process set-up shared by the entry points: where the configs live, which library chatter to mute.
+"""Process set-up shared by the entry points: configs, library chatter, failed writes.
 
 Kept apart from ``__main__`` so that ``evaluate`` (a second entry point) and the tests can use it
 without importing the Hydra app (which imports the whole pipeline).
@@ -6,8 +6,11 @@ without importing the Hydra app (which imports the whole pipeline).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -59,3 +62,30 @@ def config_dir() -> str:
     if packaged.is_dir():
         return str(packaged)
     return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+# errno values of a write the user can fix: a full disk or quota, a read-only or foreign folder,
+# a path through a file, a file over the size limit, an I/O error of the disk.
+WRITE_ERRORS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EFBIG", "EIO")
+    if hasattr(errno, name)
+)
+
+
+def write_error_message(error: OSError) -> str:
+    """What a failed write says: the path, the reason, the free space there, what to do."""
+    path = error.filename or "a file of the run"
+    reason = error.strerror or str(error)
+    free = ""
+    folder = Path(str(path)).parent if error.filename else None
+    while folder is not None and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            free = f"; {shutil.disk_usage(folder).free / 1e6:.0f} MB free there"
+    return (
+        f"{path}: {reason}{free}. Free space, or choose folders this user can write "
+        "(hydra.run.dir, data.cache_dir); a checkpoint already written resumes with the same "
+        "command."
+    )

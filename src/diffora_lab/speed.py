@@ -67,8 +67,10 @@ def compile_layers(
             f"train.compile=true: backbone.layer_pattern={layer_pattern!r} names no module of "
             "this backbone; fix the pattern or set train.compile=false."
         )
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    # torch < 2.7 calls the recompile limit cache_size_limit.
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     for layer in layers:
         layer.compile(backend=backend, mode=mode)
     log.info("train.compile: %d layers compiled (%s, mode %s)", len(layers), backend, mode)

@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
+CUT_KEY = "dam/val_before"  # a metric only the discretization's record row has
+
 
 def run_name(cfg: DictConfig) -> str:
     """``method-task-b<budget>-r<rank>-s<seed>``: the fields a budget/method sweep varies."""
@@ -53,7 +55,11 @@ def wandb_mode(requested: str | None) -> str:
 
 
 def build_logger(
-    cfg: DictConfig, output_dir: Path, resume_id: str | None = None, start_step: int = 0
+    cfg: DictConfig,
+    output_dir: Path,
+    resume_id: str | None = None,
+    start_step: int = 0,
+    cut_kept: bool = False,
 ):
     """The Lightning logger chosen by ``logger.name`` (wandb, csv or none).
 
@@ -62,12 +68,14 @@ def build_logger(
         output_dir: The run folder.
         resume_id: The W&B run to continue.
         start_step: The step training starts from; a CSV history keeps its rows before it.
+        cut_kept: The checkpoint holds the discretization made at ``start_step``: its record
+            row (``dam/val_before`` ...) is kept, since the resumed run does not make it again.
     """
     name = cfg.logger.name
     if name == "none":
         return False
     if name == "csv":
-        return resumable_csv_logger(output_dir, start_step)
+        return resumable_csv_logger(output_dir, start_step, cut_kept)
     if name != "wandb":
         raise ValueError(f"logger={name!r}: choose wandb, csv or none.")
     from lightning.pytorch.loggers import WandbLogger
@@ -101,13 +109,21 @@ def build_logger(
     return logger
 
 
-def resumable_csv_logger(output_dir: Path, start_step: int):
+def resumable_csv_logger(output_dir: Path, start_step: int, cut_kept: bool = False):
     """A CSVLogger writing ``csv/metrics.csv`` that continues an existing file.
 
     Lightning's CSV logger deletes an existing ``metrics.csv``; this one keeps its rows logged
     before ``start_step`` (later ones were logged after the checkpoint the run resumes from and
-    are logged again) and appends.
+    are logged again), with ``cut_kept`` the discretization's row at ``start_step`` too, and
+    appends.
     """
+
+    def kept(row: dict) -> bool:
+        step = int(row["step"]) if row.get("step") else None
+        if step is None:
+            return False
+        return step < start_step or (cut_kept and step == start_step and bool(row.get(CUT_KEY)))
+
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.loggers.csv_logs import ExperimentWriter
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -121,12 +137,12 @@ def resumable_csv_logger(output_dir: Path, start_step: int):
                 reader = csv.DictReader(handle)
                 header = list(reader.fieldnames or [])
                 rows = list(reader)
-            kept = [row for row in rows if row.get("step") and int(row["step"]) < start_step]
-            if len(kept) != len(rows):
+            keep = [row for row in rows if kept(row)]
+            if len(keep) != len(rows):
                 with path.open("w", newline="") as handle:
                     writer = csv.DictWriter(handle, fieldnames=header)
                     writer.writeheader()
-                    writer.writerows(kept)
+                    writer.writerows(keep)
             self.metrics_keys = header
 
     class _AppendingCSVLogger(CSVLogger):

@@ -7,7 +7,8 @@ here says what its method trains and everything the harness asks of it (the prot
 - ``diffora``: LoRA on every candidate, gated by a DAM that is searched, then discretized
   (``dam.mask_path=FILE``: LoRA on a saved mask's modules, no search);
 - ``lora``: LoRA on every candidate, no gates; ``random_mask``: LoRA on a seeded random choice
-  of k candidates (DiffoRA's k and rank);
+  of candidates under DiffoRA's budget and rank; ``lora_qv`` / ``lora_attn`` / ``lora_mlp``: LoRA
+  on a fixed group of module types at the rank that matches the budget;
 - ``adalora``: peft's AdaLoRA on every candidate;
 - ``full``: every parameter trains; ``bitfit``: biases and the head train.
 
@@ -63,18 +64,10 @@ def build(
 
 
 def resolve_rank(cfg: DictConfig, candidates: Sequence[Candidate]) -> int:
-    """The rank this run uses: ``cfg.rank``, or the method's matched rank under ``match=lora_rN``.
+    """The rank this run uses (``Method.run_rank``): ``cfg.rank``, the method's matched rank
+    under ``match=lora_rN``, or (fixed-choice baselines) the rank that matches the budget.
 
     Raises:
         ValueError: A bad ``match.target_rank`` or ``budget``, or an unknown method.
     """
-    match = cfg.get("match")
-    if match is None or match.get("target_rank") is None:
-        return int(cfg.rank)
-    return method_for(cfg).matched_rank(
-        int(cfg.rank),
-        int(match.target_rank),
-        candidates,
-        float(cfg.budget),
-        float(match.get("tolerance", 0.05)),
-    )
+    return method_for(cfg).run_rank(cfg, candidates)

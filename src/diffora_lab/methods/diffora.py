@@ -12,10 +12,11 @@ from torch import nn
 
 from diffora_lab.adapters import apply_mask
 from diffora_lab.backbones import Candidate
-from diffora_lab.dam import DAM, Mask, num_kept
+from diffora_lab.dam import DAM, Mask
 from diffora_lab.methods.lora import layer_grid
 from diffora_lab.methods.random_mask import MaskedLora
 from diffora_lab.methods.registry import Built, register_method
+from diffora_lab.searches import search_for
 
 
 def check_mask_fits(mask: Mask, candidates: list[Candidate], backbone: str, path: str) -> None:
@@ -52,8 +53,8 @@ class DiffoRA(MaskedLora):
         dam = DAM(
             layers,
             module_types,
-            relaxation=str(cfg.dam.relaxation),
+            relaxation=search_for(cfg).relaxation,  # the search variant's (searches/)
             init=float(cfg.dam.init),
-            k=num_kept(float(cfg.budget), len(candidates)),  # the topk relaxation's sum
+            k=self.budget(cfg, candidates).expected_count,  # the topk relaxation's sum
         )
         return Built(model, dam, None)

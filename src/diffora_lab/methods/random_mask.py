@@ -1,29 +1,40 @@
-"""``method=random_mask``: DiffoRA's k and rank on candidates drawn at random (seeded).
+"""``method=random_mask``: DiffoRA's budget and rank on candidates drawn at random (seeded).
 
-The control for the search: if a random choice of k modules does as well, the search did not
-matter. Its rank is matched like DiffoRA's.
+The control for the search: if a random choice of modules does as well, the search did not
+matter. The candidates are drawn in a random order and kept by the budget rule (budget.py) until
+the budget's count, exactly as the search's cut keeps them in gate order; its rank is matched
+like DiffoRA's.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from diffora_lab import budget as budgets
 from diffora_lab.adapters import apply_mask
 from diffora_lab.backbones import Candidate
-from diffora_lab.dam import Mask, num_kept
-from diffora_lab.matching import masked_rank
+from diffora_lab.budget import Budget
+from diffora_lab.dam import Mask
+from diffora_lab.matching import masked_rank, params_rank
 from diffora_lab.methods.lora import Lora, layer_grid
 from diffora_lab.methods.registry import Built, register_method
 
+log = logging.getLogger(__name__)
+
 
 def random_mask(
-    candidates: list[Candidate], module_types: list[str], budget: float, seed: int, backbone: str
+    candidates: list[Candidate],
+    module_types: list[str],
+    budget: Budget | float,
+    seed: int,
+    backbone: str,
 ) -> Mask:
-    """k = max(1, round(budget * n)) candidates drawn uniformly at random (seeded)."""
+    """Candidates in a seeded random order, kept by the budget rule (a float: k of n modules)."""
     scores = torch.rand(len(candidates), generator=torch.Generator().manual_seed(seed))
     return Mask.from_scores(
         scores.view(layer_grid(candidates, module_types)),
@@ -37,9 +48,28 @@ def random_mask(
 
 
 class MaskedLora(Lora):
-    """LoRA on k of the n candidates: the rank is matched on the expected kept parameters."""
+    """LoRA on the candidates a budget keeps; the rank is matched on the budget's unit."""
 
     uses_budget = True
+
+    def run_rank(self, cfg: DictConfig, candidates: Sequence[Candidate]) -> int:
+        target_rank = budgets.target_rank_of(cfg)
+        unit = budgets.check_unit(str(cfg.get("budget_unit") or "params"))
+        if target_rank is None or unit == "modules":
+            return super().run_rank(cfg, candidates)
+        rank = params_rank(float(cfg.budget), target_rank)
+        largest = max(c.lora_params(rank) for c in candidates)
+        log.info(
+            "match: %s budget %.3g at rank %d keeps LoRA r=%d's %d adapter params on all "
+            "candidates, within half the largest module (%d)",
+            self.name,
+            float(cfg.budget),
+            rank,
+            target_rank,
+            sum(c.lora_params(target_rank) for c in candidates),
+            largest // 2,
+        )
+        return rank
 
     def matched_rank(
         self,
@@ -51,20 +81,22 @@ class MaskedLora(Lora):
     ) -> int:
         return masked_rank(self.name, candidates, budget, target_rank, tolerance)
 
+    def budget(self, cfg: DictConfig, candidates: Sequence[Candidate]) -> Budget:
+        return budgets.for_run(cfg, candidates)
+
 
 @register_method
 class RandomMask(MaskedLora):
-    """``method=random_mask``: a seeded random k-subset keeps its adapters."""
+    """``method=random_mask``: a seeded random choice of candidates keeps its adapters."""
 
     name = "random_mask"
 
     def build(self, cfg: DictConfig, backbone: nn.Module, candidates: list[Candidate]) -> Built:
         model = self.attach(cfg, backbone, candidates)
-        num_kept(float(cfg.budget), len(candidates))
         mask = random_mask(
             candidates,
             list(cfg.backbone.module_types),
-            float(cfg.budget),
+            self.budget(cfg, candidates),
             int(cfg.seed),
             cfg.backbone.name,
         )

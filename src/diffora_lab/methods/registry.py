@@ -17,9 +17,10 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig
 from torch import nn
 
-from diffora_lab.adapters import export_adapter
 from diffora_lab.backbones import Candidate
+from diffora_lab.budget import Budget, target_rank_of
 from diffora_lab.dam import DAM, Mask
+from diffora_lab.export import export_adapter
 
 
 @dataclass
@@ -39,7 +40,8 @@ class Method:
         searches: Runs the DAM search, then the discretization (see :meth:`search_enabled`).
         adapts_candidates: Puts its adapters on the DAM's candidate modules (gates and masks
             apply to them).
-        uses_budget: Keeps k = round(budget * n) candidates, so ``budget`` changes the result.
+        uses_budget: ``budget`` changes what it trains (which candidates, or its rank); its
+            :meth:`budget` says how.
         exports_adapter: Its model is a peft model, written as an ``adapter/`` folder; a method
             without one is scored from its checkpoint.
     """
@@ -70,6 +72,23 @@ class Method:
     ) -> int:
         """The rank under ``match=lora_rN`` (``target_rank`` = N); default: ``rank`` unused."""
         return rank
+
+    def run_rank(self, cfg: DictConfig, candidates: Sequence[Candidate]) -> int:
+        """The rank this run uses: ``rank``, or :meth:`matched_rank` under ``match=lora_rN``."""
+        target_rank = target_rank_of(cfg)
+        if target_rank is None:
+            return int(cfg.rank)
+        tolerance = float(cfg.match.get("tolerance", 0.05))
+        return self.matched_rank(
+            int(cfg.rank), target_rank, candidates, float(cfg.budget), tolerance
+        )
+
+    def budget(self, cfg: DictConfig, candidates: Sequence[Candidate]) -> Budget | None:
+        """The run's budget over its candidates (budget.py), or None if it has none.
+
+        Called once the rank is resolved (``cfg.rank`` is the run's rank).
+        """
+        return None
 
     def build(self, cfg: DictConfig, backbone: nn.Module, candidates: list[Candidate]) -> Built:
         """Applies the method to a freshly loaded backbone: marks or adds what trains."""

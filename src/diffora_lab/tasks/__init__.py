@@ -13,8 +13,11 @@ The task's dev split is the reporting set; the search split of DiffoRA's phase 1
 ``RawSplits.train`` elsewhere, never from ``RawSplits.dev``.
 
 Files: ``spec.py`` (what a task is: :class:`TaskSpec` and the :data:`TASKS` table),
-``glue_files.py`` (the TSV and hub readers), ``synthetic.py`` (the generator); this module picks
-the source (:func:`load_raw`).
+``glue_files.py`` (the TSV and hub readers), ``synthetic.py`` (the generator),
+``commonsense.py`` (the LLM-Adapters commonsense suite: specs and JSON reader),
+``synthetic_choice.py`` (generated multiple-choice items in that format), ``prompts.py`` (how an
+example reads as a causal-LM question), ``kinds/`` (how a task meets a model: classification,
+causal-LM choice); this module picks the source (:func:`load_raw`, by ``TaskSpec.source``).
 """
 
 from __future__ import annotations
@@ -23,14 +26,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from diffora_lab.tasks.glue_files import (
-    MAX_MALFORMED_FRACTION,
-    _layout,
-    check_data_dir,
-    check_hub_dataset,
-    load_hub,
-    read_glue_tsv,
-)
+from diffora_lab.tasks import commonsense, synthetic_choice
+from diffora_lab.tasks.glue_files import MAX_MALFORMED_FRACTION, _layout, read_glue_tsv
+from diffora_lab.tasks.glue_files import check_data_dir as check_glue_dir
+from diffora_lab.tasks.glue_hub import check_hub_dataset, load_hub
 from diffora_lab.tasks.spec import (
     METRIC_NAMES,
     SYNTHETIC_TASK,
@@ -52,6 +51,7 @@ __all__ = [
     "TaskSpec",
     "check_data_dir",
     "check_hub_dataset",
+    "check_source",
     "generate_synthetic",
     "get_task",
     "load_hub",
@@ -63,12 +63,70 @@ __all__ = [
 # Entry point
 
 
+def check_data_dir(spec: TaskSpec, data_dir: str | Path) -> None:
+    """Cheap check of ``task.data_dir`` for the task's source (files exist, headers fit).
+
+    Raises:
+        ValueError: Naming ``task.data_dir`` and the fix.
+    """
+    if spec.source == "commonsense":
+        commonsense.check_data_dir(spec, data_dir)
+    elif spec.source == "synthetic_choice":
+        _layout(TASKS["synthetic"])  # "data_dir is not used by the synthetic task"
+    else:
+        check_glue_dir(spec, data_dir)
+
+
+def check_source(spec: TaskSpec, data_dir: str | None, hub_id: str | None = None) -> None:
+    """Before anything loads: the task's data can be read (a folder given, or the hub).
+
+    Raises:
+        ValueError: With the fix (``task.data_dir``).
+    """
+    if data_dir or spec.source in ("synthetic", "synthetic_choice"):
+        return
+    if spec.source == "commonsense":
+        commonsense.check_hub(spec, hub_id)
+    else:
+        check_hub_dataset(spec)
+
+
 def load_raw(
     spec: TaskSpec,
     data_dir: str | Path | None,
     *,
     seed: int = 0,
     synthetic: Mapping[str, Any] | None = None,
+    hub_id: str | None = None,
+    dev_limit: int | None = None,
+) -> RawSplits:
+    """Load a task's raw splits from the right source (see :func:`_load_all`), dev splits cut to
+    their first ``dev_limit`` examples when it is set (``task.dev_limit``: cheaper evaluations of
+    a large model on a CPU; the same examples in every run and in ``diffora_lab.evaluate``).
+
+    Raises:
+        ValueError: A ``dev_limit`` below 1, or what :func:`_load_all` raises.
+    """
+    if dev_limit is not None and (isinstance(dev_limit, bool) or int(dev_limit) < 1):
+        raise ValueError(f"task.dev_limit={dev_limit!r}: a number of dev examples >= 1, or null.")
+    raw = _load_all(spec, data_dir, seed=seed, synthetic=synthetic, hub_id=hub_id)
+    if dev_limit is None:
+        return raw
+    return RawSplits(raw.train, {name: _first(ex, int(dev_limit)) for name, ex in raw.dev.items()})
+
+
+def _first(examples: Examples, n: int) -> Examples:
+    text_b = None if examples.text_b is None else examples.text_b[:n]
+    return Examples(examples.text_a[:n], text_b, examples.labels[:n])
+
+
+def _load_all(
+    spec: TaskSpec,
+    data_dir: str | Path | None,
+    *,
+    seed: int = 0,
+    synthetic: Mapping[str, Any] | None = None,
+    hub_id: str | None = None,
 ) -> RawSplits:
     """Load a task's raw splits from the right source.
 
@@ -83,6 +141,7 @@ def load_raw(
         seed: Seed of the synthetic generator (unused for GLUE tasks).
         synthetic: Optional ``{"n_train": int, "n_dev": int}`` overrides for the synthetic
             task; ignored for GLUE tasks.
+        hub_id: The hub dataset repository of a commonsense task (LLM-Adapters layout).
 
     Returns:
         Train and dev splits; ``dev`` keys are ``spec.dev_splits``.
@@ -92,9 +151,9 @@ def load_raw(
             the synthetic task, or unknown ``synthetic`` keys.
         RuntimeError: No ``data_dir`` and the hub is unreachable.
     """
-    if spec.name == SYNTHETIC_TASK:
+    if spec.source in ("synthetic", "synthetic_choice"):
         if data_dir is not None:
-            _layout(spec)  # raises the "data_dir is not used by the synthetic task" error
+            _layout(TASKS[SYNTHETIC_TASK])  # "data_dir is not used by the synthetic task"
         overrides = dict(synthetic or {})
         unknown = sorted(set(overrides) - {"n_train", "n_dev"})
         if unknown:
@@ -102,7 +161,13 @@ def load_raw(
                 f"task.synthetic has unknown keys {unknown}; the allowed keys are "
                 "['n_dev', 'n_train']."
             )
+        if spec.source == "synthetic_choice":
+            return synthetic_choice.generate_choice_items(seed, **overrides)
         return generate_synthetic(seed, **overrides)
+    if spec.source == "commonsense":
+        if data_dir is not None:
+            return commonsense.load_local(spec, data_dir)
+        return commonsense.load_hub(spec, str(hub_id))
     if data_dir is not None:
         check_data_dir(spec, data_dir)
         return RawSplits(

@@ -1,4 +1,4 @@
-"""Reading GLUE: the original TSV layout on disk, and the hub dataset ``nyu-mll/glue``."""
+"""Reading GLUE in the original TSV layout on disk (the hub dataset: glue_hub.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from diffora_lab.tasks.spec import (
     SYNTHETIC_TASK,
     TASKS,
     Examples,
-    RawSplits,
     TaskSpec,
 )
 
@@ -60,12 +59,12 @@ _DEV_FILES = {
     "matched": "dev_matched.tsv",
     "mismatched": "dev_mismatched.tsv",
 }
-_HUB_DEV_SPLITS = {
-    "validation": "validation",
-    "matched": "validation_matched",
-    "mismatched": "validation_mismatched",
-}
 _STSB_RANGE = (0.0, 5.0)
+
+
+def glue_task_names() -> list[str]:
+    """The GLUE tasks this layout (and the hub dataset) holds."""
+    return sorted(_TSV_LAYOUTS)
 
 
 def _layout(spec: TaskSpec) -> _TsvLayout:
@@ -146,6 +145,11 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
                     "file as UTF-8 or replace it with the original GLUE file)."
                 ) from None
             line = line.rstrip("\n").rstrip("\r")
+            if line_number == 1 and line.count("\r") > 1:  # a whole file read as one line
+                raise ValueError(
+                    f"{path} ends its lines with a carriage return only (CR, old Mac style); "
+                    "GLUE files end them with a line feed: convert it (tr '\\r' '\\n')."
+                )
             if line:
                 yield line_number, line.split("\t")
 
@@ -255,6 +259,30 @@ def _chain_first(
     yield from rest
 
 
+def _check_rows(
+    path: Path, spec: TaskSpec, split: str, good: int, malformed: list[int], num_fields: int
+) -> None:
+    """Refuses an empty split or one with too many malformed rows; warns of a few skipped."""
+    total = good + len(malformed)
+    if total == 0:
+        raise ValueError(
+            f"{path} has no examples for split {split!r} of task {spec.name!r}; replace it "
+            "with the original GLUE file."
+        )
+    if malformed:
+        shown = ", ".join(str(number) for number in malformed[:5])
+        summary = (
+            f"{path}: {len(malformed)} of {total} rows have a field count other than "
+            f"{num_fields} (lines {shown}{', ...' if len(malformed) > 5 else ''})"
+        )
+        if len(malformed) > MAX_MALFORMED_FRACTION * total:
+            raise ValueError(
+                f"{summary}; that is more than {MAX_MALFORMED_FRACTION:.0%} of the file, so it "
+                "is not in the original GLUE TSV format. Replace it with the original file."
+            )
+        warnings.warn(f"{summary}; skipped them.", UserWarning, stacklevel=2)
+
+
 def read_glue_tsv(spec: TaskSpec, data_dir: str | Path, split: str) -> Examples:
     """Read one split of a task from the original GLUE TSV layout.
 
@@ -301,99 +329,5 @@ def read_glue_tsv(spec: TaskSpec, data_dir: str | Path, split: str) -> Examples:
         for column, index in zip(texts, text_indices, strict=True):
             column.append(fields[index])
 
-    total = len(labels) + len(malformed)
-    if total == 0:
-        raise ValueError(
-            f"{path} has no examples for split {split!r} of task {spec.name!r}; replace it "
-            "with the original GLUE file."
-        )
-    if malformed:
-        shown = ", ".join(str(number) for number in malformed[:5])
-        summary = (
-            f"{path}: {len(malformed)} of {total} rows have a field count other than "
-            f"{num_fields} (lines {shown}{', ...' if len(malformed) > 5 else ''})"
-        )
-        if len(malformed) > MAX_MALFORMED_FRACTION * total:
-            raise ValueError(
-                f"{summary}; that is more than {MAX_MALFORMED_FRACTION:.0%} of the file, so it "
-                "is not in the original GLUE TSV format. Replace it with the original file."
-            )
-        warnings.warn(f"{summary}; skipped them.", UserWarning, stacklevel=2)
+    _check_rows(path, spec, split, len(labels), malformed, num_fields)
     return Examples(text_a=texts[0], text_b=texts[1] if len(texts) > 1 else None, labels=labels)
-
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face hub
-
-
-def check_hub_dataset(spec: TaskSpec) -> None:
-    """Pre-flight check for hub data: cached locally, or the hub answers within seconds.
-
-    Raises:
-        ValueError: Neither, with the fix (``task.data_dir``).
-    """
-    import datasets
-    from huggingface_hub import constants
-
-    from diffora_lab.backbones import hub_reachable
-
-    cached = [
-        Path(datasets.config.HF_DATASETS_CACHE) / "nyu-mll___glue" / spec.name,
-        Path(constants.HF_HUB_CACHE) / "datasets--nyu-mll--glue",
-    ]
-    if any(path.exists() for path in cached) or hub_reachable():
-        return
-    raise ValueError(
-        f"task.data_dir is not set, so task {spec.name!r} would load nyu-mll/glue from the "
-        "Hugging Face Hub, which cannot be reached from here and has no cached copy. Pass "
-        f"task.data_dir=/path/to/glue (a folder in the original GLUE TSV layout, with "
-        f"{spec.glue_dir}/train.tsv and the dev files)."
-    )
-
-
-def load_hub(spec: TaskSpec, *, cache_dir: str | Path | None = None) -> RawSplits:
-    """Load a GLUE task from the hub dataset ``nyu-mll/glue``.
-
-    Args:
-        spec: The task (one of the eight GLUE tasks).
-        cache_dir: Optional ``datasets`` cache folder; the library default when None.
-
-    Returns:
-        The train split and the dev splits (MNLI: ``validation_matched`` as ``"matched"`` and
-        ``validation_mismatched`` as ``"mismatched"``).
-
-    Raises:
-        ValueError: ``spec`` is the synthetic task.
-        RuntimeError: The hub (or the ``datasets`` library) is unavailable; the message tells
-            the user to pass ``task.data_dir``.
-    """
-    if spec.name not in _TSV_LAYOUTS:
-        raise ValueError(
-            f"Task {spec.name!r} is not on the hub dataset nyu-mll/glue; hub loading supports "
-            f"{sorted(_TSV_LAYOUTS)}."
-        )
-    try:
-        import datasets
-
-        dataset = datasets.load_dataset(
-            "nyu-mll/glue", spec.name, cache_dir=None if cache_dir is None else str(cache_dir)
-        )
-    except Exception as error:  # network, offline mode, missing library: all mean "use TSVs"
-        raise RuntimeError(
-            f"Could not load task {spec.name!r} from the hub dataset nyu-mll/glue "
-            f"({type(error).__name__}: {error}). When the hub is unreachable, pass "
-            f"task.data_dir=/path/to/glue, a folder in the original GLUE TSV layout holding "
-            f"{spec.glue_dir}/train.tsv and its dev file(s)."
-        ) from error
-
-    def convert(split_name: str) -> Examples:
-        split = dataset[split_name]
-        second = split[spec.text_fields[1]] if len(spec.text_fields) > 1 else None
-        labels = split["label"]
-        labels = [float(x) for x in labels] if spec.is_regression else [int(x) for x in labels]
-        return Examples(text_a=list(split[spec.text_fields[0]]), text_b=second, labels=labels)
-
-    return RawSplits(
-        train=convert("train"),
-        dev={name: convert(_HUB_DEV_SPLITS[name]) for name in spec.dev_splits},
-    )

@@ -35,6 +35,13 @@ class TaskSpec:
         primary_metric: The metric used to select and report runs; one of ``metrics``.
         dev_splits: Names of the dev (reporting) splits: ``("validation",)`` normally,
             ``("matched", "mismatched")`` for MNLI.
+        kinds: The task kinds it can run as (``diffora_lab.tasks.kinds``), the encoder default
+            first: GLUE tasks ``("classification", "choice")`` (``choice``: as prompts with label
+            words on a decoder), the commonsense suite ``("choice",)``.
+        source: Where its data comes from (``load_raw`` dispatches on it): ``glue``,
+            ``synthetic``, ``commonsense`` (LLM-Adapters JSON), ``synthetic_choice``.
+        average_dev_splits: Report ``val/<metric>`` as the mean over the dev splits (every split
+            also as ``val/<metric>_<split>``), e.g. the eight commonsense test sets.
     """
 
     name: str
@@ -45,6 +52,9 @@ class TaskSpec:
     metrics: tuple[str, ...]
     primary_metric: str
     dev_splits: tuple[str, ...]
+    kinds: tuple[str, ...] = ("classification", "choice")
+    source: str = "glue"
+    average_dev_splits: bool = False
 
     def __post_init__(self) -> None:
         """Reject inconsistent specs (labels, metrics, splits) with a ValueError."""
@@ -104,6 +114,8 @@ class TaskSpec:
                 f"TaskSpec {self.name!r}: 'train' cannot be a dev split; the dev set is the "
                 "reporting set and is kept apart from training."
             )
+        if not self.kinds:
+            raise ValueError(f"TaskSpec {self.name!r}: kinds must name at least one task kind.")
 
     @property
     def is_regression(self) -> bool:
@@ -195,6 +207,7 @@ TASKS: dict[str, TaskSpec] = {
             metrics=("pearson", "spearman"),
             primary_metric="pearson",
             dev_splits=("validation",),
+            kinds=("classification",),  # a score, not label words
         ),
         TaskSpec(
             name=SYNTHETIC_TASK,
@@ -205,10 +218,24 @@ TASKS: dict[str, TaskSpec] = {
             metrics=("accuracy",),
             primary_metric="accuracy",
             dev_splits=("validation",),
+            source="synthetic",
         ),
     )
 }
-"""The eight GLUE tasks plus ``synthetic``, keyed by name."""
+"""Every task, keyed by name: the eight GLUE tasks and ``synthetic`` here, the commonsense suite
+and ``synthetic_choice`` added by their modules (:func:`register_tasks`)."""
+
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace("-", "").replace("_", "")
+
+
+def register_tasks(*specs: TaskSpec) -> None:
+    """Adds tasks to :data:`TASKS` (a module that defines a task family calls it on import)."""
+    for spec in specs:
+        if spec.name in TASKS and TASKS[spec.name] != spec:
+            raise ValueError(f"task {spec.name!r} is registered twice")
+        TASKS[spec.name] = spec
 
 
 def get_task(name: str) -> TaskSpec:
@@ -224,9 +251,9 @@ def get_task(name: str) -> TaskSpec:
     Raises:
         ValueError: ``name`` is not a known task; the message lists the known names.
     """
-    key = str(name).strip().lower().replace("-", "").replace("_", "")
-    if key in TASKS:
-        return TASKS[key]
+    by_key = {_key(task): spec for task, spec in TASKS.items()}
+    if _key(name) in by_key:
+        return by_key[_key(name)]
     raise ValueError(f"Unknown task.name={name!r}; set task.name to one of {sorted(TASKS)}.")
 
 

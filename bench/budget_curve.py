@@ -1,0 +1,311 @@
+"""The low-budget study (issue 20): where does the search beat a random choice of modules?
+
+Parameter budgets of about 5 %, 12.5 %, 25 % and 50 % of LoRA r=8 on all candidates (MiniLM;
+SST-2 and CoLA on CPU, ``--tasks rte`` too). At each budget, all at rank 8 with the budget in
+parameters (``budget_unit=params``, the default):
+
+- ``diffora`` (the default search, one search per run) and ``random_mask``: 5 seeds;
+- the fixed choices ``lora_qv``, ``lora_attn``, ``lora_mlp`` at the rank whose adapter comes
+  closest to the same count: 3 seeds;
+- ``lora`` on all candidates at the nearest rank, max(1, round(8 x budget)): 3 seeds (one run
+  folder serves every budget with that rank; 5 % and 12.5 % both get r=1).
+
+Every run is a ``python -m diffora_lab`` job, run by bench/gpu_study.py's driver: a run whose
+``results.json`` exists is skipped, so the study completes over several sittings (run the same
+command again); ``--deadline-min`` stops running jobs with SIGTERM (they checkpoint and resume);
+jobs go seed first, so a cut-short sitting leaves whole seeds. ``--dry-run`` lists the jobs
+without running any; ``--scale`` shrinks the step budget (a smoke of the harness).
+
+    OMP_WAIT_POLICY=PASSIVE python bench/budget_curve.py --deadline-min 90   # one sitting
+    python bench/budget_curve.py --summarize-only                            # table + figures
+    python bench/budget_curve.py --dry-run                                   # the job list
+
+Writes ``bench/results/budget_curve.json`` (one row per finished run: task, method, budget,
+seed, value, adapter parameters, the budget's target count, ...), ``budget_curve.md`` (mean
++- std per task x budget x method, achieved / target parameters, DiffoRA's paired difference to
+the random mask) and ``budget_curve_<task>.png`` (the curve: mean +- std against the budget, on
+a fixed y scale per task). Run folders: ``bench/results/budget_curve/`` (ignored by git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import gpu_study  # noqa: E402  (the driver: jobs, start, deadline, resumable folders)
+
+BUDGETS = [0.05, 0.125, 0.25, 0.5]
+REFERENCE_RANK = 8
+SEARCHED = ["diffora", "random_mask"]  # 5 seeds
+FIXED = ["lora_qv", "lora_attn", "lora_mlp"]  # 3 seeds
+METHODS = [*SEARCHED, *FIXED, "lora"]
+# Fixed y scales (the metric, not the data, sets them): figures of different sittings compare.
+Y_SCALES = {
+    "sst2": ("dev accuracy (SST-2)", 0.70, 0.95),
+    "cola": ("dev Matthews corr. (CoLA)", 0.0, 0.60),
+    "rte": ("dev accuracy (RTE)", 0.45, 0.75),
+}
+
+
+@dataclass
+class CurveJob(gpu_study.Job):
+    budget: float = 0.0
+
+
+def lora_rank(budget: float) -> int:
+    """Uniform LoRA's rank nearest to the budget: max(1, round(8 x budget))."""
+    return max(1, round(REFERENCE_RANK * budget))
+
+
+def method_overrides(method: str, budget: float) -> list[str]:
+    if method == "lora":
+        return ["method=lora", f"rank={lora_rank(budget)}"]
+    common = [f"method={method}", f"budget={budget}", "budget_unit=params"]
+    if method in FIXED:
+        return [*common, f"method.reference_rank={REFERENCE_RANK}"]
+    return [*common, f"rank={REFERENCE_RANK}"]
+
+
+def folder_of(runs: Path, task: str, method: str, budget: float, seed: int) -> Path:
+    if method == "lora":  # one folder per rank: budgets with the same rank share the run
+        return runs / task / f"lora_r{lora_rank(budget)}" / f"seed{seed}"
+    return runs / task / f"b{budget:g}" / method / f"seed{seed}"
+
+
+def make_jobs(args: argparse.Namespace, runs: Path, data_dir: Path) -> list[CurveJob]:
+    """Seed first, then task, budget and method; 5 seeds for the searched, 3 for the rest."""
+    jobs = []
+    for seed in args.seeds:
+        for task in args.tasks:
+            settings = gpu_study.task_settings(task, "cpu", args.scale)
+            steps = settings["max_steps"]
+            for budget in args.budgets:
+                for method in args.methods:
+                    if method not in SEARCHED and seed not in args.seeds[: args.fixed_seeds]:
+                        continue
+                    folder = folder_of(runs, task, method, budget, seed)
+                    overrides = [
+                        *gpu_study.COMMON,
+                        *gpu_study.SPEEDUPS,
+                        f"backbone={args.backbone}",
+                        f"task={task}",
+                        f"task.data_dir={data_dir}",
+                        f"task.max_length={settings['max_length']}",
+                        f"train.max_steps={steps}",
+                        f"train.val_every={max(1, steps // 2)}",
+                        f"train.ckpt_every={max(1, steps // 4)}",
+                        f"dam.warmup_steps={min(10, max(1, steps // 8))}",
+                        f"seed={seed}",
+                        "trainer.accelerator=cpu",
+                        *method_overrides(method, budget),
+                        f"hydra.run.dir={folder}",
+                        # One cache per job: concurrent jobs never write the same cache files.
+                        f"data.cache_dir={runs / 'cache' / folder.relative_to(runs)}",
+                        *args.extra,
+                    ]
+                    jobs.append(CurveJob(task, method, seed, folder, overrides, budget=budget))
+    return jobs
+
+
+def unique(jobs: list[CurveJob]) -> list[CurveJob]:
+    """One job per run folder (uniform LoRA serves several budgets from one run)."""
+    seen, out = set(), []
+    for job in jobs:
+        if job.folder not in seen:
+            seen.add(job.folder)
+            out.append(job)
+    return out
+
+
+def row_of(job: CurveJob) -> dict:
+    results = json.loads((job.folder / "results.json").read_text())
+    primary = results["primary_metric"]
+    count = results.get("budget_count") or {}
+    adapter = results["params"]["adapter"]
+    if job.method == "lora":  # r x sum (d_in + d_out): the target is budget x 8 x that sum
+        target = job.budget * REFERENCE_RANK * adapter / results["rank"]
+    else:
+        target = count.get("target")
+    return {
+        "task": job.task,
+        "method": job.method,
+        "budget": job.budget,
+        "seed": job.seed,
+        "metric": primary,
+        "value": results["metrics"][primary],
+        "params_adapter": adapter,
+        "target_params": target,
+        "within_one_module": count.get("within_one_module"),
+        "rank": results["rank"],
+        "k": results["k"],
+        "kept_by_type": results["kept_by_type"],
+        "val_before": (results.get("discretization") or {}).get("val_before"),
+        "steps": results["steps"],
+        "wall_seconds": results.get("wall_seconds"),
+        "run_dir": str(job.folder),
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired(mine: list[dict], other: list[dict]) -> str:
+    """Mean +- std (x100) of the per-seed difference, over the seeds both have."""
+    reference = {r["seed"]: r["value"] for r in other}
+    deltas = [r["value"] - reference[r["seed"]] for r in mine if r["seed"] in reference]
+    if not deltas:
+        return "-"
+    mean, std = _mean_std(deltas)
+    return f"{100 * mean:+.2f} ± {100 * std:.2f} ({len(deltas)})"
+
+
+def table(rows: list[dict], methods: list[str]) -> str:
+    """Markdown: per task x budget x method, mean +- std (x100), seeds, achieved / target
+    adapter parameters (flagged when a run is more than one module away), DiffoRA's paired
+    difference to the random mask at the same budget and seed."""
+    lines = [
+        "| task | budget | method | rank | mean ± std | seeds | adapter params (mean) "
+        "| / target | Δ vs random mask, paired (seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task in sorted({r["task"] for r in rows}):
+        for budget in sorted({r["budget"] for r in rows if r["task"] == task}):
+            here = [r for r in rows if r["task"] == task and r["budget"] == budget]
+            for method in methods:
+                mine = [r for r in here if r["method"] == method]
+                if not mine:
+                    continue
+                mean, std = _mean_std([r["value"] for r in mine])
+                params = statistics.mean(r["params_adapter"] for r in mine)
+                targets = [r["target_params"] for r in mine if r["target_params"]]
+                ratio = f"{params / statistics.mean(targets):.3f}" if targets else "-"
+                if any(r["within_one_module"] is False for r in mine):
+                    ratio += " (> 1 module off)"
+                ranks = sorted({r["rank"] for r in mine})
+                delta = "-"
+                if method == "diffora":
+                    delta = paired(mine, [r for r in here if r["method"] == "random_mask"])
+                lines.append(
+                    f"| {task} | {budget:g} | {method} | {'/'.join(map(str, ranks))} "
+                    f"| {100 * mean:.2f} ± {100 * std:.2f} | {len(mine)} | {params:,.0f} "
+                    f"| {ratio} | {delta} |"
+                )
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], task: str, methods: list[str], path: Path) -> Path:
+    """The budget curve of one task: mean +- std over seeds against the budget (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label, low, high = Y_SCALES.get(task, (f"dev metric ({task})", 0.0, 1.0))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    budgets = sorted({r["budget"] for r in rows if r["task"] == task})
+    for offset, method in enumerate(methods):
+        points = []
+        for budget in budgets:
+            values = [
+                r["value"]
+                for r in rows
+                if (r["task"], r["method"], r["budget"]) == (task, method, budget)
+            ]
+            if values:
+                points.append((budget, *_mean_std(values)))
+        if not points:
+            continue
+        xs = [b * (1 + 0.03 * (offset - len(methods) / 2)) for b, _, _ in points]  # no overlap
+        ax.errorbar(
+            xs,
+            [m for _, m, _ in points],
+            yerr=[s for _, _, s in points],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [f"{100 * b:g} %" for b in budgets])
+    ax.set_xlabel(f"adapter parameters, share of LoRA r={REFERENCE_RANK} on all candidates")
+    ax.set_ylim(low, high)
+    ax.set_ylabel(label)
+    ax.set_title(f"{task}: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(rows: list[dict], args: argparse.Namespace, out: Path, argv: list[str]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.table
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    command = "python bench/budget_curve.py " + " ".join(argv)
+    markdown = f"`{command}`\n\n{table(rows, args.methods)}\n"
+    for task in sorted({r["task"] for r in rows}):
+        path = figure(rows, task, args.methods, out / f"{stem}_{task}.png")
+        markdown += f"\n![{task}]({path.name})\n"
+    (out / f"{stem}.md").write_text(markdown)
+    return markdown
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "cola"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    parser.add_argument("--fixed-seeds", type=int, default=3, help="seeds of all but the searched")
+    parser.add_argument("--scale", type=float, default=1.0, help="step-budget factor (smoke)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel jobs")
+    parser.add_argument("--deadline-min", type=float, help="stop after this many minutes")
+    parser.add_argument("--data-dir", default=str(gpu_study.REPO.parent / "shared/data/glue"))
+    parser.add_argument("--backbone", default="minilm_l6")
+    parser.add_argument("--out", default=str(gpu_study.RESULTS))
+    parser.add_argument("--name", default="budget_curve", help="runs folder under --out")
+    parser.add_argument("--table", default="budget_curve", help="stem of the table files")
+    parser.add_argument("--summarize-only", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="list the jobs, run nothing")
+    parser.add_argument("extra", nargs="*", help="extra Hydra overrides for every job")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    out = Path(args.out)
+    jobs = make_jobs(args, out / args.name, Path(args.data_dir).resolve())
+    todo = [j for j in unique(jobs) if not j.done]
+    if args.dry_run:
+        for job in todo:
+            print(f"{job.task} b{job.budget:g} {job.method} seed {job.seed}: {job.folder}")
+        print(f"[budget_curve] {len(todo)} of {len(unique(jobs))} runs to do")
+        return 0
+    if not args.summarize_only:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        deadline = time.time() + 60 * args.deadline_min if args.deadline_min else None
+        total = len(unique(jobs))
+        print(f"[budget_curve] {len(todo)} of {total} runs to do, {args.jobs} at a time")
+        gpu_study.run_all(todo, args.jobs, threads, deadline)
+    rows = [row_of(j) for j in jobs if j.done]
+    print(write_outputs(rows, args, out, argv))
+    missing = len(unique(jobs)) - len({r["run_dir"] for r in rows})
+    if missing:
+        print(f"[budget_curve] {missing} runs not finished: run the same command again")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""bench/budget_curve.py: the low-budget study's harness (job list, table, figures, a smoke)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_gpu_study import write_sst2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_curve():
+    spec = importlib.util.spec_from_file_location(
+        "budget_curve", REPO / "bench" / "budget_curve.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["budget_curve"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_job_list_is_the_studys_design(tmp_path):
+    curve = load_curve()
+    args = curve.parse(["--out", str(tmp_path)])
+    jobs = curve.make_jobs(args, tmp_path / "runs", tmp_path / "glue")
+    runs = curve.unique(jobs)
+    # 2 tasks x 4 budgets x (5 + 5 searched-or-random + 3 x 3 fixed) + uniform LoRA at ranks
+    # 1, 2, 4 (the 5 % and 12.5 % budgets share r=1) x 3 seeds.
+    assert len(runs) == 2 * 4 * (5 + 5 + 9) + 2 * 3 * 3 == 170
+    seeds = {m: {j.seed for j in runs if j.method == m} for m in curve.METHODS}
+    assert seeds["diffora"] == seeds["random_mask"] == {1, 2, 3, 4, 5}
+    assert all(seeds[m] == {1, 2, 3} for m in ("lora_qv", "lora_attn", "lora_mlp", "lora"))
+    # Seed first: every seed-1 run comes before any seed-2 run.
+    order = [j.seed for j in runs]
+    assert order == sorted(order)
+    by = {(j.task, j.method, j.budget, j.seed): j for j in jobs}
+    diffora = by[("sst2", "diffora", 0.05, 1)].overrides
+    assert {"method=diffora", "budget=0.05", "budget_unit=params", "rank=8"} <= set(diffora)
+    assert "method.reference_rank=8" in by[("cola", "lora_mlp", 0.25, 2)].overrides
+    assert "rank=1" in by[("sst2", "lora", 0.05, 1)].overrides
+    assert by[("sst2", "lora", 0.05, 1)].folder == by[("sst2", "lora", 0.125, 1)].folder
+    assert "rank=4" in by[("sst2", "lora", 0.5, 3)].overrides
+    assert len({j.folder for j in runs}) == len(runs)
+
+
+def row(method, budget, seed, value, params, target, within=True, rank=8):
+    return dict(
+        task="sst2",
+        method=method,
+        budget=budget,
+        seed=seed,
+        value=value,
+        params_adapter=params,
+        target_params=target,
+        within_one_module=within,
+        rank=rank,
+    )
+
+
+def test_table_pairs_the_search_with_the_random_mask_and_flags_missed_targets():
+    curve = load_curve()
+    rows = [
+        row("diffora", 0.05, 1, 0.82, 16000, 16589),
+        row("diffora", 0.05, 2, 0.84, 17000, 16589),
+        row("random_mask", 0.05, 1, 0.80, 16500, 16589),
+        row("random_mask", 0.05, 2, 0.83, 16000, 16589),
+        row("random_mask", 0.05, 3, 0.99, 16000, 16589),  # no diffora seed 3: not paired
+        row("lora", 0.05, 1, 0.85, 41472, 16589, within=None, rank=1),
+        row("lora_qv", 0.05, 1, 0.81, 18432, 16589, within=False, rank=2),
+    ]
+    lines = {
+        line.split(" | ")[2]: line
+        for line in curve.table(rows, curve.METHODS).splitlines()
+        if line.startswith("| sst2")
+    }
+    # per-seed differences +2 and +1 points: +1.50 ± 0.71 over 2 seeds
+    assert lines["diffora"].endswith("| +1.50 ± 0.71 (2) |")
+    assert "| 83.00 ± 1.41 | 2 | 16,500 | 0.995 |" in lines["diffora"]
+    assert "| 2.500 |" in lines["lora"] and "| 1 |" in lines["lora"]  # rank 1: 2.5x the target
+    assert "(> 1 module off)" in lines["lora_qv"]
+
+
+def test_the_figure_has_a_fixed_labelled_scale(tmp_path):
+    from PIL import Image
+
+    curve = load_curve()
+    rows = [
+        row(m, b, s, 0.8 + 0.01 * s, 1, 1)
+        for m in ("diffora", "lora")
+        for b in (0.05, 0.5)
+        for s in (1, 2)
+    ]
+    path = curve.figure(rows, "sst2", curve.METHODS, tmp_path / "curve.png")
+    assert Image.open(path).size[0] > 400
+    assert curve.Y_SCALES["sst2"][1:] == (0.70, 0.95)
+
+
+@pytest.mark.slow
+def test_a_smoke_of_the_harness_writes_rows_table_and_figure(tmp_path):
+    curve = load_curve()
+    write_sst2(tmp_path / "glue")
+    args = [
+        "--backbone",
+        "tiny_deberta",
+        "--scale",
+        "0.03",
+        "--tasks",
+        "sst2",
+        "--budgets",
+        "0.25",
+        "--methods",
+        "diffora",
+        "random_mask",
+        "lora_qv",
+        "lora",
+        "--seeds",
+        "1",
+        "--data-dir",
+        str(tmp_path / "glue"),
+        "--out",
+        str(tmp_path / "results"),
+    ]
+    assert curve.main(args) == 0
+    rows = json.loads((tmp_path / "results" / "budget_curve.json").read_text())
+    assert sorted(r["method"] for r in rows) == ["diffora", "lora", "lora_qv", "random_mask"]
+    for r in rows:
+        assert {
+            "task",
+            "method",
+            "budget",
+            "seed",
+            "value",
+            "params_adapter",
+            "target_params",
+        } <= set(r)
+        assert r["budget"] == 0.25 and r["steps"] == 9
+    by = {r["method"]: r for r in rows}
+    # tiny_deberta: LoRA r=8 on all 12 candidates is 7,168 adapter parameters.
+    assert all(r["target_params"] == pytest.approx(0.25 * 7168) for r in rows)
+    assert by["diffora"]["within_one_module"] and by["random_mask"]["within_one_module"]
+    assert by["lora"]["rank"] == 2 and by["lora"]["params_adapter"] == 2 * 7168 // 8
+    assert (tmp_path / "results" / "budget_curve_sst2.png").is_file()
+    table = (tmp_path / "results" / "budget_curve.md").read_text()
+    assert "| sst2 | 0.25 | diffora |" in table and "budget_curve_sst2.png" in table
+    # Resumable: a second call finds every run finished and starts none.
+    stamp = (Path(by["lora"]["run_dir"]) / "results.json").stat().st_mtime_ns
+    assert curve.main(args) == 0
+    assert (Path(by["lora"]["run_dir"]) / "results.json").stat().st_mtime_ns == stamp
