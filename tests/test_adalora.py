@@ -106,3 +106,22 @@ def test_an_initial_rank_with_nothing_to_prune_is_refused_before_loading(ratio):
         validate(cfg)
     cfg = compose_config(["method=adalora", "rank=8", "method.init_ratio=1.125"])
     validate(cfg)  # round(9) > 8: one singular value per module to prune
+
+
+@pytest.mark.parametrize(
+    ("experiment", "task_type", "heads"),
+    [("smoke", "SEQ_CLS", {"classifier", "pooler"}), ("smoke_decoder", "CAUSAL_LM", set())],
+)
+def test_peft_task_type_and_head_follow_the_backbone_as_in_lora(
+    tmp_path, experiment, task_type, heads
+):
+    from diffora_lab.train import assemble, prepare
+
+    cfg = compose_config([f"+experiment={experiment}", "method=adalora", "rank=4"], tmp_path)
+    model = assemble(cfg, prepare(cfg)).module.model
+    config = model.peft_config["default"]
+    assert config.task_type == task_type
+    # The classifier head trains and is saved; a causal LM's tied lm_head stays frozen.
+    assert set(config.modules_to_save or []) >= heads
+    head_trains = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert bool(head_trains) == bool(heads)

@@ -36,8 +36,9 @@ from omegaconf import DictConfig
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from diffora_lab.adapters import lora_alpha_for
+from diffora_lab.adapters import lora_alpha_for, peft_task_type
 from diffora_lab.backbones import Candidate
+from diffora_lab.budget import target_rank_of
 from diffora_lab.methods.registry import Built, Method, register_method
 
 ADAPTER = "default"
@@ -106,8 +107,14 @@ def initial_rank(init_ratio: float, target_r: int) -> int:
     return init_r
 
 
-def adalora_config(cfg: DictConfig, candidates: list[Candidate]) -> AdaLoraConfig:
-    """The peft ``AdaLoraConfig`` of a run: full candidate paths, budget from ``rank``."""
+def adalora_config(
+    cfg: DictConfig, candidates: list[Candidate], task_type: str = "SEQ_CLS"
+) -> AdaLoraConfig:
+    """The peft ``AdaLoraConfig`` of a run: full candidate paths, budget from ``rank``.
+
+    ``task_type`` is peft's for the backbone (:func:`~diffora_lab.adapters.peft_task_type`);
+    the head (``backbone.head_modules``, none for a causal LM) trains and is saved, as in LoRA.
+    """
     method = cfg.method
     target_r = int(cfg.rank)
     if target_r < 1:
@@ -140,8 +147,8 @@ def adalora_config(cfg: DictConfig, candidates: list[Candidate]) -> AdaLoraConfi
         lora_alpha=lora_alpha,
         lora_dropout=float(method.lora_dropout),
         target_modules=[c.name for c in candidates],
-        modules_to_save=list(cfg.backbone.head_modules),
-        task_type="SEQ_CLS",
+        modules_to_save=list(cfg.backbone.head_modules) or None,
+        task_type=task_type,
     )
 
 
@@ -158,7 +165,7 @@ def attach_adalora(cfg: DictConfig, backbone: nn.Module, candidates: list[Candid
         The peft model; call ``model.base_model.update_and_allocate(step)`` after every optimizer
         step (the harness does).
     """
-    return get_peft_model(backbone, adalora_config(cfg, candidates))
+    return get_peft_model(backbone, adalora_config(cfg, candidates, peft_task_type(backbone)))
 
 
 def _tuner(peft_model: PeftModel):
@@ -309,9 +316,8 @@ class AdaLora(Method):
         self.trace: list[dict[str, float]] = []
 
     def validate(self, cfg: DictConfig) -> None:
-        match = cfg.get("match")
-        matched = match is not None and match.get("target_rank") is not None
-        initial_rank(float(cfg.method.init_ratio), int(match.target_rank if matched else cfg.rank))
+        target_rank = target_rank_of(cfg)
+        initial_rank(float(cfg.method.init_ratio), target_rank or int(cfg.rank))
         if int(cfg.method.get("trace_every") or 0) < 0:
             raise ValueError(
                 f"method.trace_every={cfg.method.trace_every}: steps between records, >= 0 "
