@@ -125,3 +125,49 @@ def test_peft_task_type_and_head_follow_the_backbone_as_in_lora(
     assert set(config.modules_to_save or []) >= heads
     head_trains = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
     assert bool(head_trains) == bool(heads)
+
+
+# The recipe of conf/method/adalora.yaml (BENCHMARKS.md, "AdaLoRA in this harness (issue 20.4)").
+RECIPE = {"scale": 64.0, "orth": 0.1}  # and the schedule: 10 % at init_r, the last 50 % at target
+
+
+def test_the_default_recipe_reaches_peft():
+    cfg = compose_config(["+experiment=smoke", "method=adalora", "rank=8", "train.max_steps=300"])
+    model = fresh_model(cfg)
+    for layer in svd_layers(model):  # peft: lora_alpha / ranknum, ranknum = init_r = 12
+        assert float(layer.ranknum["default"]) == 12
+        factor = layer.scaling["default"] / float(layer.ranknum["default"])
+        assert factor == pytest.approx(RECIPE["scale"], rel=1e-4)
+    used = recipe(model)
+    assert used["scaling"] == pytest.approx(RECIPE["scale"])
+    assert (used["tinit"], used["tfinal"], used["delta_t"]) == (30, 150, 1)
+    assert used["orth_reg_weight"] == RECIPE["orth"]
+    # LoRA keeps its own scale (s = 2): the recipe is AdaLoRA's, not the harness's default.
+    lora = compose_config(["+experiment=smoke", "method=lora"])
+    assert float(lora.method.scale) == 2.0 != RECIPE["scale"]
+
+
+def test_the_recipe_scale_multiplies_how_far_the_first_step_moves(tmp_path):
+    # E starts at zero and Adam's first step moves each singular value by about the lr whatever
+    # the gradient's size, and P, Q see only the regulariser: after one step ||delta W|| grows
+    # at least in proportion to the update scale (more where Adam's eps damps the small
+    # gradients of s = 2). This is why s = 2 leaves AdaLoRA behind in 300 steps.
+    moved = {}
+    for scale in (2.0, RECIPE["scale"]):
+        cfg = compose_config(
+            [
+                "+experiment=smoke",
+                "logger=none",
+                "method=adalora",
+                "rank=4",
+                "train.max_steps=8",
+                "method.trace_every=1",
+                f"method.scale={scale}",
+                "method.lora_dropout=0",
+            ],
+            tmp_path / str(scale),
+        )
+        results = train.run(cfg, tmp_path / str(scale) / "run")
+        moved[scale] = results["adalora"]["trace"][0]["delta_w"]
+    assert moved[2.0] > 0
+    assert moved[RECIPE["scale"]] / moved[2.0] >= 0.95 * RECIPE["scale"] / 2
