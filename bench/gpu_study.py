@@ -97,6 +97,12 @@ METHODS = {
     "diffora_search75": ["method=diffora", *MATCHED, "dam.search_ratio=0.75"],
     "lora_alpha16_r16": ["method=lora", "rank=16", "method.scaling=alpha"],
     "full": ["method=full", "train.lr=5e-5"],
+    # AdaLoRA's update scale (BENCHMARKS.md, "AdaLoRA in this harness (issue 20.4)"): LoRA's
+    # s = 2 (the recipe before issue 20.4) and the candidates selected between on a train split.
+    "adalora_s2": ["method=adalora", "rank=8", "method.scale=2"],
+    "adalora_s16": ["method=adalora", "rank=8", "method.scale=16"],
+    "adalora_s32": ["method=adalora", "rank=8", "method.scale=32"],
+    "adalora_s64": ["method=adalora", "rank=8", "method.scale=64"],
 }
 STUDY_METHODS = ["lora", "diffora", "diffora_faithful", "random_mask", "adalora"]
 COMMON = ["logger=csv", "train.batch_size=32", "train.lr=1e-3", "dam.reuse_search=false"]
@@ -339,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--scale", type=float, default=1.0, help="step-budget factor (dry run)")
     parser.add_argument("--jobs", type=int, help="parallel jobs (default: 14 GPU, 2 CPU)")
+    parser.add_argument("--threads", type=int, help="threads per job (default: cores / jobs)")
     parser.add_argument("--deadline-min", type=float, help="stop after this many minutes")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "glue"))
     parser.add_argument("--backbone", default="minilm_l6")
@@ -362,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summarize_only:
         cores = os.cpu_count() or 1
         parallel = args.jobs or (14 if args.device == "cuda" else 2)
-        threads = max(1, cores // parallel)
+        threads = args.threads or max(1, cores // parallel)
         deadline = time.time() + 60 * args.deadline_min if args.deadline_min else None
         todo = sum(not j.done for j in jobs)
         print(f"[study] {name}: {todo} of {len(jobs)} runs to do, {parallel} at a time")

@@ -241,9 +241,10 @@ def test_adalora_scale_follows_its_initial_rank(tmp_path):
     cfg = compose_config(["+experiment=smoke", "method=adalora", "rank=8"], tmp_path)
     assembled = assemble(cfg, prepare(cfg))
     layer = assembled.module.model.base_model.model.get_submodule(assembled.candidates[0].name)
-    # peft's AdaLoRA multiplies by lora_alpha / ranknum, ranknum being the initial rank.
+    # peft's AdaLoRA multiplies by lora_alpha / ranknum, ranknum being the initial rank (12).
+    assert float(layer.ranknum["default"]) == 12
     scale = layer.scaling["default"] / float(layer.ranknum["default"])
-    assert scale == pytest.approx(2.0, rel=1e-6)
+    assert scale == pytest.approx(float(cfg.method.scale), rel=1e-6)
 
 
 class OneDevice(SearchVariant):

@@ -26,6 +26,7 @@ Resume: the allocator's importance averages and the rank pattern live outside th
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +36,14 @@ from omegaconf import DictConfig
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from diffora_lab.adapters import lora_alpha_for
+from diffora_lab.adapters import lora_alpha_for, peft_task_type
 from diffora_lab.backbones import Candidate
+from diffora_lab.budget import target_rank_of
 from diffora_lab.methods.registry import Built, Method, register_method
 
 ADAPTER = "default"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,22 +89,43 @@ def schedule(
     return AdaLoraSchedule(total_step, tinit, tfinal, delta_t)
 
 
-def adalora_config(cfg: DictConfig, candidates: list[Candidate]) -> AdaLoraConfig:
-    """The peft ``AdaLoraConfig`` of a run: full candidate paths, budget from ``rank``."""
+def initial_rank(init_ratio: float, target_r: int) -> int:
+    """``init_r = round(init_ratio * target_r)``: the rank every module starts at.
+
+    Raises:
+        ValueError: ``init_r`` not above ``target_r``: nothing to prune, and peft's allocator
+            fails at its first allocation (``kthvalue`` with k = 0).
+    """
+    init_r = math.floor(init_ratio * target_r + 0.5)
+    if init_r <= target_r:
+        raise ValueError(
+            f"method.init_ratio={init_ratio}: the initial rank round({init_ratio} x {target_r}) "
+            f"= {init_r} must exceed the target rank {target_r} (AdaLoRA prunes from one to the "
+            "other; peft fails with nothing to prune): use e.g. method.init_ratio=1.5, or "
+            "method=lora for one fixed rank."
+        )
+    return init_r
+
+
+def adalora_config(
+    cfg: DictConfig, candidates: list[Candidate], task_type: str = "SEQ_CLS"
+) -> AdaLoraConfig:
+    """The peft ``AdaLoraConfig`` of a run: full candidate paths, budget from ``rank``.
+
+    ``task_type`` is peft's for the backbone (:func:`~diffora_lab.adapters.peft_task_type`);
+    the head (``backbone.head_modules``, none for a causal LM) trains and is saved, as in LoRA.
+    """
     method = cfg.method
     target_r = int(cfg.rank)
     if target_r < 1:
         raise ValueError(f"rank={target_r}: AdaLoRA's target rank must be >= 1.")
-    init_ratio = float(method.get("init_ratio", 1.5))
-    if init_ratio < 1.0:
-        raise ValueError(f"method.init_ratio={init_ratio}: the initial budget must be >= final.")
+    init_r = initial_rank(float(method.get("init_ratio", 1.5)), target_r)
     steps = schedule(
         int(cfg.train.max_steps),
         float(method.tinit_ratio),
         float(method.tfinal_ratio),
         float(method.delta_t_ratio),
     )
-    init_r = max(target_r, math.floor(init_ratio * target_r + 0.5))
     # AdaLoRA scales by lora_alpha / init_r (peft divides by the initial rank): the harness's
     # scaling rule applies to that rank, as LoRA's applies to r.
     scaling = str(method.get("scaling", "alpha"))
@@ -122,8 +147,8 @@ def adalora_config(cfg: DictConfig, candidates: list[Candidate]) -> AdaLoraConfi
         lora_alpha=lora_alpha,
         lora_dropout=float(method.lora_dropout),
         target_modules=[c.name for c in candidates],
-        modules_to_save=list(cfg.backbone.head_modules),
-        task_type="SEQ_CLS",
+        modules_to_save=list(cfg.backbone.head_modules) or None,
+        task_type=task_type,
     )
 
 
@@ -140,7 +165,7 @@ def attach_adalora(cfg: DictConfig, backbone: nn.Module, candidates: list[Candid
         The peft model; call ``model.base_model.update_and_allocate(step)`` after every optimizer
         step (the harness does).
     """
-    return get_peft_model(backbone, adalora_config(cfg, candidates))
+    return get_peft_model(backbone, adalora_config(cfg, candidates, peft_task_type(backbone)))
 
 
 def _tuner(peft_model: PeftModel):
@@ -164,6 +189,24 @@ def final_ranks(peft_model: PeftModel) -> dict[str, int]:
     return ranks
 
 
+def recipe(peft_model: PeftModel) -> dict[str, Any]:
+    """The recipe the run trained with, in peft's terms and in steps (for ``results.json``).
+
+    ``scaling`` is the factor the adapters apply, ``lora_alpha / init_r`` (peft divides by the
+    initial rank, ``ranknum``, which pruning does not change).
+    """
+    config = peft_model.peft_config[ADAPTER]
+    return {
+        "lora_alpha": float(config.lora_alpha),
+        "scaling": float(config.lora_alpha) / int(config.init_r),
+        "tinit": int(config.tinit),
+        "tfinal": int(config.tfinal),
+        "delta_t": int(config.deltaT),
+        "total_step": int(config.total_step),
+        "orth_reg_weight": float(config.orth_reg_weight),
+    }
+
+
 def rank_summary(peft_model: PeftModel, candidates: list[Candidate]) -> dict[str, Any]:
     """Ranks after allocation against the budget, and the adapter parameters they keep.
 
@@ -183,6 +226,38 @@ def rank_summary(peft_model: PeftModel, candidates: list[Candidate]) -> dict[str
         "params": params,
         "lora_params_at_target": sum(sizes[m].lora_params(int(config.target_r)) for m in ranks),
         "ranks": ranks,
+    }
+
+
+@torch.no_grad()
+def adapter_stats(peft_model: nn.Module) -> dict[str, float]:
+    """How far the adapters have moved: what the trace in ``results.json`` records.
+
+    ``e_norm``: the L2 norm of all singular values E (zero at initialisation); ``delta_w``: the
+    Frobenius norm of all the updates the adapters add, ``scaling / ranknum * P diag(E) Q``
+    (the same quantity for LoRA is ``scaling * B A``); ``orth``: peft's regulariser, the mean
+    of ``||P^T P - I||_F`` over P and Q (before ``orth_reg_weight``); ``rank``: singular values
+    that are not zero (pruned ones are).
+    """
+    e_sq = delta_sq = orth = 0.0
+    count = rank = 0
+    for module in _tuner(peft_model).model.modules():
+        if not hasattr(module, "lora_E") or ADAPTER not in module.lora_E:
+            continue
+        left, values = module.lora_B[ADAPTER], module.lora_E[ADAPTER]
+        right = module.lora_A[ADAPTER]
+        scale = float(module.scaling[ADAPTER]) / (float(module.ranknum[ADAPTER]) + 1e-5)
+        e_sq += float(values.pow(2).sum())
+        rank += int((values != 0).sum())
+        delta_sq += float(((left * values.T) @ right).pow(2).sum()) * scale**2
+        for cov in (right @ right.T, left.T @ left):
+            orth += float(torch.linalg.matrix_norm(cov - torch.eye(len(cov), device=cov.device)))
+            count += 1
+    return {
+        "e_norm": math.sqrt(e_sq),
+        "delta_w": math.sqrt(delta_sq),
+        "orth": orth / max(1, count),
+        "rank": rank,
     }
 
 
@@ -225,7 +300,9 @@ class AdaLora(Method):
     """``method=adalora``: peft's AdaLoRA on every candidate, ranks allocated by importance.
 
     Its rank budget is ``rank`` per module (matched: the reference rank), its allocator runs
-    after every weight step and its state travels in checkpoints.
+    after every weight step and its state travels in checkpoints. Every ``method.trace_every``
+    steps it records :func:`adapter_stats` and the scheduled budget (``results.json``:
+    ``adalora.trace``), the evidence that its adapters move at all.
     """
 
     name = "adalora"
@@ -233,11 +310,18 @@ class AdaLora(Method):
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None  # allocator state awaiting its device
+        self._trace_every = 0
+        self._last_step = -1
+        self._lr: float | None = None
+        self.trace: list[dict[str, float]] = []
 
     def validate(self, cfg: DictConfig) -> None:
-        if float(cfg.method.init_ratio) < 1.0:
+        target_rank = target_rank_of(cfg)
+        initial_rank(float(cfg.method.init_ratio), target_rank or int(cfg.rank))
+        if int(cfg.method.get("trace_every") or 0) < 0:
             raise ValueError(
-                f"method.init_ratio={cfg.method.init_ratio!r}: the initial budget must be >= 1x."
+                f"method.trace_every={cfg.method.trace_every}: steps between records, >= 0 "
+                "(0: no trace)."
             )
         schedule(
             int(cfg.train.max_steps),
@@ -250,19 +334,44 @@ class AdaLora(Method):
         return target_rank  # target_r is the final average rank: LoRA's at the same rank
 
     def build(self, cfg: DictConfig, backbone: nn.Module, candidates: list[Candidate]) -> Built:
-        return Built(attach_adalora(cfg, backbone, candidates), None, None)
+        self._trace_every = int(cfg.method.get("trace_every") or 0)
+        self._last_step = int(cfg.train.max_steps) - 1
+        self._lr = float(cfg.train.lr)  # shared with every method: the recipe changes the scale
+        model = attach_adalora(cfg, backbone, candidates)
+        used = recipe(model)
+        log.info(
+            "AdaLoRA recipe: update scale %g (lora_alpha / init_r), lr %g (train.lr), tinit %d, "
+            "tfinal %d, deltaT %d of %d steps, orth_reg_weight %g",
+            used["scaling"],
+            self._lr,
+            used["tinit"],
+            used["tfinal"],
+            used["delta_t"],
+            used["total_step"],
+            used["orth_reg_weight"],
+        )
+        return Built(model, None, None)
 
     def after_weight_step(self, model: nn.Module, step: int) -> None:
         if self._pending is not None:  # restored here: the model is on its device by now
             load_allocator_state(model, self._pending)
+            self.trace = list(self._pending.get("trace", []))
             self._pending = None
-        model.base_model.update_and_allocate(step)
+        tuner = model.base_model
+        tuner.update_and_allocate(step)
+        every = self._trace_every
+        if every and (step % every == 0 or step == self._last_step):
+            budget, _ = tuner.rankallocator.budget_schedule(step)
+            self.trace.append({"step": step, "budget": budget, **adapter_stats(model)})
 
     def checkpoint_state(self, model: nn.Module) -> dict[str, Any] | None:
-        return allocator_state(model)
+        state = allocator_state(model)
+        return None if state is None else {**state, "trace": list(self.trace)}
 
     def load_checkpoint_state(self, state: dict[str, Any] | None) -> None:
         self._pending = state
 
     def results(self, model: nn.Module, candidates: list[Candidate]) -> dict[str, Any]:
-        return {"adalora": rank_summary(model, candidates)}
+        summary = rank_summary(model, candidates)
+        used = {"lr": self._lr, **recipe(model)}
+        return {"adalora": {**summary, "recipe": used, "trace": self.trace}}
