@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -155,18 +156,24 @@ def row_of(job: CurveJob) -> dict:
     }
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (NaN for one value: no spread measured, shown as "-")."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def plus_minus(mean: float, std: float, sign: str = "") -> str:
+    """``mean ± std`` x 100 (``sign="+"``: signed), "-" for an unmeasured spread."""
+    spread = "-" if math.isnan(std) else f"{100 * std:.2f}"
+    return f"{100 * mean:{sign}.2f} ± {spread}"
 
 
 def paired(mine: list[dict], other: list[dict]) -> str:
-    """Mean +- std (x100) of the per-seed difference, over the seeds both have."""
+    """Mean +- std (x100) of the per-seed difference mine - other, over the seeds both have."""
     reference = {r["seed"]: r["value"] for r in other}
     deltas = [r["value"] - reference[r["seed"]] for r in mine if r["seed"] in reference]
     if not deltas:
         return "-"
-    mean, std = _mean_std(deltas)
-    return f"{100 * mean:+.2f} ± {100 * std:.2f} ({len(deltas)})"
+    return f"{plus_minus(*mean_std(deltas), sign='+')} ({len(deltas)})"
 
 
 def table(rows: list[dict], methods: list[str]) -> str:
@@ -185,7 +192,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
                 mine = [r for r in here if r["method"] == method]
                 if not mine:
                     continue
-                mean, std = _mean_std([r["value"] for r in mine])
+                mean, std = mean_std([r["value"] for r in mine])
                 params = statistics.mean(r["params_adapter"] for r in mine)
                 targets = [r["target_params"] for r in mine if r["target_params"]]
                 ratio = f"{params / statistics.mean(targets):.3f}" if targets else "-"
@@ -197,7 +204,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
                     delta = paired(mine, [r for r in here if r["method"] == "random_mask"])
                 lines.append(
                     f"| {task} | {budget:g} | {method} | {'/'.join(map(str, ranks))} "
-                    f"| {100 * mean:.2f} ± {100 * std:.2f} | {len(mine)} | {params:,.0f} "
+                    f"| {plus_minus(mean, std)} | {len(mine)} | {params:,.0f} "
                     f"| {ratio} | {delta} |"
                 )
     return "\n".join(lines)
@@ -222,7 +229,8 @@ def figure(rows: list[dict], task: str, methods: list[str], path: Path) -> Path:
                 if (r["task"], r["method"], r["budget"]) == (task, method, budget)
             ]
             if values:
-                points.append((budget, *_mean_std(values)))
+                mean, std = mean_std(values)
+                points.append((budget, mean, 0.0 if math.isnan(std) else std))
         if not points:
             continue
         xs = [b * (1 + 0.03 * (offset - len(methods) / 2)) for b, _, _ in points]  # no overlap

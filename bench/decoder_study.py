@@ -107,26 +107,6 @@ def make_jobs(args: argparse.Namespace, runs: Path) -> list[budget_curve.CurveJo
     return jobs
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (NaN for one value: no spread measured, shown as "-")."""
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def _pm(mean: float, std: float, sign: str = "") -> str:
-    spread = "-" if math.isnan(std) else f"{100 * std:.2f}"
-    return f"{100 * mean:{sign}.2f} ± {spread}"
-
-
-def paired(mine: list[dict], other: list[dict]) -> str:
-    """Mean +- std (x100) of the per-seed difference mine - other, over shared seeds."""
-    reference = {r["seed"]: r["value"] for r in other}
-    deltas = [r["value"] - reference[r["seed"]] for r in mine if r["seed"] in reference]
-    if not deltas:
-        return "-"
-    mean, std = _mean_std(deltas)
-    return f"{_pm(mean, std, '+')} ({len(deltas)})"
-
-
 def table(rows: list[dict], methods: list[str]) -> str:
     """Markdown: per task x method, mean +- std (x100), per-seed values, adapter parameters
     against the target, kept modules by type (DiffoRA, random mask), DiffoRA minus each."""
@@ -142,7 +122,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
             mine = sorted((r for r in here if r["method"] == method), key=lambda r: r["seed"])
             if not mine:
                 continue
-            mean, std = _mean_std([r["value"] for r in mine])
+            mean, std = budget_curve.mean_std([r["value"] for r in mine])
             seeds = " ".join(f"{100 * r['value']:.1f}" for r in mine)
             params = statistics.mean(r["params_adapter"] for r in mine)
             targets = [r["target_params"] for r in mine if r["target_params"]]
@@ -153,9 +133,9 @@ def table(rows: list[dict], methods: list[str]) -> str:
                 for t in types
             )
             ranks = "/".join(str(r) for r in sorted({r["rank"] for r in mine}))
-            delta = "-" if method == "diffora" else paired(diffora, mine)
+            delta = "-" if method == "diffora" else budget_curve.paired(diffora, mine)
             lines.append(
-                f"| {task} | {method} | {ranks} | {_pm(mean, std)} | {seeds} "
+                f"| {task} | {method} | {ranks} | {budget_curve.plus_minus(mean, std)} | {seeds} "
                 f"| {params:,.0f} | {ratio} | {kept} | {delta} |"
             )
     return "\n".join(lines)
@@ -173,7 +153,7 @@ def figure(rows: list[dict], task: str, methods: list[str], path: Path) -> Path:
     shown = [m for m in methods if any(r["task"] == task and r["method"] == m for r in rows)]
     for x, method in enumerate(shown):
         values = [r["value"] for r in rows if r["task"] == task and r["method"] == method]
-        mean, std = _mean_std(values)
+        mean, std = budget_curve.mean_std(values)
         error = None if math.isnan(std) else std
         ax.bar(x, mean, yerr=error, capsize=4, color="#9ecae1", edgecolor="#3182bd")
         ax.plot([x] * len(values), values, "k.", markersize=5)

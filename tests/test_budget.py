@@ -21,6 +21,7 @@ from diffora_lab.backbones import Candidate, find_candidates
 from diffora_lab.budget import Budget, for_run, in_modules, keep_in_order, num_kept
 from diffora_lab.config import SearchSettings
 from diffora_lab.dam import DAM, Mask
+from diffora_lab.families import FAMILIES
 from diffora_lab.matching import grid_candidates, lora_params, params_rank
 from diffora_lab.methods import get_method
 from diffora_lab.methods.fixed_choice import closest_rank
@@ -28,15 +29,7 @@ from diffora_lab.methods.random_mask import random_mask
 from diffora_lab.searches import get_search
 from diffora_lab.train import run
 
-LLAMA_TYPES = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
+LLAMA_TYPES = dict(FAMILIES["llama"].modules)  # the family table's decoder row
 
 
 @pytest.fixture(scope="module")

@@ -21,20 +21,13 @@ from diffora_lab.adapters import LoraGates, apply_mask
 from diffora_lab.backbones import find_candidates
 from diffora_lab.dam import Mask
 from diffora_lab.export import SELECTION_FILE, export_adapter, write_selection
+from diffora_lab.families import FAMILIES
 
 RANK = 4
 ALPHA = 8.0
 VOCAB = 96
 LAYER_PATTERN = r"model\.layers\.(\d+)\."
-MODULE_TYPES = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
+MODULE_TYPES = dict(FAMILIES["llama"].modules)  # the family table's decoder row
 
 
 def tiny_llama(seed: int = 0, vocab: int = VOCAB, **config_extra) -> LlamaForCausalLM:
