@@ -10,7 +10,11 @@ same number of trainable adapter parameters, a quarter of LoRA r=8 on all seven 
 - ``random_mask``: rank 8, modules drawn at random until the same count;
 - ``lora``: LoRA on all seven types at the matching rank, r = 2;
 - ``lora_qv``: peft's Llama default (q and v only) at the rank whose count is closest;
-- ``lora_mlp``: the MLP only (gate, up, down) at the rank whose count is closest.
+- ``lora_mlp``: the MLP only (gate, up, down) at the rank whose count is closest;
+- ``diffora_random_order``: a control, DiffoRA with ``search=progressive_random``: the same
+  search phase (every adapter trains, gated), but modules leave in a seeded random order instead
+  of by their gates. DiffoRA minus this is what the gates' choice is worth; this minus
+  ``random_mask`` is what the search phase's training of all adapters is worth.
 
 3 seeds each, SST-2 and CoLA from ../shared/data/glue. A run is sized for one CPU core (about
 15 minutes for DiffoRA, BENCHMARKS.md "Decoder study"): 60 steps of batch 8 (30 of them
@@ -51,7 +55,9 @@ import budget_curve  # noqa: E402  (rows, method overrides)
 import gpu_study  # noqa: E402  (the driver: jobs, start, deadline, resumable folders)
 
 BUDGET = 0.25  # a quarter of LoRA r=8 on all seven types: LoRA r=2's count
-METHODS = ["diffora", "random_mask", "lora", "lora_qv", "lora_mlp"]
+METHODS = ["diffora", "random_mask", "lora", "lora_qv", "lora_mlp", "diffora_random_order"]
+# Controls: a method with one more override (the study's name -> the method, the override).
+CONTROLS = {"diffora_random_order": ("diffora", "search=progressive_random")}
 TASK_LENGTH = {"sst2": 64, "cola": 64, "rte": 192}
 Y_SCALES = {
     "sst2": ("dev accuracy (SST-2, first 200)", 0.5, 1.0),
@@ -83,8 +89,16 @@ def job_overrides(args: argparse.Namespace, task: str, method: str, seed: int) -
         "dam.reuse_search=false",
         f"seed={seed}",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-        *budget_curve.method_overrides(method, BUDGET),
+        *method_overrides(method),
     ]
+
+
+def method_overrides(method: str) -> list[str]:
+    """The method at the study's parameter count (a control: its method and its override)."""
+    if method in CONTROLS:
+        base, override = CONTROLS[method]
+        return [*budget_curve.method_overrides(base, BUDGET), override]
+    return budget_curve.method_overrides(method, BUDGET)
 
 
 def make_jobs(args: argparse.Namespace, runs: Path) -> list[budget_curve.CurveJob]:
@@ -149,7 +163,7 @@ def figure(rows: list[dict], task: str, methods: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     label, low, high = Y_SCALES.get(task, (f"dev metric ({task})", 0.0, 1.0))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(8.0, 4.0))
     shown = [m for m in methods if any(r["task"] == task and r["method"] == m for r in rows)]
     for x, method in enumerate(shown):
         values = [r["value"] for r in rows if r["task"] == task and r["method"] == method]
@@ -157,7 +171,7 @@ def figure(rows: list[dict], task: str, methods: list[str], path: Path) -> Path:
         error = None if math.isnan(std) else std
         ax.bar(x, mean, yerr=error, capsize=4, color="#9ecae1", edgecolor="#3182bd")
         ax.plot([x] * len(values), values, "k.", markersize=5)
-    ax.set_xticks(range(len(shown)), shown)
+    ax.set_xticks(range(len(shown)), shown, fontsize=8)
     ax.set_ylim(low, high)
     ax.set_ylabel(label)
     ax.set_title(f"SmolLM2-135M, {task}: equal adapter parameters (LoRA r=2 on all)")

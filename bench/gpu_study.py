@@ -217,35 +217,55 @@ def start(job: Job, threads: int) -> None:
     job.started = time.time()
 
 
+def stop(running: list[Job]) -> None:
+    """SIGTERM to every running job (each checkpoints; a rerun resumes it), then wait."""
+    for job in running:
+        job.process.send_signal(signal.SIGTERM)
+    for job in running:
+        try:
+            job.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            job.process.kill()
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_all(jobs: list[Job], parallel: int, threads: int, deadline: float | None) -> None:
-    """Runs the jobs ``parallel`` at a time until all are done or the deadline passes."""
+    """Runs the jobs ``parallel`` at a time until all are done or the deadline passes.
+
+    A SIGTERM or Ctrl-C to this driver stops its running jobs the same way as the deadline
+    (they checkpoint) before it exits: no job is left running on its own.
+    """
     pending = [j for j in jobs if not j.done]
     running: list[Job] = []
-    while pending or running:
-        now = time.time()
-        if deadline is not None and now >= deadline:
-            for job in running:
-                job.process.send_signal(signal.SIGTERM)  # checkpoints; rerun resumes it
-            for job in running:
-                try:
-                    job.process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    job.process.kill()
-            print(f"[study] deadline: stopped {len(running)}, {len(pending)} not started")
-            return
-        while pending and len(running) < parallel:
-            job = pending.pop(0)
-            start(job, threads)
-            running.append(job)
-        for job in list(running):
-            code = job.process.poll()
-            if code is None:
-                continue
-            running.remove(job)
-            took = time.time() - job.started
-            status = "done" if job.done else f"FAILED (exit {code}, see {job.log})"
-            print(f"[study] {status}: {job.task} {job.method} seed {job.seed} ({took:.0f} s)")
-        time.sleep(1.0)
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        while pending or running:
+            if deadline is not None and time.time() >= deadline:
+                stop(running)
+                print(f"[study] deadline: stopped {len(running)}, {len(pending)} not started")
+                return
+            while pending and len(running) < parallel:
+                job = pending.pop(0)
+                start(job, threads)
+                running.append(job)
+            for job in list(running):
+                code = job.process.poll()
+                if code is None:
+                    continue
+                running.remove(job)
+                took = time.time() - job.started
+                status = "done" if job.done else f"FAILED (exit {code}, see {job.log})"
+                print(f"[study] {status}: {job.task} {job.method} seed {job.seed} ({took:.0f} s)")
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        stop(running)
+        print(f"[study] interrupted: stopped {len(running)}, {len(pending)} not started")
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def row_of(job: Job) -> dict:

@@ -324,6 +324,45 @@ def test_a_sweep_search_passes_each_budgets_state_and_ends_like_a_lone_search(gq
         )
 
 
+def test_the_random_order_control_removes_modules_by_its_seed_not_by_the_gates(gqa_candidates):
+    """search=progressive_random: the same schedule as the default search, but what leaves is
+    a fixed seeded order, so gates that drift differently end in the same kept set: the prefix
+    of that order within the budget. Another seed keeps another set."""
+    types = list(LLAMA_TYPES)
+    budget = params_budget(gqa_candidates, 0.3)
+
+    def kept(order_seed: int, gate_seed: int) -> torch.Tensor:
+        options = {"prune_end": 0.75, "order_seed": order_seed}
+        variant = get_search("progressive_random")(options, settings(), budget)
+        dam = DAM(3, types)
+        drive(variant, dam, 40, gate_seed)
+        return variant.cut(dam, dam.gates(1.0).detach()).flatten()
+
+    order = torch.rand((3, len(types)), generator=torch.Generator().manual_seed(3))
+    expected = budget.keep(order).flatten()
+    for gate_seed in range(3):
+        assert torch.equal(kept(3, gate_seed), expected)
+    assert abs(budget.count(expected) - budget.target) <= budget.largest / 2
+    assert not torch.equal(kept(4, 0), expected)
+    # The default search on the same drifting gates keeps what the gates say, not this order.
+    default = get_search("progressive")({"prune_end": 0.75}, settings(), budget)
+    dam = DAM(3, types)
+    drive(default, dam, 40, 0)
+    assert not torch.equal(default.cut(dam, dam.gates(1.0).detach()).flatten(), expected)
+
+
+@pytest.mark.parametrize("seed", [-1, "x", True])
+def test_the_random_order_control_refuses_a_bad_seed(seed):
+    options = OmegaConf.create({"prune_end": 0.75, "order_seed": seed})
+    with pytest.raises(ValueError, match="search.order_seed"):
+        get_search("progressive_random").validate(options, settings())
+
+
+def test_the_random_order_control_takes_the_runs_seed():
+    cfg = compose_config(["search=progressive_random", "seed=5"])
+    assert cfg.search.order_seed == 5 and cfg.search.prune_end == 0.75
+
+
 # ------------------------------------------------------------------ what the runs record
 
 

@@ -192,6 +192,7 @@ def test_every_variant_has_a_config_file_and_a_class():
             "budget_penalty",
             "faithful",
             "progressive",
+            "progressive_random",
             "softmax_row",
             "topk",
         ]

@@ -112,6 +112,11 @@ class Progressive(SearchVariant):
 
     # ------------------------------------------------------------------ the hooks
 
+    def scores(self, dam: DAM, gates: torch.Tensor | float) -> torch.Tensor:
+        """What orders the modules for removal: the gates (at temperature ``gates`` when a
+        float); the lowest leave first."""
+        return dam.gates(gates).detach() if isinstance(gates, float) else gates
+
     def _prune(self, dam: DAM, target: float, gates: torch.Tensor | float) -> list[int]:
         """Cuts the active set to ``target`` by the rule, unless it was cut to it already.
 
@@ -128,8 +133,7 @@ class Progressive(SearchVariant):
         # half the removed module (budget.keep_in_order): otherwise skip reading the gates.
         if self._active_total - self._smallest / 2 <= target:
             return []
-        scores = dam.gates(gates).detach() if isinstance(gates, float) else gates
-        keep = self.budget.keep(scores, target, eligible=dam.active)
+        keep = self.budget.keep(self.scores(dam, gates), target, eligible=dam.active)
         removed = dam.restrict(keep)
         self._active_total = float(self.budget.count(keep))
         return removed
