@@ -25,8 +25,32 @@ def decoder_cfg(tmp_path: Path, *overrides: str):
     return compose_config(["+experiment=smoke_decoder", *overrides], tmp_path)
 
 
+def scored_by_lm_eval(run_dir: Path, tasks: Path, capsys) -> dict:
+    """lm-evaluation-harness's scores of a finished decoder run's exported adapter, the
+    user's way: ``python -m diffora_lab.lm_eval_task RUN``, then lm_eval on the line it prints
+    (in this process; lm_eval's own task list is not indexed)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from diffora_lab import lm_eval_task
+
+    capsys.readouterr()
+    assert lm_eval_task.main([str(run_dir), "--out", str(tasks)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    model_args = dict(a.split("=", 1) for a in line.split("--model_args ")[1].split()[0].split(","))
+    name = line.split("--tasks ")[1].split()[0]
+    scored = lm_eval.simple_evaluate(
+        model=HFLM(**model_args, batch_size=8, device="cpu"),
+        tasks=[name],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        bootstrap_iters=0,
+    )
+    return {"args": model_args, **scored["results"][name]}
+
+
 @pytest.mark.parametrize("backbone", ["tiny_llama", "tiny_qwen2"])
-def test_search_cut_finetune_and_score_a_decoder(backbone, tmp_path):
+def test_search_cut_finetune_and_score_a_decoder(backbone, tmp_path, capsys):
     out = tmp_path / "run"
     results = run(decoder_cfg(tmp_path, f"backbone={backbone}"), out)
     assert results["task"] == "synthetic_choice" and results["steps"] == 40
@@ -47,14 +71,17 @@ def test_search_cut_finetune_and_score_a_decoder(backbone, tmp_path):
     assert counted["unit"] == "params" and counted["target"] == pytest.approx(total / 2)
     assert counted["achieved"] == results["params"]["adapter"]
     assert abs(counted["achieved"] - total / 2) <= largest / 2
-    assert results["params"]["head"] == 0
+    assert results["params"]["head"] == 0 and results["num_labels"] is None  # no classifier
     sizes = {c.module_type: (c.d_in, c.d_out) for c in prepared.candidates}
     assert sizes["k"] == (64, 32) and sizes["q"] == (64, 64)
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "CAUSAL_LM" and not adapter.get("modules_to_save")
     assert sorted(adapter["target_modules"]) == sorted(results["kept_modules"])
-    # Scoring the finished run gives the numbers in results.json.
+    # Scoring the finished run gives the numbers in results.json, ours and lm_eval's.
     assert evaluate(out) == pytest.approx(metrics, abs=1e-6)
+    theirs = scored_by_lm_eval(out, tmp_path / "tasks", capsys)
+    assert theirs["acc,none"] == pytest.approx(metrics["val/accuracy"], abs=1e-6)
+    assert theirs["acc_norm,none"] == pytest.approx(metrics["val/acc_norm"], abs=1e-6)
 
 
 def test_evaluate_cli_on_a_decoder_run(tmp_path):
@@ -156,6 +183,7 @@ def test_a_decoder_can_classify_with_a_score_head(tmp_path):
     cfg.train.max_steps = 4
     results = run(cfg, tmp_path / "run")
     assert results["params"]["head"] == 64 * 2  # LlamaForSequenceClassification.score, no bias
+    assert results["num_labels"] == 2
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and adapter["modules_to_save"] == ["score"]
 
@@ -306,7 +334,8 @@ def test_glue_runs_as_a_prompt_on_a_decoder(tmp_path):
 
 @needs_glue
 @pytest.mark.slow
-def test_smollm2_trains_on_a_handful_of_sst2_rows(tmp_path):
+def test_smollm2_trains_on_a_handful_of_sst2_rows(tmp_path, capsys):
+    """Search, cut, fine-tune, export on SmolLM2 offline, scored by lm-evaluation-harness."""
     data = sst2_rows(tmp_path / "glue", n_train=48, n_dev=16)
     overrides = [f"task.data_dir={data}", "train.max_steps=4", "dam.warmup_steps=1"]
     overrides += ["train.val_every=4", "logger=csv"]
@@ -323,4 +352,10 @@ def test_smollm2_trains_on_a_handful_of_sst2_rows(tmp_path):
     assert adapter["task_type"] == "CAUSAL_LM"
     assert sorted(adapter["target_modules"]) == sorted(results["kept_modules"])
     assert len(adapter["target_modules"]) == results["k"] < 210
+    # lm-evaluation-harness scores the exported adapter on the converted SmolLM2 folder (no
+    # hub) as the run scored itself.
+    theirs = scored_by_lm_eval(tmp_path / "run", tmp_path / "tasks", capsys)
+    assert "converted" in theirs["args"]["pretrained"]
+    assert theirs["acc,none"] == pytest.approx(results["metrics"]["val/accuracy"], abs=1e-6)
+    assert theirs["acc_norm,none"] == pytest.approx(results["metrics"]["val/acc_norm"], abs=1e-6)
     shutil.rmtree(tmp_path / "run")

@@ -197,6 +197,7 @@ def test_readme_walkthrough_scores_the_run_as_the_run_scored_itself(tmp_path, mo
     )
     assert written.returncode == 0, written.stderr[-3000:]
     assert "lm_eval --model hf" in written.stdout  # the printed command
+    assert ",tokenizer=" in written.stdout  # the tiny Llama borrows SmolLM2's tokenizer
     scored = subprocess.run(
         [sys.executable, "-m", *shlex.split(bash[2]), "--output_path", "lm_eval_out"],
         cwd=tmp_path,

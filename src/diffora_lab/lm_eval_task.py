@@ -18,6 +18,13 @@ command that scores the run's adapter::
 
     lm_eval --model hf --model_args pretrained=BASE,peft=RUN/adapter \\
         --tasks diffora_<task> --include_path RUN/lm_eval
+
+lm_eval loads its tokenizer with ``AutoTokenizer`` from ``pretrained=``, and ``AutoTokenizer``
+goes by the model's type: a backbone that borrows another family's tokenizer (``tiny_qwen2``
+uses SmolLM2's) would be scored with other tokens than it was trained on. The run's tokenizer is
+therefore written to ``RUN/lm_eval/tokenizer/`` and passed as ``tokenizer=`` whenever reloading
+from the base folder does not give the run's tokens on the items (and always for a
+config-built base, whose folder holds the model only).
 """
 
 from __future__ import annotations
@@ -138,14 +145,45 @@ def run_items(cfg: Any, split: str | None = None) -> tuple[list[ChoiceItem], Any
 
 def base_for_lm_eval(cfg: Any, resolved: Any, tokenizer, out: Path) -> str:
     """What lm_eval loads as ``pretrained=``: the backbone's folder or hub id; a config-built
-    (random, fixed-seed) backbone is saved to ``out/base`` first, with its tokenizer."""
+    (random, fixed-seed) backbone is saved to ``out/base`` first (the model only)."""
     from diffora_lab import backbones, building
 
     if cfg.backbone.get("config") is None:
         return backbones.resolve_source(cfg.backbone)
     folder = out / "base"
     building.load_model(cfg, resolved, tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+def _same_tokens(tokenizer, folder: Path, items: Sequence[ChoiceItem]) -> bool:
+    """Whether ``AutoTokenizer`` on ``folder`` encodes the items' texts as ``tokenizer`` does."""
+    from transformers import AutoTokenizer
+
+    try:
+        reloaded = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):  # no tokenizer files there
+        return False
+    texts = [i.context + i.delimiter + c for i in items[:32] for c in i.choices]
+    return all(reloaded.encode(t) == tokenizer.encode(t) for t in texts)
+
+
+def tokenizer_for_lm_eval(tokenizer, base: str, items: Sequence[ChoiceItem], out: Path):
+    """The ``tokenizer=`` lm_eval needs (None: the base's own gives the run's tokens).
+
+    A hub id is taken as is (the run loaded its tokenizer from there too).
+
+    Raises:
+        ValueError: Even the saved tokenizer reloads into other tokens.
+    """
+    if not Path(base).is_dir() or _same_tokens(tokenizer, Path(base), items):
+        return None
+    folder = out / "tokenizer"
     tokenizer.save_pretrained(folder)
+    if not _same_tokens(tokenizer, folder, items):
+        raise ValueError(
+            f"the run's tokenizer, saved to {folder}, reloads with other tokens: lm_eval would "
+            "score other requests than the run's. Pass lm_eval the tokenizer the run used."
+        )
     return str(folder)
 
 
@@ -169,10 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = args.name or f"diffora_{source.cfg.task.name}"
         write_task(items, out, name)
         base = base_for_lm_eval(source.cfg, resolved, tokenizer, out)
+        own = tokenizer_for_lm_eval(tokenizer, base, items, out)
     except ValueError as error:
         print(f"diffora_lab.lm_eval_task: {error}", file=sys.stderr)
         return 2
     peft = f",peft={source.adapter}" if source.adapter is not None else ""
+    peft += f",tokenizer={own}" if own else ""
     limit = source.cfg.task.get("eval_max_length")
     length = f",max_length={limit}" if limit else ""
     print(f"wrote {len(items)} items to {out / (name + '.jsonl')} ({out / (name + '.yaml')})")

@@ -42,8 +42,9 @@ def collect_results(
         "params": params,
         "candidate_modules": len(candidates),
         **_selection(mask),
-        # The classifier's output size: what a user passes as num_labels to load the adapter.
-        "num_labels": spec.num_labels,
+        # The classifier's output size: what a user passes as num_labels to load the adapter
+        # (None for a causal-LM task: the answers are words of the LM head, no classifier).
+        "num_labels": None if module.kind.causal_lm else spec.num_labels,
         "primary_metric": f"val/{spec.primary_metric}",
         "metrics": dict(module.last_val),
         # The size of one dev example in the metric: the report's budget curve states it.
