@@ -45,6 +45,12 @@ def num_kept(budget: float, n: int) -> int:
     return max(1, min(n, math.floor(budget * n + 0.5)))
 
 
+def random_scores(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """One seeded uniform score per module: a random order for the budget rule. The random
+    mask and the random-order search draw it alike, so at one seed they keep the same modules."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
 def keep_in_order(
     scores: torch.Tensor,
     sizes: Sequence[float],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import torch
 from omegaconf import DictConfig
 from torch import nn
 
@@ -35,9 +34,8 @@ def random_mask(
     backbone: str,
 ) -> Mask:
     """Candidates in a seeded random order, kept by the budget rule (a float: k of n modules)."""
-    scores = torch.rand(len(candidates), generator=torch.Generator().manual_seed(seed))
     return Mask.from_scores(
-        scores.view(layer_grid(candidates, module_types)),
+        budgets.random_scores(layer_grid(candidates, module_types), seed),
         [c.name for c in candidates],
         module_types,
         budget,

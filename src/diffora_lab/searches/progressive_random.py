@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from diffora_lab.budget import random_scores
 from diffora_lab.dam import DAM
 from diffora_lab.searches.progressive import Progressive
 from diffora_lab.searches.registry import register_search
@@ -26,10 +27,6 @@ from diffora_lab.searches.registry import register_search
 class ProgressiveRandom(Progressive):
     name = "progressive_random"
     preset = "random_order"
-
-    def __init__(self, options, settings, budget, sweep=()) -> None:
-        super().__init__(options, settings, budget, sweep)
-        self._order: torch.Tensor | None = None
 
     @classmethod
     def validate(cls, options: DictConfig, settings: Any) -> None:
@@ -43,8 +40,5 @@ class ProgressiveRandom(Progressive):
 
     def scores(self, dam: DAM, gates: torch.Tensor | float) -> torch.Tensor:
         """One fixed random score per module (the same at every call and after a resume: it
-        depends on the seed only); the gates are not read."""
-        if self._order is None or tuple(self._order.shape) != tuple(dam.shape):
-            generator = torch.Generator().manual_seed(int(self.options["order_seed"]))
-            self._order = torch.rand(dam.shape, generator=generator)
-        return self._order
+        depends on the seed only; the random mask's draw); the gates are not read."""
+        return random_scores(dam.shape, int(self.options["order_seed"]))
