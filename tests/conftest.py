@@ -250,3 +250,23 @@ def reference_copy(reference_run, tmp_path) -> FinishedRun:
     out = tmp_path / "reference"
     shutil.copytree(reference_run.out, out)
     return FinishedRun(out, dict(reference_run.results))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Tests that share a fixture of their module's (a module-scoped run) go to one test process
+    under pytest-xdist (``--dist loadgroup``, scripts/test.sh), so the run is made once; those
+    groups, the longest units of work, are handed out first, so the processes finish together.
+    (No test depends on the order: ``-p randomly`` shuffles it.)"""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group"):
+            continue
+        module = item.module.__name__ if getattr(item, "module", None) else None
+        for name in item.fixturenames:
+            defs = info.name2fixturedefs.get(name)
+            fixture = defs[-1] if defs else None
+            if fixture and fixture.scope == "module" and fixture.func.__module__ == module:
+                item.add_marker(pytest.mark.xdist_group(f"{module}.{name}"))
+                break
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable

@@ -366,10 +366,9 @@ def test_the_random_order_control_takes_the_runs_seed():
 # ------------------------------------------------------------------ what the runs record
 
 
-def test_a_default_run_records_unit_target_and_count(tmp_path):
-    cfg = compose_config(["+experiment=smoke", "logger=none", "dam.reuse_search=false"], tmp_path)
-    results = run(cfg, tmp_path / "run")
-    mask = json.loads((tmp_path / "run" / "dam" / "mask.json").read_text())
+def test_a_default_run_records_unit_target_and_count(reference_run):
+    results = reference_run.results  # +experiment=smoke: the default budget unit
+    mask = json.loads((reference_run.out / "dam" / "mask.json").read_text())
     # tiny_deberta at rank 8: 2 layers x (4 x 512 + 2 x 768) adapter parameters in all.
     assert (mask["unit"], mask["target"]) == ("params", 0.5 * 7168)
     count = results["budget_count"]

@@ -112,10 +112,8 @@ def test_a_smoke_of_the_harness_writes_rows_table_and_figure(tmp_path):
         "sst2",
         "--budgets",
         "0.25",
-        "--methods",
+        "--methods",  # a search and uniform LoRA: the others' overrides are checked above
         "diffora",
-        "random_mask",
-        "lora_qv",
         "lora",
         "--seeds",
         "1",
@@ -126,7 +124,7 @@ def test_a_smoke_of_the_harness_writes_rows_table_and_figure(tmp_path):
     ]
     assert curve.main(args) == 0
     rows = json.loads((tmp_path / "results" / "budget_curve.json").read_text())
-    assert sorted(r["method"] for r in rows) == ["diffora", "lora", "lora_qv", "random_mask"]
+    assert sorted(r["method"] for r in rows) == ["diffora", "lora"]
     for r in rows:
         assert {
             "task",
@@ -141,7 +139,7 @@ def test_a_smoke_of_the_harness_writes_rows_table_and_figure(tmp_path):
     by = {r["method"]: r for r in rows}
     # tiny_deberta: LoRA r=8 on all 12 candidates is 7,168 adapter parameters.
     assert all(r["target_params"] == pytest.approx(0.25 * 7168) for r in rows)
-    assert by["diffora"]["within_one_module"] and by["random_mask"]["within_one_module"]
+    assert by["diffora"]["within_one_module"]
     assert by["lora"]["rank"] == 2 and by["lora"]["params_adapter"] == 2 * 7168 // 8
     assert (tmp_path / "results" / "budget_curve_sst2.png").is_file()
     table = (tmp_path / "results" / "budget_curve.md").read_text()

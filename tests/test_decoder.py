@@ -49,10 +49,41 @@ def scored_by_lm_eval(run_dir: Path, tasks: Path, capsys) -> dict:
     return {"args": model_args, **scored["results"][name]}
 
 
-@pytest.mark.parametrize("backbone", ["tiny_llama", "tiny_qwen2"])
-def test_search_cut_finetune_and_score_a_decoder(backbone, tmp_path, capsys):
-    out = tmp_path / "run"
-    results = run(decoder_cfg(tmp_path, f"backbone={backbone}"), out)
+@pytest.fixture(scope="session")
+def decoder_runs(tmp_path_factory):
+    """``+experiment=smoke_decoder`` on a tiny decoder, run once per session and backbone.
+
+    The tests below check and score the same finished run folder; scoring it with lm_eval adds
+    its ``lm_eval/`` folder, as the user's command does, and changes nothing else.
+    """
+    from conftest import FinishedRun, process_state_restored
+
+    finished: dict[str, FinishedRun] = {}
+
+    def get(backbone: str) -> FinishedRun:
+        if backbone not in finished:
+            root = tmp_path_factory.mktemp(f"decoder_{backbone}")
+            with process_state_restored():
+                results = run(decoder_cfg(root, f"backbone={backbone}"), root / "run")
+            finished[backbone] = FinishedRun(root / "run", results)
+        return finished[backbone]
+
+    return get
+
+
+DECODERS = ["tiny_llama", "tiny_qwen2"]
+# The tests of the shared runs go to one test process (pytest-xdist), so each run is made once.
+shares_the_runs = pytest.mark.xdist_group("decoder_runs")
+
+
+@shares_the_runs
+# tiny Qwen2's 40-step run is the full suite's; the fast tier runs it as the Qwen2.5 recipe's
+# stand-in (test_experiments_compose_and_run_with_a_tiny_stand_in).
+@pytest.mark.parametrize(
+    "backbone", ["tiny_llama", pytest.param("tiny_qwen2", marks=pytest.mark.slow)]
+)
+def test_search_cut_finetune_and_score_a_decoder(backbone, decoder_runs, tmp_path):
+    out, results = decoder_runs(backbone).out, decoder_runs(backbone).results
     assert results["task"] == "synthetic_choice" and results["steps"] == 40
     metrics = results["metrics"]
     assert set(metrics) == {"val/accuracy", "val/acc_norm"}
@@ -77,25 +108,39 @@ def test_search_cut_finetune_and_score_a_decoder(backbone, tmp_path, capsys):
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "CAUSAL_LM" and not adapter.get("modules_to_save")
     assert sorted(adapter["target_modules"]) == sorted(results["kept_modules"])
-    # Scoring the finished run gives the numbers in results.json, ours and lm_eval's.
+    # Scoring the finished run again gives the numbers in results.json.
     assert evaluate(out) == pytest.approx(metrics, abs=1e-6)
-    theirs = scored_by_lm_eval(out, tmp_path / "tasks", capsys)
+
+
+# tiny Qwen2 borrows a tokenizer of another model type (SmolLM2's): lm_eval must be told to use
+# it. The fast tier's lm_eval checks are test_lm_eval.py's (our requests, lm_eval's scores).
+@shares_the_runs
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", DECODERS)
+def test_lm_eval_scores_a_decoder_run_as_the_run_scored_itself(
+    backbone, decoder_runs, tmp_path, capsys
+):
+    finished = decoder_runs(backbone)
+    theirs = scored_by_lm_eval(finished.out, tmp_path / "tasks", capsys)
+    metrics = finished.results["metrics"]
     assert theirs["acc,none"] == pytest.approx(metrics["val/accuracy"], abs=1e-6)
     assert theirs["acc_norm,none"] == pytest.approx(metrics["val/acc_norm"], abs=1e-6)
 
 
-def test_evaluate_cli_on_a_decoder_run(tmp_path):
-    out = tmp_path / "run"
-    results = run(decoder_cfg(tmp_path, "method=lora", "train.max_steps=6"), out)
+@shares_the_runs
+@pytest.mark.slow
+def test_evaluate_cli_on_a_decoder_run(decoder_runs):
+    finished = decoder_runs("tiny_llama")
     proc = subprocess.run(
-        [sys.executable, "-m", "diffora_lab.evaluate", str(out)],
+        [sys.executable, "-m", "diffora_lab.evaluate", str(finished.out)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     printed = dict(line.split() for line in proc.stdout.strip().splitlines())
-    assert {k: float(v) for k, v in printed.items()} == pytest.approx(results["metrics"], abs=1e-6)
+    expected = finished.results["metrics"]
+    assert {k: float(v) for k, v in printed.items()} == pytest.approx(expected, abs=1e-6)
 
 
 def test_causal_batches_train_on_the_answer_with_few_logits(tmp_path):
@@ -219,6 +264,7 @@ def commonsense_folder(root: Path, n: int = 48) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_commonsense_170k_reports_each_test_set_and_their_mean(tmp_path):
     data = commonsense_folder(tmp_path / "data")
     cfg = decoder_cfg(
@@ -248,6 +294,7 @@ def test_commonsense_170k_reports_each_test_set_and_their_mean(tmp_path):
     assert "val/acc_norm_hellaswag" in metrics
 
 
+@pytest.mark.slow
 def test_commonsense_task_reads_its_folder(tmp_path):
     data = commonsense_folder(tmp_path / "data")
     cfg = decoder_cfg(
@@ -257,6 +304,7 @@ def test_commonsense_task_reads_its_folder(tmp_path):
     assert set(results["metrics"]) == {"val/accuracy", "val/acc_norm"}
 
 
+@pytest.mark.slow
 def test_generation_scoring_is_an_option(tmp_path):
     cfg = decoder_cfg(tmp_path, "method=lora", "train.max_steps=4", "task.scoring=generate")
     results = run(cfg, tmp_path / "run")
@@ -282,7 +330,14 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("experiment", sorted(RECIPES))
+# tiny Llama's own run is the fast tier's (test_search_cut_...): its recipe runs in the full suite.
+@pytest.mark.parametrize(
+    "experiment",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name == "llama3_8b_commonsense" else name
+        for name in sorted(RECIPES)
+    ],
+)
 def test_experiments_compose_and_run_with_a_tiny_stand_in(experiment, tmp_path):
     backbone, task, stand_in = RECIPES[experiment]
     recipe = compose_config([f"+experiment={experiment}"], tmp_path)
@@ -314,6 +369,7 @@ needs_glue = pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/data
 
 
 @needs_glue
+@pytest.mark.slow
 def test_glue_runs_as_a_prompt_on_a_decoder(tmp_path):
     data = sst2_rows(tmp_path / "glue")
     cfg = decoder_cfg(

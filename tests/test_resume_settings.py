@@ -128,7 +128,12 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "stop_at", [11, 20, 21], ids=["off-the-log-schedule", "at-the-cut", "right-after-the-cut"]
+    "stop_at",
+    [  # the stop at the cut is the fast tier's; the stops beside it are the full suite's
+        pytest.param(11, id="off-the-log-schedule", marks=pytest.mark.slow),
+        pytest.param(20, id="at-the-cut"),
+        pytest.param(21, id="right-after-the-cut", marks=pytest.mark.slow),
+    ],
 )
 def test_a_stopped_and_resumed_run_records_what_an_uninterrupted_one_does(
     uninterrupted, tmp_path, stop_at

@@ -29,6 +29,7 @@ def mask_of(results: dict) -> dict:
     return json.loads((Path(results["output_dir"]) / "dam" / "mask.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_sweep_run_out_of_order_continues_the_search_and_ends_as_a_lone_search(tmp_path):
     """The largest budget runs first (its search ends early), the smallest continues from its
     snapshot: the smallest ends exactly where its lone search ends."""

@@ -14,7 +14,7 @@ import torch
 from conftest import compose_config, run_cli
 
 from diffora_lab.checkpointing import AtomicCheckpointIO, UnsafeFile, read_checkpoint
-from diffora_lab.train import run
+from diffora_lab.train import ConfigError, run
 
 SAFELY = "is not a checkpoint this version of diffora_lab can read safely"
 
@@ -99,9 +99,24 @@ def _search_cache(root: Path, tmp: Path, marker: Path) -> tuple[list[str], Path]
 ENTRY_POINTS = {"resume": _resume, "ckpt_path": _ckpt_path, "search_cache": _search_cache}
 
 
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_crafted_pickle_is_refused_before_anything_runs(stopped, tmp_path, entry):
+    """Each way a run reads a checkpoint (its own folder's, ckpt_path=, the search cache) refuses
+    a crafted one with a ConfigError naming it (the CLI's exit 2) before anything in it runs."""
+    marker = tmp_path / "ran"
+    overrides, evil = ENTRY_POINTS[entry](stopped, tmp_path, marker)
+    cfg = compose_config(["+experiment=smoke", *overrides], tmp_path)
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    with pytest.raises(ConfigError) as refused:
+        run(cfg, tmp_path / "run")
+    assert f"{evil} {SAFELY}" in str(refused.value)
+    assert not marker.exists()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("entry", [*ENTRY_POINTS, "evaluate"])
-def test_a_crafted_pickle_is_refused_with_exit_2_and_nothing_runs(stopped, tmp_path, entry):
+@pytest.mark.parametrize("entry", ["resume", "evaluate"])
+def test_a_crafted_pickle_is_refused_by_the_cli_with_exit_2(stopped, tmp_path, entry):
+    """Both command lines, training's and evaluate's: exit 2, the message, no traceback."""
     marker = tmp_path / "ran"
     env = {"DIFFORA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     if entry == "evaluate":
