@@ -256,7 +256,8 @@ def reference_copy(reference_run, tmp_path) -> FinishedRun:
 def pytest_collection_modifyitems(items):
     """Tests that share a fixture of their module's (a module-scoped run) go to one test process
     under pytest-xdist (``--dist loadgroup``, scripts/test.sh), so the run is made once; those
-    groups, the longest units of work, are handed out first, so the processes finish together.
+    groups, the longest units of work, are handed out first, then the other slow tests, so the
+    processes finish together.
     (No test depends on the order: ``-p randomly`` shuffles it.)"""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
@@ -269,4 +270,10 @@ def pytest_collection_modifyitems(items):
             if fixture and fixture.scope == "module" and fixture.func.__module__ == module:
                 item.add_marker(pytest.mark.xdist_group(f"{module}.{name}"))
                 break
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable
+    # Stable: groups, then the other slow tests, then the rest (the short ones fill the end).
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("xdist_group") is None,
+            item.get_closest_marker("slow") is None,
+        )
+    )
