@@ -219,6 +219,17 @@ def smoke_cfg(tmp_path):
     return make
 
 
+def load_bench(name: str):
+    """bench/NAME.py as the module ``NAME`` (bench/ is scripts, not a package on the path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @dataclass(frozen=True)
 class FinishedRun:
     """A finished run folder and what ``train.run`` returned for it."""

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 from test_gpu_study import write_sst2
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_curve():
-    spec = importlib.util.spec_from_file_location(
-        "budget_curve", REPO / "bench" / "budget_curve.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["budget_curve"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("budget_curve")
 
 
 def test_the_job_list_is_the_studys_design(tmp_path):

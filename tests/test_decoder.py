@@ -83,7 +83,8 @@ shares_the_runs = pytest.mark.xdist_group("decoder_runs")
     "backbone", ["tiny_llama", pytest.param("tiny_qwen2", marks=pytest.mark.slow)]
 )
 def test_search_cut_finetune_and_score_a_decoder(backbone, decoder_runs, tmp_path):
-    out, results = decoder_runs(backbone).out, decoder_runs(backbone).results
+    finished = decoder_runs(backbone)
+    out, results = finished.out, finished.results
     assert results["task"] == "synthetic_choice" and results["steps"] == 40
     metrics = results["metrics"]
     assert set(metrics) == {"val/accuracy", "val/acc_norm"}

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 def load_study():
-    for name in ("budget_curve", "decoder_study"):
-        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["decoder_study"]
+    load_bench("budget_curve")  # decoder_study imports it
+    return load_bench("decoder_study")
 
 
 def test_every_row_has_the_same_parameter_target_and_the_control_differs_by_its_order(tmp_path):

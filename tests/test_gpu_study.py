@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("gpu_study", REPO / "bench" / "gpu_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_study"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_study")
 
 
 def write_sst2(root: Path, n_train: int = 160, n_dev: int = 48) -> None:

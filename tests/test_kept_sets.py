@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import load_bench
 
 MODULES = [f"model.layers.{i}.self_attn.{t}_proj" for i in range(4) for t in ("q", "k", "v", "o")]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("kept_sets", REPO / "bench" / "kept_sets.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kept_sets"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("kept_sets")
 
 
 def write_masks(folder: Path, kept_by_seed: dict[int, list[str]]) -> None:

@@ -109,11 +109,11 @@ def _env(tmp: Path, cache: str = "cache") -> dict[str, str]:
     )
 
 
-def _prepare(command: str, tmp: Path, index: int, default_run: Path | None) -> list[str] | None:
+def _prepare(command: str, tmp: Path, index: int, finished: Path | None) -> list[str] | None:
     """The command as run here (placeholders filled, overrides appended), or None to skip."""
-    if default_run is not None:
-        command = command.replace(RUN_PLACEHOLDER, str(default_run))
-        command = command.replace("path/to/adapter", str(default_run / "adapter"))
+    if finished is not None:
+        command = command.replace(RUN_PLACEHOLDER, str(finished))
+        command = command.replace("path/to/adapter", str(finished / "adapter"))
     if "data.dir" in command or "data_dir" in command or "/data/glue" in command:
         if not SHARED_GLUE.is_dir():
             return None

@@ -105,8 +105,7 @@ def test_a_crafted_pickle_is_refused_before_anything_runs(stopped, tmp_path, ent
     a crafted one with a ConfigError naming it (the CLI's exit 2) before anything in it runs."""
     marker = tmp_path / "ran"
     overrides, evil = ENTRY_POINTS[entry](stopped, tmp_path, marker)
-    cfg = compose_config(["+experiment=smoke", *overrides], tmp_path)
-    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg = compose_config(["+experiment=smoke", *overrides], tmp_path)  # its cache: tmp_path/cache
     with pytest.raises(ConfigError) as refused:
         run(cfg, tmp_path / "run")
     assert f"{evil} {SAFELY}" in str(refused.value)
