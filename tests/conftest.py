@@ -28,6 +28,41 @@ from diffora_lab.runtime import config_dir, quiet_libraries  # noqa: E402
 
 quiet_libraries()
 
+
+def _parse_each_yaml_text_once() -> None:
+    """Hydra parses its and our ~30 YAML files again on every compose (a few hundred composes
+    in the suite: 15 % of the fast tier's time). In the test processes ``OmegaConf.load`` parses
+    each distinct text once and builds the config from a copy of that parse: the same objects,
+    the same config, the same errors (a text that fails to parse is parsed again each time).
+    """
+    import copy
+    import io
+
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf._utils import get_yaml_loader
+
+    original, parsed = OmegaConf.load, {}
+
+    def load(file_):
+        if isinstance(file_, (str, Path)):
+            return original(file_)  # by name: as it was (the suite loads open files)
+        text = file_.read()
+        text = text.decode("utf-8") if isinstance(text, bytes) else text
+        if text not in parsed:
+            stream = io.StringIO(text)
+            stream.name = getattr(file_, "name", "<file>")  # yaml's error marks name it
+            parsed[text] = yaml.load(stream, Loader=get_yaml_loader())
+        obj = copy.deepcopy(parsed[text])
+        if obj is not None and not isinstance(obj, (list, dict, str)):
+            raise OSError(f"Invalid loaded object type: {type(obj).__name__}")
+        return OmegaConf.create() if obj is None else OmegaConf.create(obj)
+
+    OmegaConf.load = staticmethod(load)
+
+
+_parse_each_yaml_text_once()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 
@@ -209,6 +244,70 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 900, env_extra: dict | No
     )
 
 
+def run_main(
+    args: list[str],
+    cwd: Path,
+    env_extra: dict | None = None,
+    module: str = "diffora_lab",
+):
+    """``python -m MODULE ARGS`` run in this process: the module's ``__main__`` code, as ``-m``
+    runs it, with ``sys.argv``, the working directory and the environment set, its output
+    captured and its exit status taken from ``SystemExit`` (0 when it returns).
+
+    For tests of what a command does (its exit code, messages, folders, Hydra's multirun); 10 s
+    cheaper than :func:`run_cli` (no new interpreter importing torch, transformers, peft and
+    lightning). Tests whose subject is the process itself (signals, DDP's spawned ranks, a
+    launcher's jobs, the entry point's thread settings, the installed wheel) use :func:`run_cli`.
+    Returns a ``subprocess.CompletedProcess`` like :func:`run_cli`.
+    """
+    import io
+    import runpy
+    import signal
+    import subprocess
+    import traceback
+
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
+    out, err = io.StringIO(), io.StringIO()
+    loggers = [logging.root, *logging.root.manager.loggerDict.values()]
+    handlers = [(lg, list(lg.handlers), lg.disabled) for lg in loggers if hasattr(lg, "handlers")]
+    signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    argv = list(sys.argv)
+    GlobalHydra.instance().clear()
+    code = 0
+    with process_state_restored(compile_state=False):
+        os.environ.update(env)
+        os.chdir(cwd)
+        sys.argv = [module, *map(str, args)]
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    with warnings.catch_warnings():  # `-m` of a module its package imported
+                        warnings.filterwarnings("ignore", ".*found in sys.modules", RuntimeWarning)
+                        runpy.run_module(module, run_name="__main__", alter_sys=True)
+                except SystemExit as stop:
+                    code = 0 if stop.code is None else stop.code
+                    if not isinstance(code, int):  # sys.exit("message"): printed, status 1
+                        print(code, file=sys.stderr)
+                        code = 1
+                except Exception:  # what the interpreter would print, and its exit status
+                    traceback.print_exc()
+                    code = 1
+        finally:
+            sys.argv = argv
+            GlobalHydra.instance().clear()
+            for lg, kept, disabled in handlers:
+                for handler in [h for h in lg.handlers if h not in kept]:
+                    lg.removeHandler(handler)
+                    handler.close()
+                lg.handlers[:] = kept
+                lg.disabled = disabled
+            for number, handler in signals.items():
+                signal.signal(number, handler)
+    return subprocess.CompletedProcess(
+        [sys.executable, "-m", module, *args], code, out.getvalue(), err.getvalue()
+    )
+
+
 @pytest.fixture
 def smoke_cfg(tmp_path):
     """A function returning the smoke experiment config with extra overrides."""
@@ -228,6 +327,39 @@ def load_bench(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@dataclass
+class _Finished:
+    """What bench/gpu_study.py's driver polls: a job that has already ended."""
+
+    returncode: int
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode
+
+
+def run_study_jobs_here(monkeypatch) -> None:
+    """bench/gpu_study.py's driver (budget_curve's too) runs each job's ``python -m diffora_lab
+    OVERRIDES`` in this process (:func:`run_main`), to the end, when it would start it: the same
+    runs, folders and logs, without a new interpreter per job. tests/test_gpu_study.py runs the
+    driver with its processes."""
+    import time
+
+    study = sys.modules["gpu_study"]
+
+    def start(job, threads: int) -> None:
+        job.folder.mkdir(parents=True, exist_ok=True)
+        job.log = job.folder / "study.log"
+        job.started = time.time()
+        done = run_main(job.overrides, REPO)
+        job.log.write_text(done.stdout + done.stderr)
+        job.process = _Finished(done.returncode)
+
+    monkeypatch.setattr(study, "start", start)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load_bench
+from conftest import load_bench, run_study_jobs_here
 from test_gpu_study import write_sst2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +93,9 @@ def test_the_figure_has_a_fixed_labelled_scale(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_smoke_of_the_harness_writes_rows_table_and_figure(tmp_path):
+def test_a_smoke_of_the_harness_writes_rows_table_and_figure(tmp_path, monkeypatch):
     curve = load_curve()
+    run_study_jobs_here(monkeypatch)  # its jobs run in this process
     write_sst2(tmp_path / "glue")
     args = [
         "--backbone",

@@ -8,10 +8,7 @@ print it without a traceback.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -260,26 +257,12 @@ def test_prepare_rejects_a_glue_task_the_hub_cannot_serve():
         prepare(compose_config(["+experiment=smoke", "task=rte"]))
 
 
-@pytest.mark.slow
 def test_cli_prints_config_errors_without_traceback(tmp_path):
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "DIFFORA_CACHE": str(tmp_path / "cache"),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "diffora_lab",
-        "+experiment=smoke",
-        "budget=0",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    from conftest import run_main
+
+    env = {"WANDB_MODE": "disabled", "DIFFORA_CACHE": str(tmp_path / "cache")}
+    done = run_main(
+        ["+experiment=smoke", "budget=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env
     )
     assert done.returncode == 2
     assert "budget" in done.stderr

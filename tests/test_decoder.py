@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -132,12 +130,9 @@ def test_lm_eval_scores_a_decoder_run_as_the_run_scored_itself(
 @pytest.mark.slow
 def test_evaluate_cli_on_a_decoder_run(decoder_runs):
     finished = decoder_runs("tiny_llama")
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffora_lab.evaluate", str(finished.out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    from conftest import run_main
+
+    proc = run_main([str(finished.out)], finished.out, module="diffora_lab.evaluate")
     assert proc.returncode == 0, proc.stderr
     printed = dict(line.split() for line in proc.stdout.strip().splitlines())
     expected = finished.results["metrics"]

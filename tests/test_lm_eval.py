@@ -12,11 +12,8 @@ same requests, give per-choice log-likelihoods within 1e-3 and the same predicti
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -175,7 +172,7 @@ def walkthrough() -> tuple[list[str], str]:
 @pytest.mark.slow
 def test_readme_walkthrough_scores_the_run_as_the_run_scored_itself(tmp_path, monkeypatch):
     """train, write the lm_eval task, run lm_eval's CLI: its acc and acc_norm are the run's."""
-    from conftest import REPO, run_cli
+    from conftest import run_main
 
     bash, python = walkthrough()
     assert [c.split()[:3] for c in bash] == [
@@ -183,29 +180,16 @@ def test_readme_walkthrough_scores_the_run_as_the_run_scored_itself(tmp_path, mo
         ["python", "-m", "diffora_lab.lm_eval_task"],
         ["lm_eval", "--model", "hf"],
     ]
-    path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=path)
-    trained = run_cli([*shlex.split(bash[0])[3:], *SHORT], tmp_path, timeout=900)
+    # Each command as `python -m` runs it, in this process (conftest.run_main).
+    trained = run_main([*shlex.split(bash[0])[3:], *SHORT], tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    written = subprocess.run(
-        [sys.executable, *shlex.split(bash[1])[1:]],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=600,
-    )
+    module, *args = shlex.split(bash[1])[2:]
+    written = run_main(args, tmp_path, module=module)
     assert written.returncode == 0, written.stderr[-3000:]
     assert "lm_eval --model hf" in written.stdout  # the printed command
     assert ",tokenizer=" in written.stdout  # the tiny Llama borrows SmolLM2's tokenizer
-    scored = subprocess.run(
-        [sys.executable, "-m", *shlex.split(bash[2]), "--output_path", "lm_eval_out"],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=900,
-    )
+    module, *args = shlex.split(bash[2])
+    scored = run_main([*args, "--output_path", "lm_eval_out"], tmp_path, module=module)
     assert scored.returncode == 0, scored.stderr[-3000:]
     run = tmp_path / "runs" / "smoke_decoder"
     ours = json.loads((run / "results.json").read_text())["metrics"]

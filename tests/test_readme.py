@@ -15,11 +15,10 @@ import re
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED_GLUE
+from conftest import REPO, SHARED_GLUE, run_main
 
 README = REPO / "README.md"
 
@@ -97,13 +96,13 @@ def test_matched_table_in_the_readme_is_what_the_code_prints():
     assert set(readme) <= printed
 
 
-def _env(tmp: Path, cache: str = "cache") -> dict[str, str]:
+def _env(tmp: Path) -> dict[str, str]:
     return dict(
         os.environ,
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
-        DIFFORA_CACHE=str(tmp / cache),
-        # Commands run side by side (PARALLEL at a time): one thread each shares the cores.
+        DIFFORA_CACHE=str(tmp / "cache"),
+        # The test processes share the cores (one per core): one thread each.
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     )
@@ -128,15 +127,8 @@ def _prepare(command: str, tmp: Path, index: int, finished: Path | None) -> list
     return args
 
 
-def _run(args: list[str], tmp: Path, cache: str = "cache") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        args, cwd=tmp, env=_env(tmp, cache), capture_output=True, text=True, timeout=900
-    )
-
-
-# README commands run this many at a time: most of a short command is Python starting and
-# importing (one core), so two side by side take about half the time on two cores.
-PARALLEL = 2
+def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +146,12 @@ def default_run(tmp_path_factory) -> tuple[Path, str]:
 @pytest.mark.slow
 def test_every_bash_command_runs(reference_run, tmp_path):
     """Every command but the default job (see ``default_run``), shortened; the run folder and
-    adapter the README's commands name are the session's finished reference run's."""
+    adapter the README's commands name are the session's finished reference run's. Each
+    ``python -m`` command runs in this process (``conftest.run_main``: the module's ``__main__``
+    with the command's arguments and exit status; the default job and ``--help`` run as processes
+    of their own)."""
     run_dir = reference_run.out
-    ran, skipped, jobs = [], [], []
+    ran, skipped = [], []
     for index, command in enumerate(
         c for lang, body in blocks() if lang == "bash" for c in commands(body)
     ):
@@ -165,21 +160,13 @@ def test_every_bash_command_runs(reference_run, tmp_path):
         args = None if skip_reason(command) else _prepare(command, tmp_path, index + 1, run_dir)
         if args is None:
             skipped.append(command)
-        else:
-            # One cache for all, as on a user's machine (~/.cache/diffora_lab): its files are
-            # written under temporary names and renamed, so commands side by side may share it
-            # (the GGUF tokenizer of the decoder commands is converted once).
-            jobs.append((command, args, "cache"))
-    # Side by side, multiruns (the longest) first; each has its own run folder.
-    jobs.sort(key=lambda job: " -m " not in f" {job[0]} ")
-    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
-        futures = [
-            (command, pool.submit(_run, args, tmp_path, cache)) for command, args, cache in jobs
-        ]
-        for command, future in futures:
-            done = future.result()
-            assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
-            ran.append(command)
+            continue
+        assert args[:2] == [sys.executable, "-m"], command  # every command run is `python -m`
+        # One cache for all, as on a user's machine (~/.cache/diffora_lab): the GGUF tokenizer
+        # of the decoder commands is converted once.
+        done = run_main(args[3:], tmp_path, {"DIFFORA_CACHE": str(tmp_path / "cache")}, args[2])
+        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+        ran.append(command)
     # smoke, sweep, lora, evaluate; with ../shared also the GLUE commands (a user's clone has no
     # ../shared: the commands that need it are skipped, not failed).
     assert len(ran) >= (5 if SHARED_GLUE.is_dir() else 4), ran
@@ -236,7 +223,7 @@ def test_bad_input_block_shows_what_the_cli_prints(tmp_path):
     shown = next(body for lang, body in blocks() if lang == "" and body.startswith("$ "))
     first, *expected = shown.splitlines()
     args = _prepare(first.removeprefix("$ "), tmp_path, 99, None)
-    done = _run(args, tmp_path)
+    done = run_main(args[3:], tmp_path, {"DIFFORA_CACHE": str(tmp_path / "cache")}, args[2])
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == expected
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, run_main
 
 from diffora_lab.resume import RESUME_SAFE, setting_differences
 from diffora_lab.train import run
@@ -94,7 +94,7 @@ def test_an_interrupted_sweep_continues_when_run_again(tmp_path):
     first = (sweep / "0" / "results.json").read_bytes()
     assert not (sweep / "1" / "results.json").exists()
 
-    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    again = run_main(args[3:], tmp_path)  # the same command (in this process: conftest.run_main)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{sweep / '0'} holds this run, finished" in again.stdout
     assert "diffora_lab: resuming from checkpoint at step" in again.stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_cli
+from conftest import compose_config, run_main
 from safetensors.torch import load_file
 
 from diffora_lab.backbones import find_candidates, load_backbone, load_tokenizer
@@ -277,7 +277,7 @@ def test_resume_onto_another_backbone_exits_2_with_the_reason(reference, tmp_pat
     saved = torch.load(reference.out / "checkpoints" / "last.ckpt", weights_only=True)
     saved["hyper_parameters"]["config"]["backbone"]["init_seed"] = 1
     torch.save(saved, ckpt)
-    done = run_cli(
+    done = run_main(
         [
             "+experiment=smoke",
             "backbone.init_seed=1",

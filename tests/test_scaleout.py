@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli as cli
+from conftest import run_main
 
 from diffora_lab.module import STATE_KEY
 
@@ -26,6 +27,9 @@ def smoke_args(tmp_path: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_ddp_two_processes_agree(tmp_path):
+    """Two ranks, with the speed-ups that change what a rank does on its own: length-bucketed
+    batches (each rank its slice of a global batch: our sampler, not Lightning's), the deferred
+    non-finite check (every rank reads its flag at the same steps) and the foreach AdamW."""
     run = tmp_path / "ddp"
     done = cli(
         smoke_args(
@@ -34,6 +38,9 @@ def test_ddp_two_processes_agree(tmp_path):
             "trainer.devices=2",
             "trainer.strategy=ddp",
             "dam.reuse_search=false",
+            "data.bucketing=8",
+            "train.finite_check_every=5",
+            "train.optimizer=foreach",
             f"hydra.run.dir={run}",
         ),
         cwd=tmp_path,
@@ -110,7 +117,7 @@ def test_sigterm_saves_checkpoint_and_run_resumes(tmp_path):
     assert 1 <= checkpoint_step(run) < 120
     assert not (run / "results.json").exists()
 
-    resumed = cli(args, cwd=tmp_path)  # ckpt_path=last is the default
+    resumed = run_main(args, tmp_path)  # ckpt_path=last is the default
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 120
@@ -130,7 +137,7 @@ def test_sigint_checkpoints_and_exits_130_like_sigterm(tmp_path):
 
 @pytest.mark.slow
 def test_divergence_stops_with_step_and_phase(tmp_path):
-    done = cli(
+    done = run_main(
         smoke_args(tmp_path, "train.lr=1e30", "train.grad_clip=0", f"hydra.run.dir={tmp_path}/r"),
         cwd=tmp_path,
     )

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
@@ -211,26 +210,4 @@ def test_a_compiled_run_resumes_eagerly_from_its_checkpoint(tmp_path):
     assert results["steps"] == 16
 
 
-@pytest.mark.slow
-def test_ddp_with_bucketing_and_deferred_checks_keeps_ranks_identical(tmp_path):
-    from conftest import run_cli
-
-    out = tmp_path / "ddp"
-    done = run_cli(
-        [
-            "+experiment=smoke",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.strategy=ddp",
-            "dam.reuse_search=false",
-            "data.bucketing=8",
-            "train.finite_check_every=5",
-            "train.optimizer=foreach",
-            f"hydra.run.dir={out}",
-        ],
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["world_size"] == 2 and results["ranks_consistent"] is True
+# Two DDP ranks with bucketing, the deferred check and foreach AdamW: tests/test_scaleout.py.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_cli
+from conftest import compose_config, run_main
 
 from diffora_lab.sweep import hydra_sweep_budgets
 from diffora_lab.train import run
@@ -58,7 +58,7 @@ def test_outside_a_multirun_there_is_no_hydra_sweep():
 @pytest.mark.slow
 def test_a_three_budget_multirun_makes_one_search(tmp_path):
     sweep = tmp_path / "sweep"
-    done = run_cli(
+    done = run_main(
         [
             "-m",
             "+experiment=smoke",
@@ -68,7 +68,6 @@ def test_a_three_budget_multirun_makes_one_search(tmp_path):
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
-        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = sorted(

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_cli as cli
+from conftest import run_main as cli
 
 from diffora_lab.search_cache import search_key
 from diffora_lab.train import run
