@@ -20,14 +20,12 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, run_main
 
 from diffora_lab.runfolder import RunFolderLock
 from diffora_lab.train import ConfigError, run
@@ -363,28 +361,21 @@ def test_bad_input_is_refused_with_the_readme_message(row, tmp_path, stopped):
     assert after == before, "a refused run changed its folder"
 
 
-@pytest.mark.slow
 def test_cli_refusals_exit_2_without_traceback_and_leave_the_folder(tmp_path):
-    """Two processes, one folder: the second exits 2 at once naming the first's pid and host,
-    prints no traceback, and leaves the first one's .hydra/ and logs untouched."""
+    """A command on a folder another run holds (here this process's lock, taken as a second
+    process would) exits 2 at once naming the holder's pid and host, prints no traceback, and
+    leaves the holder's .hydra/ and logs untouched (the command runs here: conftest.run_main)."""
     folder = tmp_path / "run"
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text("seed: 1\n")
     (folder / "csv").mkdir()
     (folder / "csv" / "metrics.csv").write_text("step,train/loss\n0,0.7\n")
     before = snapshot(folder)
-    env = {"DIFFORA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {"DIFFORA_CACHE": str(tmp_path / "cache")}
     with RunFolderLock(folder):
         before_locked = snapshot(folder)
-        done = subprocess.run(
-            [sys.executable, "-m", "diffora_lab", "+experiment=smoke", "seed=2",
-             f"hydra.run.dir={folder}"],
-            cwd=tmp_path,
-            env={**__import__("os").environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=900,  # hang guard
-        )  # fmt: skip
+        args = ["+experiment=smoke", "seed=2", f"hydra.run.dir={folder}"]
+        done = run_main(args, tmp_path, env)
         assert snapshot(folder) == before_locked
     assert done.returncode == 2, done.stderr[-2000:]
     pid, host = __import__("os").getpid(), socket.gethostname()

@@ -156,6 +156,11 @@ INDUCTOR = pytest.mark.skipif(
 )
 
 
+# The compiling tests share a test process (xdist): torch.compile's first use there costs seconds.
+COMPILING = pytest.mark.xdist_group("torch_compile")
+
+
+@COMPILING
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=INDUCTOR)])
 def test_compiled_layers_match_eager_and_share_checkpoints(tmp_path, backend):
@@ -198,6 +203,7 @@ def _compare_compiled_with_eager(tmp_path, backend):
     compiled.module.model.load_state_dict(eager.module.model.state_dict())
 
 
+@COMPILING
 @pytest.mark.slow
 def test_a_compiled_run_resumes_eagerly_from_its_checkpoint(tmp_path):
     out = tmp_path / "run"
