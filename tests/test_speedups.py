@@ -217,3 +217,41 @@ def test_a_compiled_run_resumes_eagerly_from_its_checkpoint(tmp_path):
 
 
 # Two DDP ranks with bucketing, the deferred check and foreach AdamW: tests/test_scaleout.py.
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@COMPILING
+@pytest.mark.slow
+def test_a_second_compiled_run_in_a_process_compiles_as_if_alone():
+    """All layers share one forward code object: without clearing dynamo's caches, a second
+    run's layers (a sweep's next job, in-process) stack their code on the first run's, guarded
+    against its shapes, and other shapes make dynamo retrace them for dynamic shapes."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    first = _Net()
+    compile_layers(first, r"layers\.(\d+)$", "aot_eager")
+    first(torch.randn(2, 3, 4))
+    alone = len(_debug_get_cache_entry_list(_Block.forward))
+    second = _Net()
+    compile_layers(second, r"layers\.(\d+)$", "aot_eager")
+    second(torch.randn(2, 5, 4))  # another width, as another job's batches have
+    assert len(_debug_get_cache_entry_list(_Block.forward)) == alone
