@@ -25,11 +25,18 @@ seed, value, adapter parameters, the budget's target count, ...), ``budget_curve
 +- std per task x budget x method, achieved / target parameters, DiffoRA's paired difference to
 the random mask) and ``budget_curve_<task>.png`` (the curve: mean +- std against the budget, on
 a fixed y scale per task). Run folders: ``bench/results/budget_curve/`` (ignored by git).
+
+The rows file is the study's record across machines: commit it after a sitting. A run whose
+row is recorded there with the same settings (``config_key``: a hash of the job's overrides
+without its machine paths) counts as finished even where its run folder is absent, and keeps
+its row; a recorded row made with other settings is run again. Rows of jobs outside this call
+(other tasks, methods, seeds) are kept as they are. The summary says how many rows it reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -127,6 +134,51 @@ def unique(jobs: list[CurveJob]) -> list[CurveJob]:
     return out
 
 
+# Overrides naming a path on this machine: not part of what a run was made from.
+MACHINE_PATHS = ("hydra.run.dir=", "data.cache_dir=", "task.data_dir=")
+
+
+def config_key(job: CurveJob) -> str:
+    """What a run was made from: its overrides without the machine's paths, hashed."""
+    settings = [o for o in job.overrides if not o.startswith(MACHINE_PATHS)]
+    return hashlib.sha256("\n".join(settings).encode()).hexdigest()[:16]
+
+
+def identity(row: dict) -> tuple:
+    return (row["task"], row["method"], row["budget"], row["seed"])
+
+
+def recorded_rows(path: Path) -> dict[tuple, dict]:
+    """The rows a previous sitting (on any machine) recorded, by task, method, budget, seed."""
+    if not path.is_file():
+        return {}
+    return {identity(r): r for r in json.loads(path.read_text())}
+
+
+def collect(
+    jobs: list[CurveJob], recorded: dict[tuple, dict]
+) -> tuple[list[dict], list[CurveJob], int, int]:
+    """Rows of the finished jobs (from their folders, else from the record when it was made with
+    the same settings), the jobs left to run, and how many rows were reused / found stale.
+    Recorded rows of jobs outside ``jobs`` are kept."""
+    rows, todo, reused, stale = [], [], 0, 0
+    covered = set()
+    for job in jobs:
+        ident = (job.task, job.method, job.budget, job.seed)
+        covered.add(ident)
+        old = recorded.get(ident)
+        if job.done:
+            rows.append(row_of(job))
+        elif old is not None and old.get("config_key") == config_key(job):
+            rows.append(old)
+            reused += 1
+        else:
+            stale += old is not None
+            todo.append(job)
+    kept = [r for ident, r in recorded.items() if ident not in covered]
+    return kept + rows, unique(todo), reused, stale
+
+
 def row_of(job: CurveJob) -> dict:
     results = json.loads((job.folder / "results.json").read_text())
     primary = results["primary_metric"]
@@ -153,6 +205,7 @@ def row_of(job: CurveJob) -> dict:
         "steps": results["steps"],
         "wall_seconds": results.get("wall_seconds"),
         "run_dir": str(job.folder),
+        "config_key": config_key(job),
     }
 
 
@@ -295,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = Path(args.out)
     jobs = make_jobs(args, out / args.name, Path(args.data_dir).resolve())
-    todo = [j for j in unique(jobs) if not j.done]
+    record = out / f"{args.table}.json"
+    _, todo, reused, stale = collect(jobs, recorded_rows(record))
     if args.dry_run:
         for job in todo:
             print(f"{job.task} b{job.budget:g} {job.method} seed {job.seed}: {job.folder}")
@@ -307,11 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         total = len(unique(jobs))
         print(f"[budget_curve] {len(todo)} of {total} runs to do, {args.jobs} at a time")
         gpu_study.run_all(todo, args.jobs, threads, deadline)
-    rows = [row_of(j) for j in jobs if j.done]
+    rows, todo, reused, stale = collect(jobs, recorded_rows(record))
     print(write_outputs(rows, args, out, argv))
-    missing = len(unique(jobs)) - len({r["run_dir"] for r in rows})
-    if missing:
-        print(f"[budget_curve] {missing} runs not finished: run the same command again")
+    if reused or stale:
+        print(
+            f"[budget_curve] {reused} rows reused from {record} (recorded with the same "
+            f"settings, no run folder here); {stale} recorded rows were made with other "
+            "settings and are not used"
+        )
+    if todo:
+        print(f"[budget_curve] {len(todo)} runs not finished: run the same command again")
     return 0
 
 

@@ -77,6 +77,57 @@ def test_table_pairs_the_search_with_the_random_mask_and_flags_missed_targets():
     assert "(> 1 module off)" in lines["lora_qv"]
 
 
+def test_rows_recorded_on_another_machine_count_as_finished_only_with_the_same_settings(
+    tmp_path,
+):
+    curve = load_curve()
+    args = curve.parse(
+        [
+            "--tasks",
+            "sst2",
+            "--budgets",
+            "0.25",
+            "--methods",
+            "diffora",
+            "random_mask",
+            "--seeds",
+            "1",
+        ]
+    )
+    jobs = curve.make_jobs(args, tmp_path / "runs", tmp_path / "glue")
+    by = {j.method: j for j in jobs}
+    # Another machine ran both, in other folders, from other data paths: the key ignores those.
+    elsewhere = curve.make_jobs(args, tmp_path / "other" / "runs", tmp_path / "other" / "glue")
+    assert [curve.config_key(j) for j in elsewhere] == [curve.config_key(j) for j in jobs]
+    recorded = {
+        ("sst2", "diffora", 0.25, 1): {
+            **row("diffora", 0.25, 1, 0.84, 1, 1),
+            "config_key": curve.config_key(by["diffora"]),
+        },
+        # made with other settings (e.g. a different step budget): run again, not reused
+        ("sst2", "random_mask", 0.25, 1): {
+            **row("random_mask", 0.25, 1, 0.99, 1, 1),
+            "config_key": "0" * 16,
+        },
+        # a task this call does not run: kept as it is
+        ("cola", "diffora", 0.25, 1): {
+            **row("diffora", 0.25, 1, 0.30, 1, 1),
+            "task": "cola",
+            "config_key": "f" * 16,
+        },
+    }
+    rows, todo, reused, stale = curve.collect(jobs, recorded)
+    assert (reused, stale) == (1, 1)
+    assert [j.method for j in todo] == ["random_mask"]
+    assert sorted((r["task"], r["method"], r["value"]) for r in rows) == [
+        ("cola", "diffora", 0.30),
+        ("sst2", "diffora", 0.84),
+    ]
+    # Written and read back, the record gives the same answer (dry run: nothing runs).
+    (tmp_path / "budget_curve.json").write_text(json.dumps(list(recorded.values())))
+    assert curve.collect(jobs, curve.recorded_rows(tmp_path / "budget_curve.json"))[2:] == (1, 1)
+
+
 def test_the_figure_has_a_fixed_labelled_scale(tmp_path):
     from PIL import Image
 
@@ -93,7 +144,7 @@ def test_the_figure_has_a_fixed_labelled_scale(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_smoke_of_the_harness_writes_rows_table_and_figure(tmp_path, monkeypatch):
+def test_a_smoke_of_the_harness_writes_rows_table_and_figure(tmp_path, monkeypatch, capsys):
     curve = load_curve()
     run_study_jobs_here(monkeypatch)  # its jobs run in this process
     write_sst2(tmp_path / "glue")
@@ -142,3 +193,14 @@ def test_a_smoke_of_the_harness_writes_rows_table_and_figure(tmp_path, monkeypat
     stamp = (Path(by["lora"]["run_dir"]) / "results.json").stat().st_mtime_ns
     assert curve.main(args) == 0
     assert (Path(by["lora"]["run_dir"]) / "results.json").stat().st_mtime_ns == stamp
+    # Another machine: the rows file committed, the run folders absent. Nothing runs again and
+    # the rows (with their values) come back from the record; the summary says so.
+    import shutil
+
+    shutil.rmtree(tmp_path / "results" / "budget_curve")
+    capsys.readouterr()
+    assert curve.main(args) == 0
+    assert "2 rows reused from" in capsys.readouterr().out
+    again = json.loads((tmp_path / "results" / "budget_curve.json").read_text())
+    assert again == rows
+    assert not (tmp_path / "results" / "budget_curve").exists()
