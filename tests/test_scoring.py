@@ -23,14 +23,20 @@ from diffora_lab.scoring import (
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> str:
-    cfg = compose_config(["backbone=tiny_llama"], tmp_path_factory.mktemp("tok"))
-    return backbones.tokenizer_source(cfg.backbone)
+def backbone_cfg(tmp_path_factory):
+    return compose_config(["backbone=tiny_llama"], tmp_path_factory.mktemp("tok")).backbone
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+def tokenizer_dir(backbone_cfg) -> str:
+    return backbones.tokenizer_source(backbone_cfg)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(backbone_cfg):
+    # As training and scoring load it: one without a pad token (some transformers versions
+    # convert the GGUF tokenizer without one) pads with EOS.
+    return backbones.load_tokenizer(backbone_cfg)
 
 
 @pytest.fixture(scope="module")
