@@ -56,6 +56,12 @@ REFERENCE_RANK = 8
 SEARCHED = ["diffora", "random_mask"]  # 5 seeds
 FIXED = ["lora_qv", "lora_attn", "lora_mlp"]  # 3 seeds
 METHODS = [*SEARCHED, *FIXED, "lora"]
+# Diagnostic arms of the search (not in the default list; ``--methods diffora_late``): the
+# default search with one setting changed. ``diffora_late`` starts removing modules at step 75
+# of the 150-step search instead of right after the 10-step gate warm-up, so the gates have had
+# 65 architecture steps before the first removal (the default removes a third of the
+# candidates' parameters within 10 architecture steps of the warm-up's end, BENCHMARKS.md).
+VARIANTS = {"diffora_late": ["search.prune_start=75"]}
 # Fixed y scales (the metric, not the data, sets them): figures of different sittings compare.
 Y_SCALES = {
     "sst2": ("dev accuracy (SST-2)", 0.70, 0.95),
@@ -77,6 +83,8 @@ def lora_rank(budget: float) -> int:
 def method_overrides(method: str, budget: float) -> list[str]:
     if method == "lora":
         return ["method=lora", f"rank={lora_rank(budget)}"]
+    if method in VARIANTS:
+        return [*method_overrides("diffora", budget), *VARIANTS[method]]
     common = [f"method={method}", f"budget={budget}", "budget_unit=params"]
     if method in FIXED:
         return [*common, f"method.reference_rank={REFERENCE_RANK}"]
@@ -98,7 +106,8 @@ def make_jobs(args: argparse.Namespace, runs: Path, data_dir: Path) -> list[Curv
             steps = settings["max_steps"]
             for budget in args.budgets:
                 for method in args.methods:
-                    if method not in SEARCHED and seed not in args.seeds[: args.fixed_seeds]:
+                    searched = method in SEARCHED or method in VARIANTS
+                    if not searched and seed not in args.seeds[: args.fixed_seeds]:
                         continue
                     folder = folder_of(runs, task, method, budget, seed)
                     overrides = [
@@ -253,7 +262,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
                     ratio += " (> 1 module off)"
                 ranks = sorted({r["rank"] for r in mine})
                 delta = "-"
-                if method == "diffora":
+                if method.startswith("diffora"):
                     delta = paired(mine, [r for r in here if r["method"] == "random_mask"])
                 lines.append(
                     f"| {task} | {budget:g} | {method} | {'/'.join(map(str, ranks))} "
@@ -326,7 +335,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["sst2", "cola"])
     parser.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, *VARIANTS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--fixed-seeds", type=int, default=3, help="seeds of all but the searched")
     parser.add_argument("--scale", type=float, default=1.0, help="step-budget factor (smoke)")

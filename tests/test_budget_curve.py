@@ -38,6 +38,14 @@ def test_the_job_list_is_the_studys_design(tmp_path):
     assert by[("sst2", "lora", 0.05, 1)].folder == by[("sst2", "lora", 0.125, 1)].folder
     assert "rank=4" in by[("sst2", "lora", 0.5, 3)].overrides
     assert len({j.folder for j in runs}) == len(runs)
+    # A diagnostic arm: the default search with one setting changed, its own folder, 5 seeds.
+    late = curve.make_jobs(
+        curve.parse(["--methods", "diffora_late", "--tasks", "sst2"]), tmp_path, tmp_path
+    )
+    assert len(late) == 4 * 5 and {j.seed for j in late} == {1, 2, 3, 4, 5}
+    first = late[0].overrides
+    assert {"method=diffora", "rank=8", "budget_unit=params", "search.prune_start=75"} <= set(first)
+    assert late[0].folder == tmp_path / "sst2" / "b0.05" / "diffora_late" / "seed1"
 
 
 def row(method, budget, seed, value, params, target, within=True, rank=8):
