@@ -9,6 +9,13 @@ random-order control (``diffora_random_order``) and ``random_mask`` are that cha
 measured with the same budget. Also printed: how many of the kept modules are of each type,
 summed over the seeds.
 
+Where the seeds recorded their gates (``dam/gates.jsonl``, every ``dam.log_every`` steps of the
+search; a removed module's gate is recorded as 0), the order in which the search removed the
+modules is compared too: each module's removal step (the first record with its gate at 0; kept
+modules last), the Spearman correlation of those orders for every pair of seeds (0: unrelated
+orders, 1: the same), and the gates' spread (max - min) in the last record before the first
+removal: how far the gates had separated when the first modules left.
+
     python bench/kept_sets.py bench/results/decoder/sst2 --methods diffora diffora_random_order
 
 Reads only; prints a Markdown table.
@@ -36,6 +43,52 @@ class Stability:
     overlap_max: float
     chance: float
     by_type: dict[str, int]
+    order_agreement: float | None = None  # mean Spearman of the removal orders over seed pairs
+    first_removal: list[int] | None = None  # per seed: the step of the first removal
+    spread_before: list[float] | None = None  # per seed: max - min gate just before it
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Ranks 1..n, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = ranks(a), ranks(b)
+    if len(set(ra)) < 2 or len(set(rb)) < 2:
+        return float("nan")
+    return statistics.correlation(ra, rb)
+
+
+def removal_steps(path: Path) -> tuple[list[float], int, float] | None:
+    """From one seed's ``gates.jsonl``: each module's removal step (inf: never removed), the
+    step of the first removal and the gates' spread in the last record before it."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    records.sort(key=lambda r: r["step"])
+    removed = [float("inf")] * len(records[0]["gates"])
+    first, spread = None, 0.0
+    previous = records[0]["gates"]
+    for record in records:
+        gates = record["gates"]
+        for i, gate in enumerate(gates):
+            if gate == 0 and removed[i] == float("inf"):
+                removed[i] = record["step"]
+        if first is None and any(g == 0 for g in gates):
+            first, spread = record["step"], max(previous) - min(previous)
+        previous = gates
+    return removed, (first if first is not None else -1), spread
 
 
 def kept_sets(folder: Path) -> tuple[dict[str, set[str]], int]:
@@ -59,6 +112,15 @@ def stability(folder: Path) -> Stability | None:
     overlaps = [jaccard(a, b) for a, b in itertools.combinations(sets.values(), 2)]
     share = statistics.mean(len(s) for s in sets.values()) / candidates
     by_type = Counter(name.rsplit(".", 1)[-1] for kept in sets.values() for name in kept)
+    orders = [
+        r
+        for r in (removal_steps(p) for p in sorted(folder.glob("seed*/dam/gates.jsonl")))
+        if r is not None and r[1] >= 0
+    ]
+    agreement = None
+    if len(orders) >= 2:
+        pairs = [spearman(a[0], b[0]) for a, b in itertools.combinations(orders, 2)]
+        agreement = statistics.mean(pairs)
     return Stability(
         method=folder.name,
         seeds=len(sets),
@@ -69,20 +131,32 @@ def stability(folder: Path) -> Stability | None:
         overlap_max=max(overlaps),
         chance=share / (2 - share),
         by_type=dict(sorted(by_type.items())),
+        order_agreement=agreement,
+        first_removal=[r[1] for r in orders] or None,
+        spread_before=[r[2] for r in orders] or None,
     )
 
 
 def table(rows: list[Stability]) -> str:
     lines = [
         "| method | seeds | kept of candidates | overlap mean (min, max) | chance p/(2-p) | "
-        "kept by type, all seeds |",
-        "|---|---|---|---|---|---|",
+        "removal order, Spearman over seed pairs | first removal at step | gate spread then "
+        "| kept by type, all seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kept = f"{min(r.kept)}-{max(r.kept)} of {r.candidates}"
         overlap = f"{r.overlap_mean:.3f} ({r.overlap_min:.3f}, {r.overlap_max:.3f})"
         types = ", ".join(f"{t} {n}" for t, n in r.by_type.items())
-        lines.append(f"| {r.method} | {r.seeds} | {kept} | {overlap} | {r.chance:.3f} | {types} |")
+        agreement = "-" if r.order_agreement is None else f"{r.order_agreement:.3f}"
+        first = "-" if not r.first_removal else "/".join(map(str, sorted(set(r.first_removal))))
+        spread = "-"
+        if r.spread_before:
+            spread = f"{min(r.spread_before):.4f}-{max(r.spread_before):.4f}"
+        lines.append(
+            f"| {r.method} | {r.seeds} | {kept} | {overlap} | {r.chance:.3f} | {agreement} "
+            f"| {first} | {spread} | {types} |"
+        )
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,39 @@ def test_the_command_prints_a_row_per_method_and_refuses_a_folder_without_pairs(
         script.main([str(tmp_path / "sst2"), "--methods", "lora"])
     assert refused.value.code == 2
     assert "no method folder has two seeds" in capsys.readouterr().err
+
+
+def write_gates(folder: Path, seed: int, records: list[tuple[int, list[float]]]) -> None:
+    path = folder / f"seed{seed}" / "dam" / "gates.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "gates": g}) + "\n" for s, g in records))
+
+
+def test_removal_orders_are_compared_across_seeds(tmp_path):
+    script = load_script()
+    folder = tmp_path / "sst2" / "diffora"
+    write_masks(folder, {1: MODULES[:2], 2: MODULES[:2], 3: MODULES[2:4]})
+    n = len(MODULES)
+    start = [0.5] * n
+    # Seeds 1 and 2 remove modules 15..2 in the same order (by step 30: 15..9; by 40: the rest
+    # but 0 and 1); seed 3 removes them in the reverse order (0, 1, ... first).
+    same_a = [0.6 + 0.01 * i for i in range(n)]
+    step30 = [g if i < 9 else 0.0 for i, g in enumerate(same_a)]
+    step40 = [g if i < 2 else 0.0 for i, g in enumerate(same_a)]
+    for seed in (1, 2):
+        write_gates(folder, seed, [(0, start), (20, same_a), (30, step30), (40, step40)])
+    reverse30 = [0.0 if i < 7 else 0.7 for i in range(n)]
+    reverse40 = [0.0 if i < 14 else 0.7 for i in range(n)]
+    write_gates(folder, 3, [(0, start), (20, start), (30, reverse30), (40, reverse40)])
+    row = script.stability(folder)
+    assert row.first_removal == [30, 30, 30]
+    assert row.spread_before == [pytest.approx(0.15), pytest.approx(0.15), 0.0]
+    # Ranks by removal step, ties sharing their mean rank: the 7 removed at step 30 rank 4, the
+    # 7 at step 40 rank 11, the 2 never removed 15.5. Pair (1, 2): identical orders, 1.
+    first = [15.5] * 2 + [11.0] * 7 + [4.0] * 7
+    third = [4.0] * 7 + [11.0] * 7 + [15.5] * 2
+    mirrored = statistics.correlation(first, third)
+    assert mirrored < -0.7
+    assert row.order_agreement == pytest.approx((1 + 2 * mirrored) / 3)
+    assert script.ranks([3.0, 1.0, 3.0, float("inf")]) == [2.5, 1.0, 2.5, 4.0]
+    line = script.table([row]).splitlines()[-1]
+    assert f"| {(1 + 2 * mirrored) / 3:.3f} | 30 | 0.0000-0.1500 |" in line
