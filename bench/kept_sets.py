@@ -48,26 +48,21 @@ class Stability:
     spread_before: list[float] | None = None  # per seed: max - min gate just before it
 
 
-def ranks(values: list[float]) -> list[float]:
-    """Ranks 1..n, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = ranks(a), ranks(b)
-    if len(set(ra)) < 2 or len(set(rb)) < 2:
+    """Spearman's rank correlation (ties share their mean rank; inf: after every step)."""
+    import torch
+    from torchmetrics.functional import spearman_corrcoef
+
+    def finite(values: list[float]) -> torch.Tensor:
+        top = max((v for v in values if v != float("inf")), default=0.0)
+        return torch.tensor(
+            [top + 1 if v == float("inf") else v for v in values], dtype=torch.float64
+        )
+
+    x, y = finite(a), finite(b)
+    if len(set(x.tolist())) < 2 or len(set(y.tolist())) < 2:
         return float("nan")
-    return statistics.correlation(ra, rb)
+    return float(spearman_corrcoef(x, y))
 
 
 def removal_steps(path: Path) -> tuple[list[float], int, float] | None:

@@ -81,6 +81,6 @@ def test_removal_orders_are_compared_across_seeds(tmp_path):
     mirrored = statistics.correlation(first, third)
     assert mirrored < -0.7
     assert row.order_agreement == pytest.approx((1 + 2 * mirrored) / 3)
-    assert script.ranks([3.0, 1.0, 3.0, float("inf")]) == [2.5, 1.0, 2.5, 4.0]
+    assert script.spearman([3.0, 1.0, 3.0, float("inf")], [2.5, 1.0, 2.5, 4.0]) == pytest.approx(1)
     line = script.table([row]).splitlines()[-1]
     assert f"| {(1 + 2 * mirrored) / 3:.3f} | 30 | 0.0000-0.1500 |" in line
