@@ -103,6 +103,7 @@ METHODS = {
     "adalora_s16": ["method=adalora", "rank=8", "method.scale=16"],
     "adalora_s32": ["method=adalora", "rank=8", "method.scale=32"],
     "adalora_s64": ["method=adalora", "rank=8", "method.scale=64"],
+    "adalora_s128": ["method=adalora", "rank=8", "method.scale=128"],
 }
 STUDY_METHODS = ["lora", "diffora", "diffora_faithful", "random_mask", "adalora"]
 COMMON = ["logger=csv", "train.batch_size=32", "train.lr=1e-3", "dam.reuse_search=false"]
