@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -96,6 +97,24 @@ def kept_sets(folder: Path) -> tuple[dict[str, set[str]], int]:
     return sets, candidates
 
 
+def candidates_of(folder: Path) -> list[str]:
+    path = next(iter(sorted(folder.glob("seed*/dam/mask.json"))), None)
+    return json.loads(path.read_text())["modules"] if path else []
+
+
+def module_type(name: str, candidates: list[str]) -> str:
+    """A module's type: its last name part (``q_proj``), or the part after the layer index
+    where last parts repeat across types (BERT's ``attention.output.dense``, ``output.dense``)."""
+
+    def after_layer(n: str) -> str:
+        return re.split(r"\.\d+\.", n, maxsplit=1)[-1]
+
+    types = {after_layer(c) for c in candidates} or {after_layer(name)}
+    if len({t.rsplit(".", 1)[-1] for t in types}) == len(types):
+        return name.rsplit(".", 1)[-1]
+    return after_layer(name)
+
+
 def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
@@ -106,7 +125,8 @@ def stability(folder: Path) -> Stability | None:
         return None
     overlaps = [jaccard(a, b) for a, b in itertools.combinations(sets.values(), 2)]
     share = statistics.mean(len(s) for s in sets.values()) / candidates
-    by_type = Counter(name.rsplit(".", 1)[-1] for kept in sets.values() for name in kept)
+    names = candidates_of(folder)
+    by_type = Counter(module_type(n, names) for kept in sets.values() for n in kept)
     orders = [
         r
         for r in (removal_steps(p) for p in sorted(folder.glob("seed*/dam/gates.jsonl")))

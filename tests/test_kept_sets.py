@@ -84,3 +84,15 @@ def test_removal_orders_are_compared_across_seeds(tmp_path):
     assert script.spearman([3.0, 1.0, 3.0, float("inf")], [2.5, 1.0, 2.5, 4.0]) == pytest.approx(1)
     line = script.table([row]).splitlines()[-1]
     assert f"| {(1 + 2 * mirrored) / 3:.3f} | 30 | 0.0000-0.1500 |" in line
+
+
+def test_module_types_are_named_apart_where_last_name_parts_repeat():
+    script = load_script()
+    assert script.module_type(MODULES[1], MODULES) == "k_proj"
+    bert = [
+        f"encoder.layer.{i}.{t}"
+        for i in range(2)
+        for t in ("attention.self.query", "attention.output.dense", "output.dense")
+    ]
+    assert script.module_type(bert[1], bert) == "attention.output.dense"
+    assert script.module_type(bert[5], bert) == "output.dense"
