@@ -306,6 +306,7 @@ def figure(rows: list[dict], task: str, methods: list[str], path: Path) -> Path:
         )
     ax.set_xscale("log")
     ax.set_xticks(budgets, [f"{100 * b:g} %" for b in budgets])
+    ax.minorticks_off()  # the log axis's own labels (2 x 10^-1, ...) would overlap the budgets'
     ax.set_xlabel(f"adapter parameters, share of LoRA r={REFERENCE_RANK} on all candidates")
     ax.set_ylim(low, high)
     ax.set_ylabel(label)
