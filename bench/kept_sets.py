@@ -1,8 +1,8 @@
 """Do the seeds of a study keep the same modules? (issue 20.3: what the gates learn)
 
-For each method folder of a finished study (``<runs>/<task>/<method>/seed*/dam/mask.json``, as
-bench/decoder_study.py and bench/gpu_study.py lay them out), the kept sets of every pair of
-seeds are compared by their Jaccard overlap |A & B| / |A | B|. A search whose choice is a property
+For each method folder of a study (``<runs>/<task>/<method>/seed*/dam/mask.json`` of the runs
+that finished, as bench/decoder_study.py and bench/gpu_study.py lay them out), the kept sets of
+every pair of seeds are compared by their Jaccard overlap |A & B| / |A | B|. A search whose choice is a property
 of the task keeps nearly the same set at every seed (overlap near 1); a choice that is noise
 overlaps like two random draws of the same size, about p / (2 - p) for a share p kept. The
 random-order control (``diffora_random_order``) and ``random_mask`` are that chance level,
@@ -87,10 +87,18 @@ def removal_steps(path: Path) -> tuple[list[float], int, float] | None:
     return removed, (first if first is not None else -1), spread
 
 
+def finished(folder: Path, name: str) -> list[Path]:
+    """``seed*/<name>`` of the finished runs (``results.json`` written): a run stopped mid-way
+    is left out, as it is of the study's table."""
+    return [
+        p for p in sorted(folder.glob(f"seed*/{name}")) if (p.parents[1] / "results.json").is_file()
+    ]
+
+
 def kept_sets(folder: Path) -> tuple[dict[str, set[str]], int]:
     """``{seed folder: kept module names}`` and the number of candidates."""
     sets, candidates = {}, 0
-    for path in sorted(folder.glob("seed*/dam/mask.json")):
+    for path in finished(folder, "dam/mask.json"):
         mask = json.loads(path.read_text())
         sets[path.parts[-3]] = set(mask["kept_modules"])
         candidates = len(mask["modules"])
@@ -98,7 +106,7 @@ def kept_sets(folder: Path) -> tuple[dict[str, set[str]], int]:
 
 
 def candidates_of(folder: Path) -> list[str]:
-    path = next(iter(sorted(folder.glob("seed*/dam/mask.json"))), None)
+    path = next(iter(finished(folder, "dam/mask.json")), None)
     return json.loads(path.read_text())["modules"] if path else []
 
 
@@ -129,7 +137,7 @@ def stability(folder: Path) -> Stability | None:
     by_type = Counter(module_type(n, names) for kept in sets.values() for n in kept)
     orders = [
         r
-        for r in (removal_steps(p) for p in sorted(folder.glob("seed*/dam/gates.jsonl")))
+        for r in (removal_steps(p) for p in finished(folder, "dam/gates.jsonl"))
         if r is not None and r[1] >= 0
     ]
     agreement = None

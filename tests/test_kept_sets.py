@@ -21,6 +21,7 @@ def write_masks(folder: Path, kept_by_seed: dict[int, list[str]]) -> None:
         path = folder / f"seed{seed}" / "dam" / "mask.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps({"modules": MODULES, "kept_modules": kept}))
+        (folder / f"seed{seed}" / "results.json").write_text("{}")  # a finished run
 
 
 def test_overlap_chance_and_types_of_a_method_folder(tmp_path):
@@ -40,6 +41,8 @@ def test_the_command_prints_a_row_per_method_and_refuses_a_folder_without_pairs(
     write_masks(tmp_path / "sst2" / "diffora", {1: MODULES[:3], 2: MODULES[:3]})
     write_masks(tmp_path / "sst2" / "random_mask", {1: MODULES[:3], 2: MODULES[3:6]})
     write_masks(tmp_path / "sst2" / "lora", {1: MODULES})  # one seed: no pair, left out
+    write_masks(tmp_path / "sst2" / "lora", {2: MODULES})
+    (tmp_path / "sst2" / "lora" / "seed2" / "results.json").unlink()  # stopped mid-way: left out
     assert script.main([str(tmp_path / "sst2")]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| diffora", "| random_mask"]
