@@ -2,12 +2,12 @@
 
 For each method folder of a study (``<runs>/<task>/<method>/seed*/dam/mask.json`` of the runs
 that finished, as bench/decoder_study.py and bench/gpu_study.py lay them out), the kept sets of
-every pair of seeds are compared by their Jaccard overlap |A & B| / |A | B|. A search whose choice is a property
-of the task keeps nearly the same set at every seed (overlap near 1); a choice that is noise
-overlaps like two random draws of the same size, about p / (2 - p) for a share p kept. The
-random-order control (``diffora_random_order``) and ``random_mask`` are that chance level,
-measured with the same budget. Also printed: how many of the kept modules are of each type,
-summed over the seeds.
+every pair of seeds are compared by their Jaccard overlap |A & B| / |A | B|. A search whose
+choice is a property of the task keeps nearly the same set at every seed (overlap near 1); a
+choice that is noise overlaps like two random draws of the same size, about p / (2 - p) for a
+share p kept. The random-order control (``diffora_random_order``) and ``random_mask`` are that
+chance level, measured with the same budget. Also printed: how many of the kept modules are of
+each type, summed over the seeds.
 
 Where the seeds recorded their gates (``dam/gates.jsonl``, every ``dam.log_every`` steps of the
 search; a removed module's gate is recorded as 0), the order in which the search removed the
@@ -163,8 +163,8 @@ def stability(folder: Path) -> Stability | None:
 def table(rows: list[Stability]) -> str:
     lines = [
         "| method | seeds | kept of candidates | overlap mean (min, max) | chance p/(2-p) | "
-        "removal order, Spearman over seed pairs | first removal at step | gate spread then "
-        "| kept by type, all seeds |",
+        "removal order, Spearman over seed pairs | first removal seen (record step) "
+        "| gate spread then | kept by type, all seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
