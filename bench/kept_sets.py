@@ -95,19 +95,14 @@ def finished(folder: Path, name: str) -> list[Path]:
     ]
 
 
-def kept_sets(folder: Path) -> tuple[dict[str, set[str]], int]:
-    """``{seed folder: kept module names}`` and the number of candidates."""
-    sets, candidates = {}, 0
+def kept_sets(folder: Path) -> tuple[dict[str, set[str]], list[str]]:
+    """``{seed folder: kept module names}`` and the candidates' names."""
+    sets, candidates = {}, []
     for path in finished(folder, "dam/mask.json"):
         mask = json.loads(path.read_text())
         sets[path.parts[-3]] = set(mask["kept_modules"])
-        candidates = len(mask["modules"])
+        candidates = mask["modules"]
     return sets, candidates
-
-
-def candidates_of(folder: Path) -> list[str]:
-    path = next(iter(finished(folder, "dam/mask.json")), None)
-    return json.loads(path.read_text())["modules"] if path else []
 
 
 def module_type(name: str, candidates: list[str]) -> str:
@@ -128,12 +123,12 @@ def jaccard(a: set[str], b: set[str]) -> float:
 
 
 def stability(folder: Path) -> Stability | None:
-    sets, candidates = kept_sets(folder)
+    sets, names = kept_sets(folder)
+    candidates = len(names)
     if len(sets) < 2:
         return None
     overlaps = [jaccard(a, b) for a, b in itertools.combinations(sets.values(), 2)]
     share = statistics.mean(len(s) for s in sets.values()) / candidates
-    names = candidates_of(folder)
     by_type = Counter(module_type(n, names) for kept in sets.values() for n in kept)
     orders = [
         r
