@@ -61,42 +61,13 @@ def test_notebook_is_committed_without_outputs():
             assert cell.outputs == [] and cell.execution_count is None
 
 
-@pytest.mark.slow
-def test_notebook_executes_on_real_runs(runs_dir, monkeypatch):
-    shapes = set()
-    for job in range(len(RUNS)):
-        assert (runs_dir / str(job) / "results.json").is_file()
-        mask = json.loads((runs_dir / str(job) / "dam" / "mask.json").read_text())
-        shapes.add(tuple(mask["shape"]))
-    assert len(shapes) == 2  # the masks cannot be averaged together
-    monkeypatch.setenv("DIFFORA_RUNS", str(runs_dir))
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(
-        notebook,
-        timeout=900,  # per cell: a hang guard, not a speed limit
-        kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
-    )
-    client.execute()  # raises CellExecutionError on the first failing cell
-
-    outputs = [out for cell in notebook.cells for out in cell.get("outputs", [])]
-    assert not [out for out in outputs if out.output_type == "error"]
-    images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) >= 1
-    text = json.dumps([out.get("text", "") for out in outputs])
-    assert f"{len(RUNS)} runs from 1 folders" in text  # DIFFORA_RUNS was honoured
-    # One survival panel per backbone (titles are in the figures; the table is text/html).
-    html = json.dumps([out.get("data", {}).get("text/html", "") for out in outputs])
-    assert "tiny_deberta_3l" in html and "tiny_deberta<" in html
-
-
 def fake_run(folder: Path, method: str, seed: int, score: float, **fields) -> None:
     """A finished run's results.json (and its dam/mask.json when it selected modules)."""
     modules = [f"layer.{i}.{t}" for i in range(2) for t in ("q", "v")]
     results = {
         "task": "synthetic",
         "method": method,
-        "backbone": "tiny_deberta",
+        "backbone": "fake_backbone",  # never grouped with the real runs
         "budget": 0.5,
         "rank": 8,
         "seed": seed,
@@ -128,29 +99,41 @@ def fake_run(folder: Path, method: str, seed: int, score: float, **fields) -> No
 
 
 @pytest.mark.slow
-def test_notebook_and_report_group_the_same_runs(tmp_path, monkeypatch):
+def test_notebook_runs_on_real_runs_and_groups_as_the_report_does(runs_dir, tmp_path, monkeypatch):
+    """One kernel run over two folders: the real runs (two backbones whose masks cannot be
+    averaged) and hand-written results.json files (two presets, a LoRA with and without a
+    budget, a repeated seed). The notebook draws its figures and groups every run as the
+    report does."""
     from diffora_lab import report
 
+    shapes = set()
+    for job in range(len(RUNS)):
+        assert (runs_dir / str(job) / "results.json").is_file()
+        mask = json.loads((runs_dir / str(job) / "dam" / "mask.json").read_text())
+        shapes.add(tuple(mask["shape"]))
+    assert len(shapes) == 2  # the masks cannot be averaged together
+
+    fake = tmp_path / "fake"
     default = {"relaxation": "sigmoid", "progressive": True, "budget_penalty": 0.0}
     faithful = {**default, "progressive": False}
     for seed in (1, 2):
-        fake_run(tmp_path / f"d{seed}", "diffora", seed, 0.8, preset="default",
+        fake_run(fake / f"d{seed}", "diffora", seed, 0.8, preset="default",
                  search_variant=default)  # fmt: skip
-        fake_run(tmp_path / f"f{seed}", "diffora", seed, 0.6, preset="faithful",
+        fake_run(fake / f"f{seed}", "diffora", seed, 0.6, preset="faithful",
                  search_variant=faithful)  # fmt: skip
-        fake_run(tmp_path / f"l{seed}", "lora", seed, 0.7, budget=None if seed == 2 else 0.5)
-    fake_run(tmp_path / "f1_again", "diffora", 1, 0.6, preset="faithful", search_variant=faithful)
+        fake_run(fake / f"l{seed}", "lora", seed, 0.7, budget=None if seed == 2 else 0.5)
+    fake_run(fake / "f1_again", "diffora", 1, 0.6, preset="faithful", search_variant=faithful)
     with pytest.warns(UserWarning, match="seed 1 occurs more than once"):
-        groups = report.aggregate(report.collect([tmp_path]))
-    expected = [[g[k] for k in ("backbone", "task", "method", "search", "budget", "rank")]
-                for g in groups]  # fmt: skip
-    assert [row[2:5] for row in expected] == [
+        groups = report.aggregate(report.collect([runs_dir, fake]))
+    keys = ("backbone", "task", "method", "search", "budget", "rank")
+    expected = [[g[k] for k in keys] for g in groups]
+    assert [row[2:5] for row in expected if row[0] == "fake_backbone"] == [
         ["diffora", "sigmoid+progressive", 0.5],
         ["diffora_faithful", "sigmoid", 0.5],
         ["lora", None, None],
     ]
 
-    monkeypatch.setenv("DIFFORA_RUNS", str(tmp_path))
+    monkeypatch.setenv("DIFFORA_RUNS", os.pathsep.join([str(runs_dir), str(fake)]))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # Read the notebook's own grouping back: its groups, and those of its survival table.
     notebook.cells.append(
@@ -161,16 +144,23 @@ def test_notebook_and_report_group_the_same_runs(tmp_path, monkeypatch):
     )
     client = NotebookClient(
         notebook,
-        timeout=120,
+        timeout=900,  # per cell: a hang guard, not a speed limit
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )
-    client.execute()
-    text = "".join(
-        out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", [])
-    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    outputs = [out for cell in notebook.cells for out in cell.get("outputs", [])]
+    assert not [out for out in outputs if out.output_type == "error"]
+    assert [out for out in outputs if "image/png" in out.get("data", {})]
+    text = "".join(out.get("text", "") for out in outputs)
+    assert f"{len(RUNS) + 7} runs from 2 folders" in text  # DIFFORA_RUNS was honoured
+    # One survival panel per backbone (titles are in the figures; the table is text/html).
+    html = json.dumps([out.get("data", {}).get("text/html", "") for out in outputs])
+    assert "tiny_deberta_3l" in html and "tiny_deberta<" in html
     grouping = json.loads(text.split("GROUPING ", 1)[1].splitlines()[0])
     assert grouping["groups"] == expected
     # The survival table keeps the presets apart (and has no row for LoRA, which keeps all).
-    assert [row[2] for row in grouping["survival"]] == ["diffora", "diffora_faithful"]
+    fake_rows = [row for row in grouping["survival"] if row[0] == "fake_backbone"]
+    assert [row[2] for row in fake_rows] == ["diffora", "diffora_faithful"]
     assert "seed 1 repeated!" in text  # the repeated seed of the faithful group is flagged

@@ -40,9 +40,11 @@ NOT_RUN = {
 # Placeholders the README uses for a finished run -> a finished run folder of the test's.
 RUN_PLACEHOLDER = "outputs/synthetic/diffora/2026-11-28_11-40-02"
 # Appended to every `python -m diffora_lab` command but the default job (the fixture runs that
-# one in full): a few steps, no W&B, on a tiny backbone.
+# one in full): a few steps on the first 256 train examples (not SST-2's 67k), no W&B, on a tiny
+# backbone.
 FAST = (
     "train.max_steps=6",
+    "task.train_limit=256",
     "train.val_every=3",
     "train.ckpt_every=3",
     "train.eval_batch_size=256",

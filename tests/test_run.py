@@ -613,3 +613,29 @@ def test_bf16_mixed_runs_on_cpu_with_finite_metrics(reference, tmp_path):
     mine, ref = losses(tmp_path), losses(reference.out)
     assert len(mine) == len(ref) > 0 and all(math.isfinite(v) for v in mine)
     assert mine != pytest.approx(ref, rel=1e-6, abs=0)
+
+
+def test_the_final_weights_are_scored_once(tmp_path, monkeypatch):
+    """A dev evaluation scheduled at the last step is the final score: no second dev pass at the
+    end (on MNLI a pass is 20k examples). When `train.val_every` does not divide the steps, the
+    final weights are scored at the end, and that is what results.json reports."""
+    import csv
+
+    import lightning.pytorch as pl
+
+    passes = []
+    validate = pl.Trainer.validate
+    monkeypatch.setattr(
+        pl.Trainer, "validate", lambda self, *a, **k: passes.append(1) or validate(self, *a, **k)
+    )
+    for val_every, extra_passes in ((20, 0), (15, 1)):
+        passes.clear()
+        out = tmp_path / f"every{val_every}"
+        overrides = ["+experiment=smoke", "method=lora", f"train.val_every={val_every}"]
+        results = run(compose_config(overrides, out), out)
+        assert len(passes) == extra_passes
+        with (out / "csv" / "metrics.csv").open(newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if r.get("val/accuracy")]
+        # One dev row per scheduled evaluation, plus the final pass where one was needed.
+        assert len(rows) == STEPS // val_every + extra_passes
+        assert results["metrics"]["val/accuracy"] == pytest.approx(float(rows[-1]["val/accuracy"]))

@@ -526,6 +526,19 @@ def test_synthetic_size_overrides_and_odd_sizes() -> None:
         generate_synthetic(0, n_train=10, n_dev=0)
 
 
+def test_limits_keep_the_first_examples_of_train_and_of_each_dev_split() -> None:
+    spec, sizes = get_task("synthetic"), {"n_train": 50, "n_dev": 20}
+    full = load_raw(spec, None, seed=3, synthetic=sizes)
+    cut = load_raw(spec, None, seed=3, synthetic=sizes, train_limit=12, dev_limit=5)
+    assert cut.train.text_a == full.train.text_a[:12] and cut.train.labels == full.train.labels[:12]
+    assert cut.dev["validation"].labels == full.dev["validation"].labels[:5]
+    only_train = load_raw(spec, None, seed=3, synthetic=sizes, train_limit=12)
+    assert len(only_train.train) == 12 and len(only_train.dev["validation"]) == 20
+    for bad in (0, True):
+        with pytest.raises(ValueError, match=r"task\.train_limit=.*>= 1, or null"):
+            load_raw(spec, None, seed=3, synthetic=sizes, train_limit=bad)
+
+
 # ------------------------------------------------------------------------------------------
 # The real shared GLUE files (skipped when absent)
 

@@ -131,10 +131,13 @@ def finish(
     output_dir: Path,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """Scores the dev set once more and collects ``results.json``'s content (``extra``: what the
-    run recorded on the way, e.g. the search cache's reuse and the data warnings)."""
+    """Scores the dev set of the final weights, unless the last scheduled evaluation did so at the
+    last step (``train.val_every`` divides ``train.max_steps``), and collects ``results.json``'s
+    content (``extra``: what the run recorded on the way, e.g. the search cache's reuse and the
+    data warnings)."""
     module = assembled.module
-    trainer.validate(module, datamodule=assembled.datamodule, verbose=False)
+    if module.last_val_step != module.step or not module.last_val:
+        trainer.validate(module, datamodule=assembled.datamodule, verbose=False)
     results = collect_results(cfg, module, assembled.candidates, clock.started, output_dir)
     results["wall_seconds"] = round(clock.wall_seconds(), 2)
     results["fit_seconds"] = round(clock.fit_seconds(), 2)

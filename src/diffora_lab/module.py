@@ -108,6 +108,7 @@ class TrainingModule(FiniteLossChecks, DevEvaluation, pl.LightningModule):
         self._arch_state: dict | None = None
         self._search_iter = None
         self.last_val: dict[str, float] = {}
+        self.last_val_step: int | None = None  # the step of last_val, when this process scored it
         # First step with a non-finite loss per (phase, step kind), on the loss's device: read
         # only every optim.finite_check_every steps, so a step needs no host-device sync for it.
         self.reset_finite_checks()

@@ -219,6 +219,7 @@ def _load_data(cfg: DictConfig, spec: TaskSpec) -> RawSplits:
             ),
             hub_id=cfg.task.get("hub_id"),
             dev_limit=cfg.task.get("dev_limit"),
+            train_limit=cfg.task.get("train_limit"),
         )
     except ValueError as error:
         raise ConfigError(str(error)) from error

@@ -38,6 +38,7 @@ class DevEvaluation:
         self.check_finite()
         results = self._compute_val_metrics()
         self.last_val = results
+        self.last_val_step = None if self.trainer.sanity_checking else self.step
         if not self.trainer.sanity_checking:
             # torchmetrics already synced the states: every rank holds the same values.
             self.log_dict(results, prog_bar=True, sync_dist=True)

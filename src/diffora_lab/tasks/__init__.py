@@ -99,20 +99,25 @@ def load_raw(
     synthetic: Mapping[str, Any] | None = None,
     hub_id: str | None = None,
     dev_limit: int | None = None,
+    train_limit: int | None = None,
 ) -> RawSplits:
     """Load a task's raw splits from the right source (see :func:`_load_all`), dev splits cut to
     their first ``dev_limit`` examples when it is set (``task.dev_limit``: cheaper evaluations of
-    a large model on a CPU; the same examples in every run and in ``diffora_lab.evaluate``).
+    a large model on a CPU; the same examples in every run and in ``diffora_lab.evaluate``), the
+    train split to its first ``train_limit`` (``task.train_limit``: a short run on a large task
+    tokenizes only what it can see; the search split is carved from these).
 
     Raises:
-        ValueError: A ``dev_limit`` below 1, or what :func:`_load_all` raises.
+        ValueError: A limit below 1, or what :func:`_load_all` raises.
     """
-    if dev_limit is not None and (isinstance(dev_limit, bool) or int(dev_limit) < 1):
-        raise ValueError(f"task.dev_limit={dev_limit!r}: a number of dev examples >= 1, or null.")
+    for name, limit in (("dev_limit", dev_limit), ("train_limit", train_limit)):
+        if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+            raise ValueError(f"task.{name}={limit!r}: a number of examples >= 1, or null.")
     raw = _load_all(spec, data_dir, seed=seed, synthetic=synthetic, hub_id=hub_id)
+    train = raw.train if train_limit is None else _first(raw.train, int(train_limit))
     if dev_limit is None:
-        return raw
-    return RawSplits(raw.train, {name: _first(ex, int(dev_limit)) for name, ex in raw.dev.items()})
+        return RawSplits(train, raw.dev)
+    return RawSplits(train, {name: _first(ex, int(dev_limit)) for name, ex in raw.dev.items()})
 
 
 def _first(examples: Examples, n: int) -> Examples:
