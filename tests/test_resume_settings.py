@@ -74,14 +74,15 @@ def test_an_interrupted_sweep_continues_when_run_again(tmp_path):
     args = [
         sys.executable, "-m", "diffora_lab", "-m", "+experiment=smoke", "budget=0.25,0.5",
         f"hydra.sweep.dir={sweep}", f"data.cache_dir={tmp_path / 'cache'}",
-        "train.max_steps=160", "trainer.enable_progress_bar=false",
+        "train.max_steps=100", "trainer.enable_progress_bar=false",
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    # The second job has trained (its first checkpoint; its gates.jsonl may come from the shared
-    # search's cache entry before it trains at all).
+    # The second job has trained (its first checkpoint, 10 steps after the shared search's end at
+    # step 50: 40 steps are left when the signal is sent; its gates.jsonl may come from the
+    # shared search's cache entry before it trains at all).
     trained = sweep / "1" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 600
     while not trained.is_file():
@@ -100,7 +101,7 @@ def test_an_interrupted_sweep_continues_when_run_again(tmp_path):
     assert "diffora_lab: resuming from checkpoint at step" in again.stdout
     assert (sweep / "0" / "results.json").read_bytes() == first  # not trained again
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
-    assert [(r["budget"], r["steps"]) for r in results] == [(0.25, 160), (0.5, 160)]
+    assert [(r["budget"], r["steps"]) for r in results] == [(0.25, 100), (0.5, 100)]
 
 
 # ----------------------------------------------------------------------------- records
