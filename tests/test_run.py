@@ -615,6 +615,7 @@ def test_bf16_mixed_runs_on_cpu_with_finite_metrics(reference, tmp_path):
     assert mine != pytest.approx(ref, rel=1e-6, abs=0)
 
 
+@pytest.mark.slow
 def test_the_final_weights_are_scored_once(tmp_path, monkeypatch):
     """A dev evaluation scheduled at the last step is the final score: no second dev pass at the
     end (on MNLI a pass is 20k examples). When `train.val_every` does not divide the steps, the
