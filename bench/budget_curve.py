@@ -61,7 +61,11 @@ METHODS = [*SEARCHED, *FIXED, "lora"]
 # of the 150-step search instead of right after the 10-step gate warm-up, so the gates have had
 # 65 architecture steps before the first removal (the default removes a third of the
 # candidates' parameters within 10 architecture steps of the warm-up's end, BENCHMARKS.md).
-VARIANTS = {"diffora_late": ["search.prune_start=75"]}
+VARIANTS = {
+    "diffora_late": ["search.prune_start=75"],  # removal starts once the gates have spread
+    "diffora_second": ["dam.arch_grad=second"],  # DARTS' second-order architecture step
+    "diffora_softmax_row": ["search=softmax_row"],  # the module types compete within each layer
+}
 # Fixed y scales (the metric, not the data, sets them): figures of different sittings compare.
 Y_SCALES = {
     "sst2": ("dev accuracy (SST-2)", 0.70, 0.95),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import load_bench, run_study_jobs_here
+from omegaconf import OmegaConf
 from test_gpu_study import write_sst2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +47,27 @@ def test_the_job_list_is_the_studys_design(tmp_path):
     first = late[0].overrides
     assert {"method=diffora", "rank=8", "budget_unit=params", "search.prune_start=75"} <= set(first)
     assert late[0].folder == tmp_path / "sst2" / "b0.05" / "diffora_late" / "seed1"
+
+
+@pytest.mark.parametrize("variant", sorted(load_curve().VARIANTS))
+def test_each_diagnostic_arm_is_the_default_search_with_its_own_settings(variant):
+    """A variant's job composes and passes the run's checks, and differs from DiffoRA's job at
+    the same budget only by the variant's overrides, each of which takes effect."""
+    from conftest import compose_config
+
+    from diffora_lab.config import validate
+
+    curve = load_curve()
+    mine, default = curve.method_overrides(variant, 0.25), curve.method_overrides("diffora", 0.25)
+    assert mine == [*default, *curve.VARIANTS[variant]]
+    steps = f"train.max_steps={curve.gpu_study.task_settings('sst2', 'cpu', 1.0)['max_steps']}"
+    cfg = compose_config(["task=sst2", steps, *mine])
+    validate(cfg)
+    plain = compose_config(["task=sst2", steps, *default])
+    for override in curve.VARIANTS[variant]:
+        key, value = override.split("=", 1)
+        changed = key if key.count(".") else f"{key}.name"
+        assert str(OmegaConf.select(cfg, changed)) == value != str(OmegaConf.select(plain, changed))
 
 
 def row(method, budget, seed, value, params, target, within=True, rank=8):
