@@ -314,8 +314,9 @@ def _check_run_settings(cfg: DictConfig) -> None:
     if cfg.train.get("stop_after") is not None and _number(cfg, "train.stop_after", int) < 1:
         _fail("train.stop_after", cfg.train.stop_after, "steps before a resumable stop: >= 1.")
     for key in ("task.dev_limit", "task.train_limit"):
-        if OmegaConf.select(cfg, key) is not None and _number(cfg, key, int) < 1:
-            _fail(key, OmegaConf.select(cfg, key), "keep the first N examples: N >= 1, or null.")
+        limit = OmegaConf.select(cfg, key)
+        if limit is not None and _number(cfg, key, int) < 1:
+            _fail(key, limit, "keep the first N examples: N >= 1, or null.")
     if not isinstance(cfg.get("overwrite", False), bool):
         _fail("overwrite", cfg.get("overwrite"), "true or false.")
 

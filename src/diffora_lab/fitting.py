@@ -136,7 +136,7 @@ def finish(
     content (``extra``: what the run recorded on the way, e.g. the search cache's reuse and the
     data warnings)."""
     module = assembled.module
-    if module.last_val_step != module.step or not module.last_val:
+    if module.last_val_step != module.step:
         trainer.validate(module, datamodule=assembled.datamodule, verbose=False)
     results = collect_results(cfg, module, assembled.candidates, clock.started, output_dir)
     results["wall_seconds"] = round(clock.wall_seconds(), 2)

@@ -115,9 +115,10 @@ def load_raw(
             raise ValueError(f"task.{name}={limit!r}: a number of examples >= 1, or null.")
     raw = _load_all(spec, data_dir, seed=seed, synthetic=synthetic, hub_id=hub_id)
     train = raw.train if train_limit is None else _first(raw.train, int(train_limit))
-    if dev_limit is None:
-        return RawSplits(train, raw.dev)
-    return RawSplits(train, {name: _first(ex, int(dev_limit)) for name, ex in raw.dev.items()})
+    dev = raw.dev
+    if dev_limit is not None:
+        dev = {name: _first(examples, int(dev_limit)) for name, examples in dev.items()}
+    return RawSplits(train, dev)
 
 
 def _first(examples: Examples, n: int) -> Examples:
