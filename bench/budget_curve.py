@@ -216,6 +216,8 @@ def row_of(job: CurveJob) -> dict:
         "kept_by_type": results["kept_by_type"],
         "val_before": (results.get("discretization") or {}).get("val_before"),
         "steps": results["steps"],
+        "cut_step": (results.get("search_variant") or {}).get("cut_step"),
+        "fit_seconds": results.get("fit_seconds"),
         "wall_seconds": results.get("wall_seconds"),
         "run_dir": str(job.folder),
         "config_key": config_key(job),

@@ -1,24 +1,31 @@
 """One search per budget sweep, measured both ways (issue 20, part 5).
 
-For each seed, the same budgets run twice with the default (progressive) search:
+For each seed, the same budgets with the default (progressive) search, two ways:
 
 - ``shared``: the budgets one after the other in one search cache, each run told the sweep's
   budgets (``dam.sweep_budgets``, what a Hydra multirun over ``budget`` passes by itself): one
   search runs towards the smallest budget and the others start from the snapshot it left as it
   passed theirs (README, "Budget sweeps search once");
-- ``separate``: one run per budget, each with its own search (``dam.reuse_search=false``).
+- ``separate``: one run per budget, each with its own search: these are the low-budget study's
+  ``diffora`` runs (bench/budget_curve.py; the same jobs, folders and record), so no run is
+  computed twice. A shared run is that same job with only the sharing settings changed
+  (``dam.reuse_search=true``, ``dam.sweep_budgets``, its own cache).
 
 The table gives, per budget, the dev metric of both arms (mean +- std over seeds), their paired
-difference and the separate arm's seed std (the noise it must be judged against), the search
-steps each arm computed and the fit time of each arm, summed over its runs (measured side by
-side in this one call; a shared machine's load moves both). Runs are started by
-bench/gpu_study.py's driver, resumably (finished runs are skipped; a run stopped at the deadline
-continues from its checkpoint); the shared runs of one seed go one after the other.
+difference, and the search steps each arm computed (one search per seed against one per
+budget). Runs are started by bench/gpu_study.py's driver, resumably (finished runs are skipped;
+a run stopped at the deadline continues from its checkpoint); the shared runs of one seed go one
+after the other.
+
+The rows file ``bench/results/sweep_sharing.json`` is the record across machines, as the budget
+curve's is (commit it after a sitting): a shared row recorded with the same settings
+(``config_key``, the budget curve's hash of the overrides without machine paths) counts as
+finished without its run folder; the separate rows come from the budget curve's record.
 
     OMP_WAIT_POLICY=PASSIVE python bench/sweep_sharing.py                 # 3 budgets x 3 seeds
     python bench/sweep_sharing.py --backbone tiny_deberta --scale 0.05   # a smoke
 
-Writes ``bench/results/sweep_sharing.{json,md}``; runs in ``bench/results/sweep_sharing/``.
+Writes ``bench/results/sweep_sharing.{json,md}``; shared runs in ``bench/results/sweep_sharing/``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import budget_curve  # noqa: E402  (the separate arm: the study's diffora jobs and record)
 import gpu_study  # noqa: E402
+
+# What a shared run changes in the budget curve's job for the same budget and seed.
+SHARING = ("dam.reuse_search=", "dam.sweep_budgets=", "data.cache_dir=", "hydra.run.dir=")
 
 
 @dataclass
@@ -45,61 +56,54 @@ class SweepJob(gpu_study.Job):
     budget: float = 0.0
 
 
-def make_chains(args: argparse.Namespace, runs: Path, data_dir: Path) -> list[list[SweepJob]]:
-    """Runs that must go in order: one chain per seed for the shared arm, one per run else."""
-    settings = gpu_study.task_settings(args.task, "cpu", args.scale)
-    steps = settings["max_steps"]
-    common = [
-        *(o for o in gpu_study.COMMON if not o.startswith("dam.reuse_search")),
-        *gpu_study.SPEEDUPS,
-        "method=diffora",
-        "search=progressive",
-        f"rank={args.rank}",
-        f"backbone={args.backbone}",
-        f"task={args.task}",
-        f"task.data_dir={data_dir}",
-        f"task.max_length={settings['max_length']}",
-        f"train.max_steps={steps}",
-        f"train.val_every={max(1, steps // 2)}",
-        f"train.ckpt_every={max(1, steps // 4)}",
-        f"dam.warmup_steps={min(10, max(1, steps // 8))}",
-        "trainer.accelerator=cpu",
-        *args.extra,
-    ]
-    sweep = "[" + ",".join(f"{b:g}" for b in args.budgets) + "]"
+def curve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The budget curve's arguments for this sweep's diffora runs."""
+    return budget_curve.parse(
+        [
+            "--tasks", args.task,
+            "--budgets", *map(str, args.budgets),
+            "--methods", "diffora",
+            "--seeds", *map(str, args.seeds),
+            "--scale", str(args.scale),
+            "--backbone", args.backbone,
+            "--data-dir", args.data_dir,
+            "--out", args.out,
+            *args.extra,
+        ]
+    )  # fmt: skip
+
+
+def make_jobs(
+    args: argparse.Namespace, out: Path, data_dir: Path
+) -> tuple[list[budget_curve.CurveJob], list[list[SweepJob]]]:
+    """The separate arm (the budget curve's diffora jobs) and one chain of shared runs per seed,
+    smallest budget first (it runs the search the others start from)."""
+    separate = budget_curve.make_jobs(curve_args(args), out / "budget_curve", data_dir)
+    sweep = "[" + ",".join(f"{b:g}" for b in sorted(args.budgets)) + "]"
     chains = []
     for seed in args.seeds:
-        shared = []
-        for budget in args.budgets:
-            for arm in ("shared", "separate"):
-                folder = runs / arm / f"b{budget:g}" / f"seed{seed}"
-                cache = runs / "cache" / arm / f"seed{seed}"
-                arm_overrides = (
-                    ["dam.reuse_search=true", f"dam.sweep_budgets={sweep}"]
-                    if arm == "shared"
-                    else ["dam.reuse_search=false", f"budget={budget}"]
+        chain = []
+        for job in sorted((j for j in separate if j.seed == seed), key=lambda j: j.budget):
+            folder = out / args.name / "shared" / f"b{job.budget:g}" / f"seed{seed}"
+            overrides = [
+                *(o for o in job.overrides if not o.startswith(SHARING)),
+                "dam.reuse_search=true",
+                f"dam.sweep_budgets={sweep}",
+                f"data.cache_dir={out / args.name / 'cache' / 'shared' / f'seed{seed}'}",
+                f"hydra.run.dir={folder}",
+            ]
+            chain.append(
+                SweepJob(
+                    args.task, "diffora", seed, folder, overrides, arm="shared", budget=job.budget
                 )
-                overrides = [
-                    *common,
-                    f"seed={seed}",
-                    f"budget={budget}",
-                    *arm_overrides,
-                    f"data.cache_dir={cache if arm == 'shared' else cache / f'b{budget:g}'}",
-                    f"hydra.run.dir={folder}",
-                ]
-                job = SweepJob(args.task, arm, seed, folder, overrides, arm=arm, budget=budget)
-                if arm == "shared":
-                    shared.append(job)
-                else:
-                    chains.append([job])
-        chains.append(shared)
-    return chains
+            )
+        chains.append(chain)
+    return separate, chains
 
 
 def run_chains(chains: list[list[SweepJob]], parallel: int, threads: int, deadline) -> None:
     """Like gpu_study.run_all, but each chain's runs one after the other."""
-    pending = [[j for j in chain if not j.done] for chain in chains]
-    pending = [chain for chain in pending if chain]
+    pending = [chain for chain in chains if chain]
     running: list[tuple[SweepJob, list[SweepJob]]] = []
     while pending or running:
         if deadline is not None and time.time() >= deadline:
@@ -140,7 +144,53 @@ def row_of(job: SweepJob) -> dict:
         "params_adapter": results["params"]["adapter"],
         "fit_seconds": results.get("fit_seconds"),
         "run_dir": str(job.folder),
+        "config_key": budget_curve.config_key(job),
     }
+
+
+def separate_row(row: dict) -> dict:
+    """A budget curve row as this table's separate arm: its own search, cut at its end."""
+    return {
+        "arm": "separate",
+        "seed": row["seed"],
+        "budget": row["budget"],
+        "metric": row["metric"],
+        "value": row["value"],
+        "cut_step": row.get("cut_step"),
+        "searched_steps": row.get("cut_step"),
+        "params_adapter": row["params_adapter"],
+        "run_dir": row["run_dir"],
+        "config_key": row["config_key"],
+    }
+
+
+def collect(
+    separate: list[budget_curve.CurveJob], chains: list[list[SweepJob]], out: Path, name: str
+) -> tuple[list[dict], list[budget_curve.CurveJob], list[list[SweepJob]], int]:
+    """Both arms' rows, the runs left to do (separate; shared, as chains) and how many shared rows
+    came from the record (made with the same settings, no run folder here)."""
+    mine = {(j.task, j.method, j.budget, j.seed) for j in separate}
+    curve_rows, separate_todo, _, _ = budget_curve.collect(
+        separate, budget_curve.recorded_rows(out / "budget_curve.json")
+    )
+    rows = [separate_row(r) for r in curve_rows if budget_curve.identity(r) in mine]
+    path = out / f"{name}.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else []
+    shared = {(r["budget"], r["seed"]): r for r in recorded if r["arm"] == "shared"}
+    todo, reused = [], 0
+    for chain in chains:
+        left = []
+        for job in chain:
+            old = shared.get((job.budget, job.seed))
+            if job.done:
+                rows.append(row_of(job))
+            elif old is not None and old.get("config_key") == budget_curve.config_key(job):
+                rows.append(old)
+                reused += 1
+            else:
+                left.append(job)
+        todo.append(left)
+    return rows, separate_todo, todo, reused
 
 
 def _mean_std(values: list[float]) -> str:
@@ -161,22 +211,21 @@ def table(rows: list[dict]) -> str:
         arm = {a: [r for r in here if r["arm"] == a] for a in ("shared", "separate")}
         alone = {r["seed"]: r["value"] for r in arm["separate"]}
         deltas = [r["value"] - alone[r["seed"]] for r in arm["shared"] if r["seed"] in alone]
-        cuts = [sorted({r["cut_step"] for r in arm[a]}) for a in ("shared", "separate")]
+        cuts = [sorted({str(r["cut_step"] or "-") for r in arm[a]}) for a in ("shared", "separate")]
         lines.append(
             f"| {budget:g} | {_mean_std([r['value'] for r in arm['shared']])} "
             f"| {_mean_std([r['value'] for r in arm['separate']])} "
             f"| {_mean_std(deltas)} ({len(deltas)}) "
             f"| {'/'.join(map(str, cuts[0]))} / {'/'.join(map(str, cuts[1]))} |"
         )
-    lines += ["", "| arm | runs | search steps computed | fit seconds (sum) |", "|---|---|---|---|"]
-    totals = {}
+    lines += ["", "| arm | runs | searches run | search steps computed |", "|---|---|---|---|"]
     for name in ("shared", "separate"):
         mine = [r for r in rows if r["arm"] == name]
-        totals[name] = sum(r["fit_seconds"] or 0 for r in mine)
-        steps = sum(r["searched_steps"] for r in mine)
-        lines.append(f"| {name} | {len(mine)} | {steps} | {totals[name]:.0f} |")
-    if totals.get("separate"):
-        lines.append(f"\nfit time shared / separate: {totals['shared'] / totals['separate']:.2f}")
+        known = [r["searched_steps"] for r in mine if r["searched_steps"] is not None]
+        steps = f"{sum(known)}" + (
+            f" ({len(mine) - len(known)} runs unknown)" if len(known) < len(mine) else ""
+        )
+        lines.append(f"| {name} | {len(mine)} | {sum(s > 0 for s in known)} | {steps} |")
     return "\n".join(lines)
 
 
@@ -186,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.125, 0.25, 0.5])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--scale", type=float, default=1.0, help="step-budget factor (smoke)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel jobs")
     parser.add_argument("--deadline-min", type=float, help="stop after this many minutes")
@@ -197,18 +245,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("extra", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    chains = make_chains(args, out / args.name, Path(args.data_dir).resolve())
-    jobs = [job for chain in chains for job in chain]
+    separate, chains = make_jobs(args, out, Path(args.data_dir).resolve())
+    _, separate_todo, todo, _ = collect(separate, chains, out, args.name)
+    left = len(separate_todo) + sum(map(len, todo))
+    total = len(separate) + sum(map(len, chains))
+    print(f"[sweep_sharing] {left} of {total} runs to do, {args.jobs} at a time")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     deadline = time.time() + 60 * args.deadline_min if args.deadline_min else None
-    todo = sum(not j.done for j in jobs)
-    print(f"[sweep_sharing] {todo} of {len(jobs)} runs to do, {args.jobs} at a time")
-    run_chains(chains, args.jobs, threads, deadline)
-    rows = [row_of(job) for job in jobs if job.done]
+    run_chains([[job] for job in separate_todo] + todo, args.jobs, threads, deadline)
+    rows, separate_todo, todo, reused = collect(separate, chains, out, args.name)
     (out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     markdown = f"`python bench/sweep_sharing.py {' '.join(argv)}`\n\n{table(rows)}\n"
     (out / f"{args.name}.md").write_text(markdown)
     print(markdown)
+    if reused:
+        print(f"[sweep_sharing] {reused} shared rows reused from {out / args.name}.json")
+    if separate_todo or any(todo):
+        print("[sweep_sharing] runs not finished: run the same command again")
     return 0
 
 
