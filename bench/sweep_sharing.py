@@ -22,7 +22,7 @@ curve's is (commit it after a sitting): a shared row recorded with the same sett
 (``config_key``, the budget curve's hash of the overrides without machine paths) counts as
 finished without its run folder; the separate rows come from the budget curve's record.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/sweep_sharing.py                 # 3 budgets x 3 seeds
+    OMP_WAIT_POLICY=PASSIVE python bench/sweep_sharing.py                 # 3 budgets x 5 seeds
     python bench/sweep_sharing.py --backbone tiny_deberta --scale 0.05   # a smoke
 
 Writes ``bench/results/sweep_sharing.{json,md}``; shared runs in ``bench/results/sweep_sharing/``.
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.125, 0.25, 0.5])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--scale", type=float, default=1.0, help="step-budget factor (smoke)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel jobs")
     parser.add_argument("--deadline-min", type=float, help="stop after this many minutes")
