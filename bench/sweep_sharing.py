@@ -37,7 +37,6 @@ import signal
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,14 +45,10 @@ sys.path.insert(0, str(HERE))
 import budget_curve  # noqa: E402  (the separate arm: the study's diffora jobs and record)
 import gpu_study  # noqa: E402
 
+Job = budget_curve.CurveJob  # a run: task, method, seed, folder, overrides, budget
+
 # What a shared run changes in the budget curve's job for the same budget and seed.
 SHARING = ("dam.reuse_search=", "dam.sweep_budgets=", "data.cache_dir=", "hydra.run.dir=")
-
-
-@dataclass
-class SweepJob(gpu_study.Job):
-    arm: str = "separate"
-    budget: float = 0.0
 
 
 def curve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -75,7 +70,7 @@ def curve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def make_jobs(
     args: argparse.Namespace, out: Path, data_dir: Path
-) -> tuple[list[budget_curve.CurveJob], list[list[SweepJob]]]:
+) -> tuple[list[Job], list[list[Job]]]:
     """The separate arm (the budget curve's diffora jobs) and one chain of shared runs per seed,
     smallest budget first (it runs the search the others start from)."""
     separate = budget_curve.make_jobs(curve_args(args), out / "budget_curve", data_dir)
@@ -92,19 +87,15 @@ def make_jobs(
                 f"data.cache_dir={out / args.name / 'cache' / 'shared' / f'seed{seed}'}",
                 f"hydra.run.dir={folder}",
             ]
-            chain.append(
-                SweepJob(
-                    args.task, "diffora", seed, folder, overrides, arm="shared", budget=job.budget
-                )
-            )
+            chain.append(Job(args.task, "diffora", seed, folder, overrides, budget=job.budget))
         chains.append(chain)
     return separate, chains
 
 
-def run_chains(chains: list[list[SweepJob]], parallel: int, threads: int, deadline) -> None:
+def run_chains(chains: list[list[Job]], parallel: int, threads: int, deadline) -> None:
     """Like gpu_study.run_all, but each chain's runs one after the other."""
     pending = [chain for chain in chains if chain]
-    running: list[tuple[SweepJob, list[SweepJob]]] = []
+    running: list[tuple[Job, list[Job]]] = []
     while pending or running:
         if deadline is not None and time.time() >= deadline:
             for job, _ in running:
@@ -121,18 +112,18 @@ def run_chains(chains: list[list[SweepJob]], parallel: int, threads: int, deadli
             if job.process.poll() is None:
                 continue
             running.remove((job, rest))
-            print(f"[sweep_sharing] {'done' if job.done else 'FAILED'}: {job.arm} {job.budget}")
+            print(f"[sweep_sharing] {'done' if job.done else 'FAILED'}: shared {job.budget}")
             if rest and job.done:
                 pending.insert(0, rest)  # the chain's next run goes first
         time.sleep(1.0)
 
 
-def row_of(job: SweepJob) -> dict:
+def row_of(job: Job) -> dict:
     results = json.loads((job.folder / "results.json").read_text())
     source = (results.get("search") or {}).get("source") or {}
     cut = results["search_variant"]["cut_step"]
     return {
-        "arm": job.arm,
+        "arm": "shared",
         "seed": job.seed,
         "budget": results["budget"],
         "metric": results["primary_metric"],
@@ -165,8 +156,11 @@ def separate_row(row: dict) -> dict:
 
 
 def collect(
-    separate: list[budget_curve.CurveJob], chains: list[list[SweepJob]], out: Path, name: str
-) -> tuple[list[dict], list[budget_curve.CurveJob], list[list[SweepJob]], int]:
+    separate: list[Job],
+    chains: list[list[Job]],
+    out: Path,
+    name: str,
+) -> tuple[list[dict], list[Job], list[list[Job]], int]:
     """Both arms' rows, the runs left to do (separate; shared, as chains) and how many shared rows
     came from the record (made with the same settings, no run folder here)."""
     mine = {(j.task, j.method, j.budget, j.seed) for j in separate}
