@@ -234,35 +234,47 @@ def _interrupted(signum, frame) -> None:
 
 
 def run_all(jobs: list[Job], parallel: int, threads: int, deadline: float | None) -> None:
-    """Runs the jobs ``parallel`` at a time until all are done or the deadline passes.
+    """Runs the jobs ``parallel`` at a time until all are done or the deadline passes."""
+    run_chains([[job] for job in jobs], parallel, threads, deadline)
+
+
+def run_chains(
+    chains: list[list[Job]], parallel: int, threads: int, deadline: float | None
+) -> None:
+    """Runs chains of jobs ``parallel`` chains at a time, each chain's jobs one after the other
+    (a job starts when the one before it has finished; a failed job ends its chain), until all
+    are done or the deadline passes.
 
     A SIGTERM or Ctrl-C to this driver stops its running jobs the same way as the deadline
     (they checkpoint) before it exits: no job is left running on its own.
     """
-    pending = [j for j in jobs if not j.done]
-    running: list[Job] = []
+    pending = [[j for j in chain if not j.done] for chain in chains]
+    pending = [chain for chain in pending if chain]
+    running: list[tuple[Job, list[Job]]] = []
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
         while pending or running:
             if deadline is not None and time.time() >= deadline:
-                stop(running)
+                stop([job for job, _ in running])
                 print(f"[study] deadline: stopped {len(running)}, {len(pending)} not started")
                 return
             while pending and len(running) < parallel:
-                job = pending.pop(0)
-                start(job, threads)
-                running.append(job)
-            for job in list(running):
+                chain = pending.pop(0)
+                start(chain[0], threads)
+                running.append((chain[0], chain[1:]))
+            for job, rest in list(running):
                 code = job.process.poll()
                 if code is None:
                     continue
-                running.remove(job)
+                running.remove((job, rest))
                 took = time.time() - job.started
                 status = "done" if job.done else f"FAILED (exit {code}, see {job.log})"
                 print(f"[study] {status}: {job.task} {job.method} seed {job.seed} ({took:.0f} s)")
+                if rest and job.done:
+                    pending.insert(0, rest)  # the chain's next job goes first
             time.sleep(1.0)
     except KeyboardInterrupt:
-        stop(running)
+        stop([job for job, _ in running])
         print(f"[study] interrupted: stopped {len(running)}, {len(pending)} not started")
         raise SystemExit(130) from None
     finally:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import sys
 import time
@@ -90,32 +89,6 @@ def make_jobs(
             chain.append(Job(args.task, "diffora", seed, folder, overrides, budget=job.budget))
         chains.append(chain)
     return separate, chains
-
-
-def run_chains(chains: list[list[Job]], parallel: int, threads: int, deadline) -> None:
-    """Like gpu_study.run_all, but each chain's runs one after the other."""
-    pending = [chain for chain in chains if chain]
-    running: list[tuple[Job, list[Job]]] = []
-    while pending or running:
-        if deadline is not None and time.time() >= deadline:
-            for job, _ in running:
-                job.process.send_signal(signal.SIGTERM)  # checkpoints; a rerun resumes it
-            for job, _ in running:
-                job.process.wait()
-            print(f"[sweep_sharing] deadline: stopped {len(running)} runs")
-            return
-        while pending and len(running) < parallel:
-            chain = pending.pop(0)
-            gpu_study.start(chain[0], threads)
-            running.append((chain[0], chain[1:]))
-        for job, rest in list(running):
-            if job.process.poll() is None:
-                continue
-            running.remove((job, rest))
-            print(f"[sweep_sharing] {'done' if job.done else 'FAILED'}: shared {job.budget}")
-            if rest and job.done:
-                pending.insert(0, rest)  # the chain's next run goes first
-        time.sleep(1.0)
 
 
 def row_of(job: Job) -> dict:
@@ -246,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[sweep_sharing] {left} of {total} runs to do, {args.jobs} at a time")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     deadline = time.time() + 60 * args.deadline_min if args.deadline_min else None
-    run_chains([[job] for job in separate_todo] + todo, args.jobs, threads, deadline)
+    gpu_study.run_chains([[job] for job in separate_todo] + todo, args.jobs, threads, deadline)
     rows, separate_todo, todo, reused = collect(separate, chains, out, args.name)
     (out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     markdown = f"`python bench/sweep_sharing.py {' '.join(argv)}`\n\n{table(rows)}\n"
