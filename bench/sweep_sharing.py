@@ -167,6 +167,12 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
 
 
+def cut_steps(rows: list[dict]) -> list[str]:
+    """The arm's distinct cut steps in order, "-" for rows recorded without one."""
+    known = sorted({r["cut_step"] for r in rows if r["cut_step"] is not None})
+    return [str(step) for step in known] + ["-"] * any(r["cut_step"] is None for r in rows)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| budget | shared (mean ± std) | separate (mean ± std) | shared − separate, paired "
@@ -178,12 +184,12 @@ def table(rows: list[dict]) -> str:
         arm = {a: [r for r in here if r["arm"] == a] for a in ("shared", "separate")}
         alone = {r["seed"]: r["value"] for r in arm["separate"]}
         deltas = [r["value"] - alone[r["seed"]] for r in arm["shared"] if r["seed"] in alone]
-        cuts = [sorted({str(r["cut_step"] or "-") for r in arm[a]}) for a in ("shared", "separate")]
+        cuts = ["/".join(cut_steps(arm[a])) for a in ("shared", "separate")]
         lines.append(
             f"| {budget:g} | {_mean_std([r['value'] for r in arm['shared']])} "
             f"| {_mean_std([r['value'] for r in arm['separate']])} "
             f"| {_mean_std(deltas)} ({len(deltas)}) "
-            f"| {'/'.join(map(str, cuts[0]))} / {'/'.join(map(str, cuts[1]))} |"
+            f"| {cuts[0]} / {cuts[1]} |"
         )
     lines += ["", "| arm | runs | searches run | search steps computed |", "|---|---|---|---|"]
     for name in ("shared", "separate"):
