@@ -246,12 +246,14 @@ def paired(mine: list[dict], other: list[dict]) -> str:
 
 def table(rows: list[dict], methods: list[str]) -> str:
     """Markdown: per task x budget x method, mean +- std (x100), seeds, achieved / target
-    adapter parameters (flagged when a run is more than one module away), DiffoRA's paired
-    difference to the random mask at the same budget and seed."""
+    adapter parameters (flagged when a run is more than one module away), and two paired
+    differences at the same budget and seed: the method's to the random mask (does it beat
+    chance?), and DiffoRA's to the method (does the search beat a hand choice or a variant?).
+    Uniform LoRA is paired at the budget it stands for (its nearest rank)."""
     lines = [
         "| task | budget | method | rank | mean ± std | seeds | adapter params (mean) "
-        "| / target | Δ vs random mask, paired (seeds) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| / target | this − random mask, paired (seeds) | DiffoRA − this, paired (seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task in sorted({r["task"] for r in rows}):
         for budget in sorted({r["budget"] for r in rows if r["task"] == task}):
@@ -267,13 +269,15 @@ def table(rows: list[dict], methods: list[str]) -> str:
                 if any(r["within_one_module"] is False for r in mine):
                     ratio += " (> 1 module off)"
                 ranks = sorted({r["rank"] for r in mine})
-                delta = "-"
-                if method.startswith("diffora"):
-                    delta = paired(mine, [r for r in here if r["method"] == "random_mask"])
+                chance = search = "-"
+                if method != "random_mask":
+                    chance = paired(mine, [r for r in here if r["method"] == "random_mask"])
+                if method not in ("diffora", "random_mask"):
+                    search = paired([r for r in here if r["method"] == "diffora"], mine)
                 lines.append(
                     f"| {task} | {budget:g} | {method} | {'/'.join(map(str, ranks))} "
                     f"| {plus_minus(mean, std)} | {len(mine)} | {params:,.0f} "
-                    f"| {ratio} | {delta} |"
+                    f"| {ratio} | {chance} | {search} |"
                 )
     return "\n".join(lines)
 

@@ -84,7 +84,7 @@ def row(method, budget, seed, value, params, target, within=True, rank=8):
     )
 
 
-def test_table_pairs_the_search_with_the_random_mask_and_flags_missed_targets():
+def test_table_pairs_each_choice_with_the_random_mask_and_the_search_and_flags_missed_targets():
     curve = load_curve()
     rows = [
         row("diffora", 0.05, 1, 0.82, 16000, 16589),
@@ -94,16 +94,23 @@ def test_table_pairs_the_search_with_the_random_mask_and_flags_missed_targets():
         row("random_mask", 0.05, 3, 0.99, 16000, 16589),  # no diffora seed 3: not paired
         row("lora", 0.05, 1, 0.85, 41472, 16589, within=None, rank=1),
         row("lora_qv", 0.05, 1, 0.81, 18432, 16589, within=False, rank=2),
+        row("lora_qv", 0.05, 2, 0.80, 18432, 16589, within=False, rank=2),
     ]
     lines = {
         line.split(" | ")[2]: line
         for line in curve.table(rows, curve.METHODS).splitlines()
         if line.startswith("| sst2")
     }
-    # per-seed differences +2 and +1 points: +1.50 ± 0.71 over 2 seeds
-    assert lines["diffora"].endswith("| +1.50 ± 0.71 (2) |")
+    # per-seed differences +2 and +1 points: +1.50 ± 0.71 over 2 seeds; DiffoRA is not paired
+    # with itself
+    assert lines["diffora"].endswith("| +1.50 ± 0.71 (2) | - |")
+    assert lines["random_mask"].endswith("| - | - |")
     assert "| 83.00 ± 1.41 | 2 | 16,500 | 0.995 |" in lines["diffora"]
     assert "| 2.500 |" in lines["lora"] and "| 1 |" in lines["lora"]  # rank 1: 2.5x the target
+    # uniform LoRA (seed 1): +5 over the random mask; DiffoRA 3 points below it
+    assert lines["lora"].endswith("| +5.00 ± - (1) | -3.00 ± - (1) |")
+    # the hand choice, both directions: q,v - random mask +1, -3; DiffoRA - q,v +1, +4
+    assert lines["lora_qv"].endswith("| -1.00 ± 2.83 (2) | +2.50 ± 2.12 (2) |")
     assert "(> 1 module off)" in lines["lora_qv"]
 
 
