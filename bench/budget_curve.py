@@ -192,6 +192,20 @@ def collect(
     return kept + rows, unique(todo), reused, stale
 
 
+def within_one_module(results: dict) -> bool | None:
+    """Whether the run kept within one module of its target, that module counted at the rank of
+    the target (LoRA r=8): budget.py's ``tolerance``; a run recorded before there was one (a fixed
+    choice's then measured one module at its own rank) is measured at r=8 here. None: no target
+    (uniform LoRA)."""
+    count = results.get("budget_count")
+    if not count:
+        return None
+    tolerance = count.get("tolerance")
+    if tolerance is None:  # the largest module at the run's rank, scaled to the reference rank
+        tolerance = count["largest_module"] * REFERENCE_RANK / results["rank"]
+    return abs(count["achieved"] - count["target"]) <= tolerance
+
+
 def row_of(job: CurveJob) -> dict:
     results = json.loads((job.folder / "results.json").read_text())
     primary = results["primary_metric"]
@@ -210,7 +224,7 @@ def row_of(job: CurveJob) -> dict:
         "value": results["metrics"][primary],
         "params_adapter": adapter,
         "target_params": target,
-        "within_one_module": count.get("within_one_module"),
+        "within_one_module": within_one_module(results),
         "rank": results["rank"],
         "k": results["k"],
         "kept_by_type": results["kept_by_type"],

@@ -17,6 +17,7 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+from diffora_lab import runs
 from diffora_lab.backbones import Candidate, find_candidates
 from diffora_lab.budget import Budget, for_run, in_modules, keep_in_order, num_kept
 from diffora_lab.config import SearchSettings
@@ -238,6 +239,28 @@ def test_fixed_choice_run_records_its_rank_target_and_count(tmp_path, method, fr
     assert all(n == 2 for t, n in results["kept_by_type"].items() if t in types)
     mask = Mask.load(tmp_path / "run" / "dam" / "mask.json")
     assert mask.source == "fixed" and mask.unit == "params" and mask.target == pytest.approx(target)
+    # "Within one module" is measured in a module at the reference rank (FFN: 8 x 96), the rank
+    # the target is counted at, not at the rank the choice picked.
+    assert count["tolerance"] == 8 * 96 and count["largest_module"] == results["rank"] * 96
+    assert count["within_one_module"] is (abs(count["achieved"] - target) <= 8 * 96)
+
+
+def test_one_module_is_counted_at_the_rank_the_budget_is_counted_at():
+    minilm = grid_candidates(6, 384, 1536)  # the low-budget study's candidates (BENCHMARKS.md)
+    cfg = OmegaConf.create({"budget": 0.05, "rank": 8, "budget_unit": "params"})
+    own = for_run(cfg, minilm)  # DiffoRA: counted at its own rank
+    assert own.one_module == own.largest == 8 * (384 + 1536)
+    cfg.rank = 1  # lora_mlp at 5 %: rank 1 on the 12 FFN matrices, the target counted at rank 8
+    fixed = for_run(cfg, minilm, reference_rank=8)
+    assert fixed.target == own.target == 0.05 * 331_776
+    assert fixed.largest == 1920 and fixed.one_module == 8 * 1920
+    summary = fixed.summary([c.module_type.startswith("ffn") for c in minilm])
+    # 23,040 against 16,588.8: 6,451 away, inside one module at rank 8 (15,360), though more
+    # than three at rank 1 (1,920 each)
+    assert summary["achieved"] == 23_040 and summary["within_one_module"] is True
+    assert runs.off_target({"budget_count": summary}) is False
+    older = {k: v for k, v in summary.items() if k != "tolerance"}  # recorded before tolerance
+    assert runs.off_target({"budget_count": older}) is True
 
 
 # ---------------------------------------------------------- the progressive search's end

@@ -114,6 +114,23 @@ def test_table_pairs_each_choice_with_the_random_mask_and_the_search_and_flags_m
     assert "(> 1 module off)" in lines["lora_qv"]
 
 
+def test_one_module_is_one_module_at_the_reference_rank_for_every_row():
+    curve = load_curve()
+
+    def results(rank: int, achieved: int, **count) -> dict:
+        target = 0.05 * 331_776  # MiniLM, 5 % of LoRA r=8: the study's smallest budget
+        count = {"target": target, "achieved": achieved, **count}
+        return {"rank": rank, "budget_count": count}
+
+    # lora_mlp at 5 %: rank 1 on the FFN, 6,451 away; one FFN module is 1,920 at rank 1,
+    # 15,360 at rank 8. A run recorded before budget.py kept a tolerance is measured at r=8 too.
+    assert curve.within_one_module(results(1, 23_040, largest_module=1920))
+    assert curve.within_one_module(results(1, 23_040, largest_module=1920, tolerance=15_360))
+    assert not curve.within_one_module(results(1, 40_000, largest_module=1920))
+    assert not curve.within_one_module(results(8, 40_000, largest_module=15_360))
+    assert curve.within_one_module({"rank": 1, "budget_count": None}) is None  # uniform LoRA
+
+
 def test_rows_recorded_on_another_machine_count_as_finished_only_with_the_same_settings(
     tmp_path,
 ):

@@ -97,6 +97,10 @@ class Budget:
         target: The count to reach, in ``unit`` (adapter parameters, or modules).
         sizes: Each candidate's cost in ``unit``, in candidate order (row-major DAM order).
         params: Each candidate's adapter parameters at the run's rank (what is reported).
+        tolerance: What "within one module" of the target allows (None: :attr:`largest`). A
+            budget counted at another rank than the run's (a fixed choice's reference rank)
+            measures it in a module at that rank: its own rank would make the tolerance grow and
+            shrink with the rank it picked.
     """
 
     unit: str
@@ -104,6 +108,7 @@ class Budget:
     target: float
     sizes: tuple[int, ...]
     params: tuple[int, ...]
+    tolerance: int | None = None
 
     @property
     def total(self) -> int:
@@ -114,6 +119,11 @@ class Budget:
     def largest(self) -> int:
         """The largest module's cost in ``unit`` (the tolerance of "within one module")."""
         return max(self.sizes)
+
+    @property
+    def one_module(self) -> int:
+        """The tolerance of "within one module": :attr:`tolerance`, else :attr:`largest`."""
+        return self.largest if self.tolerance is None else self.tolerance
 
     @property
     def share(self) -> float:
@@ -149,7 +159,8 @@ class Budget:
             "target": self.target,
             "achieved": achieved,
             "largest_module": self.largest,
-            "within_one_module": abs(achieved - self.target) <= self.largest,
+            "tolerance": self.one_module,
+            "within_one_module": abs(achieved - self.target) <= self.one_module,
             "achieved_params": sum(p for p, keep in zip(self.params, kept) if keep),
         }
 
@@ -200,12 +211,15 @@ def for_run(
         return Budget(unit, fraction, float(num_kept(fraction, n)), (1,) * n, params)
     num_kept(fraction, n)  # the range check, with its message
     matched = target_rank_of(cfg)
+    tolerance = None
     if matched is not None:
         target = sum(c.lora_params(matched) for c in candidates)
     else:
         reference = rank if reference_rank is None else int(reference_rank)
         target = fraction * sum(c.lora_params(reference) for c in candidates)
-    return Budget(unit, fraction, float(target), params, params)
+        if reference_rank is not None:  # counted at the reference rank: so is one module
+            tolerance = max(c.lora_params(reference) for c in candidates)
+    return Budget(unit, fraction, float(target), params, params, tolerance)
 
 
 def in_modules(fraction: float, n: int) -> Budget:

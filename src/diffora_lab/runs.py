@@ -114,12 +114,14 @@ def off_target(row: dict[str, Any]) -> bool:
 
     The budget rule keeps within half a module of the target (budget.py), so this flags a run
     whose count is not what its budget asked for (e.g. a saved mask, or a fixed choice whose
-    rank cannot reach the target). From ``results.json``'s ``budget_count``.
+    rank cannot reach the target). From ``results.json``'s ``budget_count``: one module is its
+    ``tolerance`` (a module at the rank the target is counted at, budget.py).
     """
     count = row.get("budget_count")
     if not isinstance(count, dict) or count.get("target") is None:
         return False
-    return abs(float(count["achieved"]) - float(count["target"])) > float(count["largest_module"])
+    tolerance = count.get("tolerance", count["largest_module"])  # older runs: the largest
+    return abs(float(count["achieved"]) - float(count["target"])) > float(tolerance)
 
 
 def group_key(row: dict[str, Any]) -> tuple:
