@@ -259,6 +259,9 @@ def test_one_module_is_counted_at_the_rank_the_budget_is_counted_at():
     # than three at rank 1 (1,920 each)
     assert summary["achieved"] == 23_040 and summary["within_one_module"] is True
     assert runs.off_target({"budget_count": summary}) is False
+    cfg.match = {"target_rank": 2}  # match=lora_r2: the target and one module at rank 2
+    matched = for_run(cfg, minilm, reference_rank=8)
+    assert matched.target == 2 * 331_776 / 8 and matched.one_module == 2 * 1920
     older = {k: v for k, v in summary.items() if k != "tolerance"}  # recorded before tolerance
     assert runs.off_target({"budget_count": older}) is True
 

@@ -117,7 +117,8 @@ class Budget:
 
     @property
     def largest(self) -> int:
-        """The largest module's cost in ``unit`` (the tolerance of "within one module")."""
+        """The largest module's cost in ``unit``: the cut's granularity, and "one module" unless
+        the budget is counted at another rank (:attr:`one_module`)."""
         return max(self.sizes)
 
     @property
@@ -211,14 +212,15 @@ def for_run(
         return Budget(unit, fraction, float(num_kept(fraction, n)), (1,) * n, params)
     num_kept(fraction, n)  # the range check, with its message
     matched = target_rank_of(cfg)
-    tolerance = None
     if matched is not None:
         target = sum(c.lora_params(matched) for c in candidates)
     else:
         reference = rank if reference_rank is None else int(reference_rank)
         target = fraction * sum(c.lora_params(reference) for c in candidates)
-        if reference_rank is not None:  # counted at the reference rank: so is one module
-            tolerance = max(c.lora_params(reference) for c in candidates)
+    tolerance = None
+    if reference_rank is not None:  # a fixed choice: one module at the rank the target is at
+        counted_at = int(reference_rank) if matched is None else matched
+        tolerance = max(c.lora_params(counted_at) for c in candidates)
     return Budget(unit, fraction, float(target), params, params, tolerance)
 
 
