@@ -46,6 +46,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffora_lab.runs import off_target  # the report's "more than one module off"
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -200,10 +202,9 @@ def within_one_module(results: dict) -> bool | None:
     count = results.get("budget_count")
     if not count:
         return None
-    tolerance = count.get("tolerance")
-    if tolerance is None:  # the largest module at the run's rank, scaled to the reference rank
-        tolerance = count["largest_module"] * REFERENCE_RANK / results["rank"]
-    return abs(count["achieved"] - count["target"]) <= tolerance
+    if "tolerance" not in count:  # the largest module at the run's rank, scaled to the reference
+        count = {**count, "tolerance": count["largest_module"] * REFERENCE_RANK / results["rank"]}
+    return not off_target({"budget_count": count})
 
 
 def row_of(job: CurveJob) -> dict:
