@@ -22,9 +22,10 @@ without running any; ``--scale`` shrinks the step budget (a smoke of the harness
 
 Writes ``bench/results/budget_curve.json`` (one row per finished run: task, method, budget,
 seed, value, adapter parameters, the budget's target count, ...), ``budget_curve.md`` (mean
-+- std per task x budget x method, achieved / target parameters, DiffoRA's paired difference to
-the random mask) and ``budget_curve_<task>.png`` (the curve: mean +- std against the budget, on
-a fixed y scale per task). Run folders: ``bench/results/budget_curve/`` (ignored by git).
++- std per task x budget x method, achieved / target parameters, paired differences to the
+random mask and to DiffoRA; then DiffoRA − each method per seed, with a paired t-test) and
+``budget_curve_<task>.png`` (the curve: mean +- std against the budget, on a fixed y scale per
+task). Run folders: ``bench/results/budget_curve/`` (ignored by git).
 
 The rows file is the study's record across machines: commit it after a sitting. A run whose
 row is recorded there with the same settings (``config_key``: a hash of the job's overrides
@@ -259,6 +260,102 @@ def paired(mine: list[dict], other: list[dict]) -> str:
     return f"{plus_minus(*mean_std(deltas), sign='+')} ({len(deltas)})"
 
 
+def two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with ``df`` (an integer >= 1) degrees of freedom.
+
+    The CDF of t with integer df is a finite series in theta = atan(|t| / sqrt(df))
+    (Abramowitz & Stegun 26.7.3 and 26.7.4): P(|T| < |t|) = sin(theta) (1 + 1/2 cos^2 + 1*3/
+    (2*4) cos^4 + ...) for even df, (2/pi) (theta + sin(theta) (cos + 2/3 cos^3 + ...)) for odd
+    df, each up to cos^(df-2). Exact: no table and no scipy.
+    """
+    if df < 1:
+        raise ValueError(f"df={df}: a paired t needs at least two pairs")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    cos2 = math.cos(theta) ** 2
+    if df % 2 == 0:
+        term = total = 1.0
+        for j in range(2, df, 2):  # 1*3*...*(j-1) / (2*4*...*j) cos^j
+            term *= (j - 1) / j * cos2
+            total += term
+        inside = math.sin(theta) * total
+    else:
+        term = total = math.cos(theta) if df > 1 else 0.0
+        for j in range(3, df, 2):  # 2*4*...*(j-1) / (1*3*...*j) cos^j
+            term *= (j - 1) / j * cos2
+            total += term
+        inside = 2 / math.pi * (theta + math.sin(theta) * total)
+    return max(0.0, 1.0 - inside)
+
+
+def paired_test(deltas: list[float]) -> tuple[float, float] | None:
+    """Paired t statistic of the per-seed differences and its two-sided p (df = pairs - 1);
+    None with fewer than two pairs. All differences equal and nonzero: t is infinite, p 0."""
+    if len(deltas) < 2:
+        return None
+    mean, std = mean_std(deltas)
+    if std == 0:
+        return (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
+    t = mean / (std / math.sqrt(len(deltas)))
+    return t, two_sided_p(t, len(deltas) - 1)
+
+
+def level(difference: float) -> float:
+    """A metric difference in points (x100); under 1e-4 points it is float noise (two runs with
+    the same predictions can differ in the last bits of an MCC): 0, level."""
+    points = 100 * difference
+    return 0.0 if abs(points) < 1e-4 else points
+
+
+def tests_table(rows: list[dict], methods: list[str]) -> str:
+    """Markdown: DiffoRA − every other method, paired by seed, at each task x budget and over
+    all budgets of a task: the per-seed differences (x100), mean +- std, the paired t with its
+    two-sided p, and how many seeds DiffoRA is ahead, level and behind. The all-budgets line
+    pools pairs that are not independent (a seed's budgets share its data order, and uniform
+    LoRA's r=1 run stands for both 5 % and 12.5 %): a summary, not a test of its own."""
+    lines = [
+        "| task | budget | DiffoRA − | per seed (seeds) | mean ± std | paired t (df), p "
+        "| ahead / level / behind |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    values = {(r["task"], r["method"], r["budget"], r["seed"]): r["value"] for r in rows}
+    for task in sorted({r["task"] for r in rows}):
+        budgets = sorted({r["budget"] for r in rows if r["task"] == task})
+        for method in [m for m in methods if m != "diffora"]:
+            pooled: list[float] = []
+            for budget in [*budgets, None]:
+                if budget is None:
+                    deltas, seeds = pooled, f"{len(pooled)} pairs over the budgets"
+                else:
+                    paired_seeds = sorted(
+                        seed
+                        for (t, m, b, seed) in values
+                        if (t, m, b) == (task, method, budget)
+                        and (task, "diffora", budget, seed) in values
+                    )
+                    deltas = [
+                        level(values[task, "diffora", budget, s] - values[task, method, budget, s])
+                        for s in paired_seeds
+                    ]
+                    pooled += deltas
+                    seeds = ", ".join(f"{d:+.2f}" for d in deltas) + f" ({len(deltas)})"
+                if not deltas or (budget is None and len(budgets) < 2):
+                    continue
+                mean, std = mean_std(deltas)
+                test = paired_test(deltas)
+                tested = (
+                    "-" if test is None else f"{test[0]:.2f} ({len(deltas) - 1}), {test[1]:.3f}"
+                )
+                spread = "-" if math.isnan(std) else f"{std:.2f}"
+                ahead, behind = sum(d > 0 for d in deltas), sum(d < 0 for d in deltas)
+                count = f"{ahead} / {len(deltas) - ahead - behind} / {behind}"
+                shown = "all" if budget is None else f"{budget:g}"
+                lines.append(
+                    f"| {task} | {shown} | {method} | {seeds} | {mean:+.2f} ± {spread} "
+                    f"| {tested} | {count} |"
+                )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], methods: list[str]) -> str:
     """Markdown: per task x budget x method, mean +- std (x100), seeds, achieved / target
     adapter parameters (flagged when a run is more than one module away), and two paired
@@ -349,7 +446,7 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, out: Path, argv: l
     stem = args.table
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     command = "python bench/budget_curve.py " + " ".join(argv)
-    markdown = f"`{command}`\n\n{table(rows, args.methods)}\n"
+    markdown = f"`{command}`\n\n{table(rows, args.methods)}\n\n{tests_table(rows, args.methods)}\n"
     for task in sorted({r["task"] for r in rows}):
         path = figure(rows, task, args.methods, out / f"{stem}_{task}.png")
         markdown += f"\n![{task}]({path.name})\n"

@@ -114,6 +114,46 @@ def test_table_pairs_each_choice_with_the_random_mask_and_the_search_and_flags_m
     assert "(> 1 module off)" in lines["lora_qv"]
 
 
+@pytest.mark.parametrize(
+    ("t", "df", "p"),
+    # Student's t two-sided quantiles from any table: 5 % for df 1-5 and 19, 1 % for df 4 and 7
+    [(12.706, 1, 0.05), (4.303, 2, 0.05), (3.182, 3, 0.05), (2.776, 4, 0.05), (2.571, 5, 0.05)]
+    + [(2.093, 19, 0.05), (4.604, 4, 0.01), (3.499, 7, 0.01), (-2.776, 4, 0.05), (0.0, 3, 1.0)],
+)
+def test_the_paired_t_p_value_is_students(t, df, p):
+    assert load_curve().two_sided_p(t, df) == pytest.approx(p, abs=2e-4)
+
+
+def test_the_tests_table_gives_each_seeds_difference_a_paired_t_and_a_pooled_line():
+    curve = load_curve()
+    rows = [
+        *(row("diffora", 0.25, s, v, 80000, 82944) for s, v in [(1, 0.83), (2, 0.84), (3, 0.85)]),
+        *(row("random_mask", 0.25, s, v, 80000, 82944) for s, v in [(1, 0.82), (2, 0.82)]),
+        row("random_mask", 0.25, 3, 0.82, 80000, 82944),
+        row("diffora", 0.5, 1, 0.86, 160000, 165888),
+        row("random_mask", 0.5, 1, 0.86 + 1e-9, 160000, 165888),  # the same predictions
+        row("lora_qv", 0.25, 1, 0.84, 82944, 82944, rank=9),
+    ]
+    lines = {
+        tuple(cell.strip() for cell in line.split("|")[2:4]): line
+        for line in curve.tests_table(rows, curve.METHODS).splitlines()
+        if line.startswith("| sst2")
+    }
+    # +1, +2, +3 points: mean 2, std 1, t = 2 / (1 / sqrt 3) = 3.46 on 2 df, p = 0.074
+    assert lines["0.25", "random_mask"] == (
+        "| sst2 | 0.25 | random_mask | +1.00, +2.00, +3.00 (3) | +2.00 ± 1.00 "
+        "| 3.46 (2), 0.074 | 3 / 0 / 0 |"
+    )
+    # float noise is level, not behind; one pair has no spread and no test
+    assert lines["0.5", "random_mask"].endswith("| +0.00 (1) | +0.00 ± - | - | 0 / 1 / 0 |")
+    # the pooled line: 4 pairs (+1, +2, +3, 0): mean 1.5, std 1.29, t 2.32 on 3 df, p 0.103
+    assert lines["all", "random_mask"].endswith(
+        "| 4 pairs over the budgets | +1.50 ± 1.29 | 2.32 (3), 0.103 | 3 / 1 / 0 |"
+    )
+    assert lines["0.25", "lora_qv"].endswith("| -1.00 (1) | -1.00 ± - | - | 0 / 0 / 1 |")
+    assert ("0.05", "random_mask") not in lines  # no rows there: no line
+
+
 def test_one_module_is_one_module_at_the_reference_rank_for_every_row():
     curve = load_curve()
 
