@@ -176,19 +176,24 @@ def cut_steps(rows: list[dict]) -> list[str]:
 def table(rows: list[dict]) -> str:
     lines = [
         "| budget | shared (mean ± std) | separate (mean ± std) | shared − separate, paired "
-        "(seeds) | cut step shared / separate |",
-        "|---|---|---|---|---|",
+        "(seeds) | per seed | paired t (df), p | cut step shared / separate |",
+        "|---|---|---|---|---|---|---|",
     ]
     for budget in sorted({r["budget"] for r in rows}):
         here = [r for r in rows if r["budget"] == budget]
         arm = {a: [r for r in here if r["arm"] == a] for a in ("shared", "separate")}
         alone = {r["seed"]: r["value"] for r in arm["separate"]}
-        deltas = [r["value"] - alone[r["seed"]] for r in arm["shared"] if r["seed"] in alone]
+        shared = sorted((r["seed"], r["value"]) for r in arm["shared"] if r["seed"] in alone)
+        deltas = [value - alone[seed] for seed, value in shared]
+        points = [budget_curve.level(delta) for delta in deltas]
+        test = budget_curve.paired_test(points)
+        tested = "-" if test is None else f"{test[0]:.2f} ({len(points) - 1}), {test[1]:.3f}"
         cuts = ["/".join(cut_steps(arm[a])) for a in ("shared", "separate")]
         lines.append(
             f"| {budget:g} | {_mean_std([r['value'] for r in arm['shared']])} "
             f"| {_mean_std([r['value'] for r in arm['separate']])} "
             f"| {_mean_std(deltas)} ({len(deltas)}) "
+            f"| {', '.join(f'{p:+.2f}' for p in points) or '-'} | {tested} "
             f"| {cuts[0]} / {cuts[1]} |"
         )
     lines += ["", "| arm | runs | searches run | search steps computed |", "|---|---|---|---|"]

@@ -121,7 +121,8 @@ def test_recorded_rows_count_as_finished_only_with_the_same_settings_and_the_tab
 
     lines = sweep.table(rows).splitlines()
     quarter = next(line for line in lines if line.startswith("| 0.25 |"))
-    assert "| -1.00 ± 0.00 (1) |" in quarter  # shared - separate, paired by seed
+    # shared - separate, paired by seed: one pair, its difference in points, no t-test
+    assert "| -1.00 ± 0.00 (1) | -1.00 | - |" in quarter
     assert next(line for line in lines if line.startswith("| 0.125 |")).endswith("| 36 / 150 |")
     assert "| 36 / - |" in quarter  # a recorded row without its cut step says so
     assert "| shared | 3 | 0 | 0 |" in lines
