@@ -306,7 +306,7 @@ def level(difference: float) -> float:
     return 0.0 if abs(points) < 1e-4 else points
 
 
-def tests_table(rows: list[dict], methods: list[str]) -> str:
+def paired_tests_table(rows: list[dict], methods: list[str]) -> str:
     """Markdown: DiffoRA − every other method, paired by seed, at each task x budget and over
     all budgets of a task: the per-seed differences (x100), mean +- std, the paired t with its
     two-sided p, and how many seeds DiffoRA is ahead, level and behind. The all-budgets line
@@ -446,7 +446,8 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, out: Path, argv: l
     stem = args.table
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     command = "python bench/budget_curve.py " + " ".join(argv)
-    markdown = f"`{command}`\n\n{table(rows, args.methods)}\n\n{tests_table(rows, args.methods)}\n"
+    tables = [table(rows, args.methods), paired_tests_table(rows, args.methods)]
+    markdown = f"`{command}`\n\n" + "\n\n".join(tables) + "\n"
     for task in sorted({r["task"] for r in rows}):
         path = figure(rows, task, args.methods, out / f"{stem}_{task}.png")
         markdown += f"\n![{task}]({path.name})\n"

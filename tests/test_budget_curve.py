@@ -136,7 +136,7 @@ def test_the_tests_table_gives_each_seeds_difference_a_paired_t_and_a_pooled_lin
     ]
     lines = {
         tuple(cell.strip() for cell in line.split("|")[2:4]): line
-        for line in curve.tests_table(rows, curve.METHODS).splitlines()
+        for line in curve.paired_tests_table(rows, curve.METHODS).splitlines()
         if line.startswith("| sst2")
     }
     # +1, +2, +3 points: mean 2, std 1, t = 2 / (1 / sqrt 3) = 3.46 on 2 df, p = 0.074
