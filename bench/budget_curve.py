@@ -251,10 +251,16 @@ def plus_minus(mean: float, std: float, sign: str = "") -> str:
     return f"{100 * mean:{sign}.2f} ± {spread}"
 
 
+def paired_deltas(mine: list[dict], other: list[dict]) -> list[float]:
+    """The per-seed differences mine - other over the seeds both have, in seed order."""
+    reference = {r["seed"]: r["value"] for r in other}
+    ordered = sorted(mine, key=lambda r: r["seed"])
+    return [r["value"] - reference[r["seed"]] for r in ordered if r["seed"] in reference]
+
+
 def paired(mine: list[dict], other: list[dict]) -> str:
     """Mean +- std (x100) of the per-seed difference mine - other, over the seeds both have."""
-    reference = {r["seed"]: r["value"] for r in other}
-    deltas = [r["value"] - reference[r["seed"]] for r in mine if r["seed"] in reference]
+    deltas = paired_deltas(mine, other)
     if not deltas:
         return "-"
     return f"{plus_minus(*mean_std(deltas), sign='+')} ({len(deltas)})"
@@ -306,6 +312,12 @@ def level(difference: float) -> float:
     return 0.0 if abs(points) < 1e-4 else points
 
 
+def t_test_cell(points: list[float]) -> str:
+    """``t (df), p`` of the paired t-test on per-seed differences, "-" for fewer than two."""
+    test = paired_test(points)
+    return "-" if test is None else f"{test[0]:.2f} ({len(points) - 1}), {test[1]:.3f}"
+
+
 def paired_tests_table(rows: list[dict], methods: list[str]) -> str:
     """Markdown: DiffoRA − every other method, paired by seed, at each task x budget and over
     all budgets of a task: the per-seed differences (x100), mean +- std, the paired t with its
@@ -317,42 +329,33 @@ def paired_tests_table(rows: list[dict], methods: list[str]) -> str:
         "| ahead / level / behind |",
         "|---|---|---|---|---|---|---|",
     ]
-    values = {(r["task"], r["method"], r["budget"], r["seed"]): r["value"] for r in rows}
+
+    def line(task: str, budget: str, method: str, seeds: str, points: list[float]) -> str:
+        mean, std = mean_std(points)
+        spread = "-" if math.isnan(std) else f"{std:.2f}"
+        ahead, behind = sum(d > 0 for d in points), sum(d < 0 for d in points)
+        return (
+            f"| {task} | {budget} | {method} | {seeds} | {mean:+.2f} ± {spread} "
+            f"| {t_test_cell(points)} | {ahead} / {len(points) - ahead - behind} / {behind} |"
+        )
+
     for task in sorted({r["task"] for r in rows}):
-        budgets = sorted({r["budget"] for r in rows if r["task"] == task})
+        here = [r for r in rows if r["task"] == task]
+        budgets = sorted({r["budget"] for r in here})
         for method in [m for m in methods if m != "diffora"]:
             pooled: list[float] = []
-            for budget in [*budgets, None]:
-                if budget is None:
-                    deltas, seeds = pooled, f"{len(pooled)} pairs over the budgets"
-                else:
-                    paired_seeds = sorted(
-                        seed
-                        for (t, m, b, seed) in values
-                        if (t, m, b) == (task, method, budget)
-                        and (task, "diffora", budget, seed) in values
-                    )
-                    deltas = [
-                        level(values[task, "diffora", budget, s] - values[task, method, budget, s])
-                        for s in paired_seeds
-                    ]
-                    pooled += deltas
-                    seeds = ", ".join(f"{d:+.2f}" for d in deltas) + f" ({len(deltas)})"
-                if not deltas or (budget is None and len(budgets) < 2):
-                    continue
-                mean, std = mean_std(deltas)
-                test = paired_test(deltas)
-                tested = (
-                    "-" if test is None else f"{test[0]:.2f} ({len(deltas) - 1}), {test[1]:.3f}"
-                )
-                spread = "-" if math.isnan(std) else f"{std:.2f}"
-                ahead, behind = sum(d > 0 for d in deltas), sum(d < 0 for d in deltas)
-                count = f"{ahead} / {len(deltas) - ahead - behind} / {behind}"
-                shown = "all" if budget is None else f"{budget:g}"
-                lines.append(
-                    f"| {task} | {shown} | {method} | {seeds} | {mean:+.2f} ± {spread} "
-                    f"| {tested} | {count} |"
-                )
+            for budget in budgets:
+                at = [r for r in here if r["budget"] == budget]
+                diffora = [r for r in at if r["method"] == "diffora"]
+                mine = [r for r in at if r["method"] == method]
+                points = [level(d) for d in paired_deltas(diffora, mine)]
+                if points:
+                    seeds = ", ".join(f"{d:+.2f}" for d in points) + f" ({len(points)})"
+                    lines.append(line(task, f"{budget:g}", method, seeds, points))
+                pooled += points
+            if pooled and len(budgets) > 1:
+                seeds = f"{len(pooled)} pairs over the budgets"
+                lines.append(line(task, "all", method, seeds, pooled))
     return "\n".join(lines)
 
 

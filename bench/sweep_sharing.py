@@ -182,18 +182,15 @@ def table(rows: list[dict]) -> str:
     for budget in sorted({r["budget"] for r in rows}):
         here = [r for r in rows if r["budget"] == budget]
         arm = {a: [r for r in here if r["arm"] == a] for a in ("shared", "separate")}
-        alone = {r["seed"]: r["value"] for r in arm["separate"]}
-        shared = sorted((r["seed"], r["value"]) for r in arm["shared"] if r["seed"] in alone)
-        deltas = [value - alone[seed] for seed, value in shared]
+        deltas = budget_curve.paired_deltas(arm["shared"], arm["separate"])
         points = [budget_curve.level(delta) for delta in deltas]
-        test = budget_curve.paired_test(points)
-        tested = "-" if test is None else f"{test[0]:.2f} ({len(points) - 1}), {test[1]:.3f}"
         cuts = ["/".join(cut_steps(arm[a])) for a in ("shared", "separate")]
         lines.append(
             f"| {budget:g} | {_mean_std([r['value'] for r in arm['shared']])} "
             f"| {_mean_std([r['value'] for r in arm['separate']])} "
             f"| {_mean_std(deltas)} ({len(deltas)}) "
-            f"| {', '.join(f'{p:+.2f}' for p in points) or '-'} | {tested} "
+            f"| {', '.join(f'{p:+.2f}' for p in points) or '-'} "
+            f"| {budget_curve.t_test_cell(points)} "
             f"| {cuts[0]} / {cuts[1]} |"
         )
     lines += ["", "| arm | runs | searches run | search steps computed |", "|---|---|---|---|"]
